@@ -1,0 +1,21 @@
+// The Python module memkernels._C. Importing it runs the op registrations (ops.cpp, cpu/*.cpp).
+// Its Python functions are the CUDA C++ kernels, which memkernels/ops/_cuda.py registers as the
+// CUDA kernels of the ops when MEMKERNELS_BACKEND (or the benchmark's default) picks them.
+#include <torch/extension.h>
+
+#ifdef MEMKERNELS_WITH_CUDA
+#include "cuda/kernels.h"
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.attr("with_cuda") = py::bool_(
+#ifdef MEMKERNELS_WITH_CUDA
+      true
+#else
+      false
+#endif
+  );
+#ifdef MEMKERNELS_WITH_CUDA
+  memkernels::cuda::bind(m);
+#endif
+}

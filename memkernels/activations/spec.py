@@ -1,0 +1,66 @@
+"""Which activations exist, their ids shared with the C++/Triton kernels, and their parameters.
+
+The integer ids are part of the op schemas (``activation: int``) and must match
+``enum class Activation`` in csrc/activations.h. Every activation takes at most two float
+parameters ``p0, p1``; their meaning per activation is listed in ``PARAMS``.
+"""
+from __future__ import annotations
+
+import enum
+
+VALID_BITS = (1, 2, 3, 4, 8)
+
+
+class Activation(enum.IntEnum):
+    RELU = 0
+    LEAKY_RELU = 1  # p0 = negative_slope
+    GELU = 2  # erf form
+    GELU_TANH = 3
+    SILU = 4
+    MISH = 5
+    SOFTPLUS = 6  # p0 = beta, p1 = threshold
+    ELU = 7  # p0 = alpha
+    SELU = 8
+    CELU = 9  # p0 = alpha
+    SIGMOID = 10
+    TANH = 11
+    HARDSWISH = 12
+    HARDSIGMOID = 13
+
+
+# Parameter names (in p0, p1 order) and torch's defaults.
+PARAMS: dict[Activation, tuple[tuple[str, float], ...]] = {
+    Activation.LEAKY_RELU: (("negative_slope", 0.01),),
+    Activation.SOFTPLUS: (("beta", 1.0), ("threshold", 20.0)),
+    Activation.ELU: (("alpha", 1.0),),
+    Activation.CELU: (("alpha", 1.0),),
+}
+
+# Activations whose derivative takes two values: kept in 1 exact bit whatever `bits` says.
+TWO_VALUED = (Activation.RELU, Activation.LEAKY_RELU)
+
+# The activations that may gate a GLU: y = f(a) * b.
+GATES = (Activation.SILU, Activation.GELU, Activation.GELU_TANH)
+
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def default_params(act: Activation) -> tuple[float, float]:
+    """(p0, p1) at torch's defaults; unused slots are 0."""
+    values = [v for _, v in PARAMS.get(act, ())]
+    return tuple(values + [0.0] * (2 - len(values)))  # type: ignore[return-value]
+
+
+def check_bits(bits) -> int:
+    """Map the user's ``bits`` (None or 1, 2, 3, 4, 8) to the kernels' int (0 = exact)."""
+    if bits is None:
+        return 0
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
+        raise ValueError(f"bits must be None or one of {VALID_BITS}, got {bits!r}")
+    return bits
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes of a k-bit code of `numel` elements: groups of 8 elements take `bits` bytes."""
+    return (numel + 7) // 8 * bits

@@ -1,0 +1,196 @@
+"""Plain-PyTorch references: the specification every kernel is held to in tests.
+
+Nothing here is fast; everything here is obvious. Math is done in float32 (float64 for
+float64 inputs) and cast to the input dtype once, as the kernels do.
+
+Packed codes. A k-bit code of N elements is a uint8 tensor of ``ceil(N / 8) * k`` bytes. Element
+``i`` lives in group ``g = i // 8`` at slot ``j = i % 8``: bits ``[j*k, j*k + k)`` of the
+little-endian integer formed by bytes ``packed[g*k : g*k + k]``. So k = 3 packs 8 elements into
+3 bytes, and no bit is wasted but the padding of the last group.
+
+Codes of an activation. ``code(x) = #{j : borders[j] < x}`` for sorted float32 ``borders`` of
+length ``2**k - 1`` (torch.bucketize with right=False); NaN gets code 0. Backward multiplies the
+incoming gradient by ``levels[code]``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from memkernels.activations.spec import SELU_ALPHA, SELU_SCALE, Activation
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def activation_value(x: torch.Tensor, act: int, p0: float = 0.0, p1: float = 0.0) -> torch.Tensor:
+    """f(x), computed in float32 (float64 for float64) and returned in that compute dtype."""
+    act = Activation(act)
+    x = x.to(_compute_dtype(x))
+    if act == Activation.RELU:
+        return torch.where(x > 0, x, torch.where(torch.isnan(x), x, torch.zeros_like(x)))
+    if act == Activation.LEAKY_RELU:
+        return torch.where(x > 0, x, x * p0)
+    if act == Activation.GELU:
+        return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+    if act == Activation.GELU_TANH:
+        k = math.sqrt(2.0 / math.pi)
+        return 0.5 * x * (1.0 + torch.tanh(k * (x + 0.044715 * x * x * x)))
+    if act == Activation.SILU:
+        return x * torch.sigmoid(x)
+    if act == Activation.MISH:
+        return x * torch.tanh(torch.nn.functional.softplus(x))
+    if act == Activation.SOFTPLUS:
+        bx = x * p0
+        return torch.where(bx > p1, x, torch.log1p(torch.exp(bx)) / p0)
+    if act == Activation.ELU:
+        return torch.where(x > 0, x, p0 * torch.expm1(x))
+    if act == Activation.SELU:
+        return SELU_SCALE * torch.where(x > 0, x, SELU_ALPHA * torch.expm1(x))
+    if act == Activation.CELU:
+        return torch.where(x > 0, x, p0 * torch.expm1(x / p0))
+    if act == Activation.SIGMOID:
+        return torch.sigmoid(x)
+    if act == Activation.TANH:
+        return torch.tanh(x)
+    if act == Activation.HARDSWISH:
+        return x * torch.clamp(x + 3.0, 0.0, 6.0) / 6.0
+    if act == Activation.HARDSIGMOID:
+        return torch.clamp(x + 3.0, 0.0, 6.0) / 6.0
+    raise AssertionError(act)
+
+
+def activation_derivative(x: torch.Tensor, act: int, p0: float = 0.0, p1: float = 0.0) -> torch.Tensor:
+    """f'(x) in the compute dtype. At x = +-inf it is the limit (finite); at NaN it is NaN."""
+    act = Activation(act)
+    x = x.to(_compute_dtype(x))
+    one = torch.ones_like(x)
+    nan = torch.isnan(x)
+    if act == Activation.RELU:
+        d = (x > 0).to(x.dtype)
+    elif act == Activation.LEAKY_RELU:
+        d = torch.where(x > 0, one, one * p0)
+    elif act == Activation.GELU:
+        xf = torch.nan_to_num(x, posinf=40.0, neginf=-40.0)
+        cdf = 0.5 * (1.0 + torch.erf(xf * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * xf * xf) * (1.0 / math.sqrt(2.0 * math.pi))
+        d = cdf + xf * pdf
+    elif act == Activation.GELU_TANH:
+        k = math.sqrt(2.0 / math.pi)
+        xf = torch.nan_to_num(x, posinf=40.0, neginf=-40.0)
+        t = torch.tanh(k * (xf + 0.044715 * xf * xf * xf))
+        d = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * xf * xf)
+    elif act == Activation.SILU:
+        xf = torch.nan_to_num(x, posinf=100.0, neginf=-100.0)
+        s = torch.sigmoid(xf)
+        d = s * (1.0 + xf * (1.0 - s))
+    elif act == Activation.MISH:
+        xf = torch.nan_to_num(x, posinf=100.0, neginf=-100.0)
+        t = torch.tanh(torch.nn.functional.softplus(xf))
+        d = t + xf * torch.sigmoid(xf) * (1.0 - t * t)
+    elif act == Activation.SOFTPLUS:
+        bx = x * p0
+        d = torch.where(bx > p1, one, torch.sigmoid(bx))
+    elif act == Activation.ELU:
+        d = torch.where(x > 0, one, p0 * torch.exp(x))
+    elif act == Activation.SELU:
+        d = SELU_SCALE * torch.where(x > 0, one, SELU_ALPHA * torch.exp(x))
+    elif act == Activation.CELU:
+        d = torch.where(x > 0, one, torch.exp(x / p0))
+    elif act == Activation.SIGMOID:
+        s = torch.sigmoid(x)
+        d = s * (1.0 - s)
+    elif act == Activation.TANH:
+        t = torch.tanh(x)
+        d = 1.0 - t * t
+    elif act == Activation.HARDSWISH:
+        d = torch.where(x < -3.0, 0.0 * one, torch.where(x <= 3.0, x / 3.0 + 0.5, one))
+    elif act == Activation.HARDSIGMOID:
+        d = torch.where((x > -3.0) & (x < 3.0), one / 6.0, 0.0 * one)
+    else:
+        raise AssertionError(act)
+    return torch.where(nan, x, d)
+
+
+def codes(x: torch.Tensor, borders: torch.Tensor) -> torch.Tensor:
+    """Interval index of every element of x (flattened), uint8: #{j : borders[j] < x}; NaN -> 0."""
+    x = x.reshape(-1).to(torch.float32)
+    c = torch.bucketize(x, borders.to(x.device, torch.float32), right=False)
+    return torch.where(torch.isnan(x), torch.zeros_like(c), c).to(torch.uint8)
+
+
+def pack_bits(codes_u8: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack a 1-D uint8 tensor of values < 2**bits into ceil(N/8)*bits bytes (layout above)."""
+    n = codes_u8.numel()
+    groups = (n + 7) // 8
+    c = torch.zeros(groups * 8, dtype=torch.int64, device=codes_u8.device)
+    c[:n] = codes_u8.reshape(-1).to(torch.int64)
+    shifts = torch.arange(8, device=c.device, dtype=torch.int64) * bits
+    words = (c.view(groups, 8) << shifts).sum(dim=1)  # disjoint bit fields: sum == or
+    byte_shifts = torch.arange(bits, device=c.device, dtype=torch.int64) * 8
+    out = (words[:, None] >> byte_shifts) & 0xFF
+    return out.reshape(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of pack_bits: the first `numel` codes, uint8."""
+    groups = packed.numel() // bits
+    b = packed.reshape(groups, bits).to(torch.int64)
+    byte_shifts = torch.arange(bits, device=b.device, dtype=torch.int64) * 8
+    words = (b << byte_shifts).sum(dim=1)
+    shifts = torch.arange(8, device=b.device, dtype=torch.int64) * bits
+    c = (words[:, None] >> shifts) & ((1 << bits) - 1)
+    return c.reshape(-1)[:numel].to(torch.uint8)
+
+
+def activation_forward(x, act, p0, p1, bits, borders):
+    """Reference of the op ``memkernels::activation_forward``: (f(x), saved).
+
+    bits == 0: saved = f'(x) in x's dtype and shape. bits > 0: saved = packed code of x.
+    """
+    y = activation_value(x, act, p0, p1).to(x.dtype)
+    if bits == 0:
+        return y, activation_derivative(x, act, p0, p1).to(x.dtype)
+    return y, pack_bits(codes(x, borders), bits)
+
+
+def activation_backward(grad_out, saved, bits, levels):
+    """Reference of ``memkernels::activation_backward``: grad_out * f'(x) (or levels[code])."""
+    cd = _compute_dtype(grad_out)
+    if bits == 0:
+        return (grad_out.to(cd) * saved.to(cd)).to(grad_out.dtype)
+    c = unpack_bits(saved, bits, grad_out.numel()).long()
+    d = levels.to(grad_out.device, cd)[c].view(grad_out.shape)
+    return (grad_out.to(cd) * d).to(grad_out.dtype)
+
+
+def gated_forward(a, b, act, bits, borders):
+    """Reference of ``memkernels::gated_forward``: y = f(a) * b, and what backward keeps.
+
+    bits == 0: keeps (a, b) as given (exact). bits > 0: keeps (packed code of a, b).
+    """
+    cd = _compute_dtype(a)
+    y = (activation_value(a, act) * b.to(cd)).to(a.dtype)
+    if bits == 0:
+        return y, a, b
+    return y, pack_bits(codes(a, borders), bits), b
+
+
+def gated_backward(grad_out, saved_a, b, act, bits, levels, value_levels):
+    """Reference of ``memkernels::gated_backward``: (grad_a, grad_b).
+
+    grad_a = g * b * f'(a), grad_b = g * f(a); with bits > 0, f'(a) and f(a) are the
+    piecewise-constant levels[code] and value_levels[code].
+    """
+    cd = _compute_dtype(grad_out)
+    g = grad_out.to(cd)
+    if bits == 0:
+        d = activation_derivative(saved_a, act)
+        v = activation_value(saved_a, act)
+    else:
+        c = unpack_bits(saved_a, bits, grad_out.numel()).long()
+        d = levels.to(g.device, cd)[c].view(g.shape)
+        v = value_levels.to(g.device, cd)[c].view(g.shape)
+    return (g * b.to(cd) * d).to(grad_out.dtype), (g * v).to(grad_out.dtype)
