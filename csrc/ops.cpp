@@ -12,9 +12,10 @@ TORCH_LIBRARY(memkernels, m) {
   // grad_in = grad_out * f'(x): `saved` as activation_forward returned it; with bits > 0
   // f'(x) is levels[code], levels float32 of 2**bits values.
   m.def("activation_backward(Tensor grad_out, Tensor saved, int bits, Tensor? levels) -> Tensor");
-  // Gated linear unit y = f(a) * b (f: SiLU, GELU, GELU-tanh). Keeps (a, b) when bits == 0,
-  // else (packed code of a, b).
-  m.def("gated_forward(Tensor a, Tensor b, int activation, int bits, Tensor? borders) -> (Tensor, Tensor, Tensor)");
+  // Gated linear unit y = f(a) * b (f: SiLU, GELU, GELU-tanh). Returns (y, code): with bits > 0
+  // the packed code of a (backward then keeps code and b); with bits == 0 an empty uint8 tensor
+  // (backward keeps a and b, which an op may not return as outputs since they alias inputs).
+  m.def("gated_forward(Tensor a, Tensor b, int activation, int bits, Tensor? borders) -> (Tensor, Tensor)");
   // (grad_a, grad_b) = (g * b * f'(a), g * f(a)); with bits > 0 f' and f are
   // levels[code] and value_levels[code].
   m.def("gated_backward(Tensor grad_out, Tensor saved_a, Tensor b, int activation, int bits, Tensor? levels, Tensor? value_levels) -> (Tensor, Tensor)");

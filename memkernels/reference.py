@@ -167,15 +167,16 @@ def activation_backward(grad_out, saved, bits, levels):
 
 
 def gated_forward(a, b, act, bits, borders):
-    """Reference of ``memkernels::gated_forward``: y = f(a) * b, and what backward keeps.
+    """Reference of ``memkernels::gated_forward``: (y, code) with y = f(a) * b.
 
-    bits == 0: keeps (a, b) as given (exact). bits > 0: keeps (packed code of a, b).
+    bits > 0: code = packed code of a (backward keeps code and b). bits == 0: code is an empty
+    uint8 tensor (backward keeps a and b themselves, exact).
     """
     cd = _compute_dtype(a)
     y = (activation_value(a, act) * b.to(cd)).to(a.dtype)
     if bits == 0:
-        return y, a, b
-    return y, pack_bits(codes(a, borders), bits), b
+        return y, torch.empty(0, dtype=torch.uint8, device=a.device)
+    return y, pack_bits(codes(a, borders), bits)
 
 
 def gated_backward(grad_out, saved_a, b, act, bits, levels, value_levels):
