@@ -1,0 +1,14 @@
+"""memkernels: kernels that cut the memory of training.
+
+    import memkernels as mk
+    act = mk.nn.GELU(bits=3)              # drop-in for torch.nn.GELU, keeps f'(x) in 3 bits
+    model = mk.convert(model, bits=3)     # swap a model's torch activations in place
+    mk.profile.saved_bytes(model, x)      # bytes autograd keeps for backward
+"""
+from memkernels import functional, nn, ops, profile
+from memkernels.activations.elementwise import Elementwise, elementwise
+from memkernels.convert import ConversionReport, convert
+
+__version__ = "0.1.0"
+__all__ = ["functional", "nn", "ops", "profile", "convert", "ConversionReport", "elementwise",
+           "Elementwise", "__version__"]

@@ -1,0 +1,99 @@
+"""Fused activations as functions, with torch.nn.functional's signatures plus ``bits``.
+
+Each computes the same forward values as its torch twin and keeps for backward only f'(x):
+``bits=None`` keeps it in the input's dtype (exact); ``bits`` in {1, 2, 3, 4, 8} keeps a packed
+code of that many bits an element whose level is the optimal piecewise-constant f' (tables in
+memkernels/activations/tables.json). ``relu`` and ``leaky_relu`` always keep 1 exact bit.
+
+``inplace`` is accepted for signature compatibility; the result is always a new tensor (the
+memory saved comes from not keeping the input, which is freed when nothing else holds it).
+"""
+from __future__ import annotations
+
+import torch
+
+from memkernels.activations.autograd import activation, gated
+from memkernels.activations.spec import Activation as A
+
+__all__ = ["gelu", "silu", "mish", "softplus", "elu", "selu", "celu", "leaky_relu", "relu",
+           "sigmoid", "tanh", "hardswish", "hardsigmoid", "swiglu", "geglu"]
+
+
+def _gelu_id(approximate: str) -> A:
+    if approximate == "none":
+        return A.GELU
+    if approximate == "tanh":
+        return A.GELU_TANH
+    raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+def gelu(input: torch.Tensor, approximate: str = "none", bits: int | None = None) -> torch.Tensor:
+    return activation(input, _gelu_id(approximate), bits=bits)
+
+
+def silu(input: torch.Tensor, inplace: bool = False, bits: int | None = None) -> torch.Tensor:
+    return activation(input, A.SILU, bits=bits)
+
+
+def mish(input: torch.Tensor, inplace: bool = False, bits: int | None = None) -> torch.Tensor:
+    return activation(input, A.MISH, bits=bits)
+
+
+def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0,
+             bits: int | None = None) -> torch.Tensor:
+    if beta == 0:
+        raise ValueError("beta must be non-zero")
+    return activation(input, A.SOFTPLUS, beta, threshold, bits=bits)
+
+
+def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False,
+        bits: int | None = None) -> torch.Tensor:
+    return activation(input, A.ELU, alpha, bits=bits)
+
+
+def selu(input: torch.Tensor, inplace: bool = False, bits: int | None = None) -> torch.Tensor:
+    return activation(input, A.SELU, bits=bits)
+
+
+def celu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False,
+         bits: int | None = None) -> torch.Tensor:
+    if alpha == 0:
+        raise ValueError("alpha must be non-zero for celu (it divides by alpha)")
+    return activation(input, A.CELU, alpha, bits=bits)
+
+
+def leaky_relu(input: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False,
+               bits: int | None = None) -> torch.Tensor:
+    return activation(input, A.LEAKY_RELU, negative_slope, bits=bits)
+
+
+def relu(input: torch.Tensor, inplace: bool = False, bits: int | None = None) -> torch.Tensor:
+    return activation(input, A.RELU, bits=bits)
+
+
+def sigmoid(input: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+    return activation(input, A.SIGMOID, bits=bits)
+
+
+def tanh(input: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+    return activation(input, A.TANH, bits=bits)
+
+
+def hardswish(input: torch.Tensor, inplace: bool = False, bits: int | None = None) -> torch.Tensor:
+    return activation(input, A.HARDSWISH, bits=bits)
+
+
+def hardsigmoid(input: torch.Tensor, inplace: bool = False, bits: int | None = None) -> torch.Tensor:
+    return activation(input, A.HARDSIGMOID, bits=bits)
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+    """silu(a) * b for a, b of one shape and dtype. Keeps (a, b) when bits is None (exact), else
+    b and a `bits`-bit code of a (grad_b then uses the interval mean of silu(a))."""
+    return gated(a, b, A.SILU, bits)
+
+
+def geglu(a: torch.Tensor, b: torch.Tensor, approximate: str = "none",
+          bits: int | None = None) -> torch.Tensor:
+    """gelu(a) * b; what it keeps as in :func:`swiglu`."""
+    return gated(a, b, _gelu_id(approximate), bits)

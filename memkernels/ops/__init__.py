@@ -1,0 +1,124 @@
+"""Typed entry points to the ops ``torch.ops.memkernels.*``, and their fake kernels.
+
+Every op's schema lives in csrc/ops.cpp; its CPU kernel in csrc/cpu/, its CUDA kernels in
+memkernels/triton/ and csrc/cuda/ (chosen in ``memkernels.ops._cuda``). The fake kernels below
+give torch.compile and ``torch.library.opcheck`` the output shapes without running anything.
+
+If the extension memkernels._C was not built, the ops run the plain-PyTorch reference
+(memkernels/reference.py) after a one-time warning: correct, but slow and without memory fusion.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from memkernels import reference
+from memkernels.activations.spec import packed_nbytes
+
+try:
+    from memkernels import _C  # noqa: F401  (registers the ops and their CPU kernels)
+except ImportError as exc:  # the package is importable without its build
+    _C = None
+    _C_IMPORT_ERROR = exc
+else:
+    _C_IMPORT_ERROR = None
+
+BUILD_HINT = "build it with `pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`)"
+
+
+def extension_loaded() -> bool:
+    """Whether memkernels._C (the compiled kernels) is importable."""
+    return _C is not None
+
+
+_warned = False
+
+
+def _fallback(name: str):
+    """The reference implementation of op `name`, after a one-time warning."""
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"memkernels._C is not built ({_C_IMPORT_ERROR}); running the plain-PyTorch reference "
+            f"ops, which are slow and keep no less memory while computing. To get the kernels, {BUILD_HINT}.",
+            RuntimeWarning, stacklevel=3)
+    return getattr(reference, name)
+
+
+def _op(name: str):
+    return getattr(torch.ops.memkernels, name) if _C is not None else _fallback(name)
+
+
+def activation_forward(x: torch.Tensor, activation: int, p0: float, p1: float, bits: int,
+                       borders: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(x), saved): saved is f'(x) in x's dtype (bits 0) or the packed code, uint8 of
+    ceil(numel / 8) * bits bytes."""
+    return _op("activation_forward")(x, activation, p0, p1, bits, borders)
+
+
+def activation_backward(grad_out: torch.Tensor, saved: torch.Tensor, bits: int,
+                        levels: torch.Tensor | None) -> torch.Tensor:
+    """grad_out * f'(x), f'(x) read from what activation_forward saved."""
+    return _op("activation_backward")(grad_out, saved, bits, levels)
+
+
+def gated_forward(a: torch.Tensor, b: torch.Tensor, activation: int, bits: int,
+                  borders: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(a) * b, code of a): the code is empty uint8 when bits == 0."""
+    return _op("gated_forward")(a, b, activation, bits, borders)
+
+
+def gated_backward(grad_out: torch.Tensor, saved_a: torch.Tensor, b: torch.Tensor, activation: int,
+                   bits: int, levels: torch.Tensor | None,
+                   value_levels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_a, grad_b) = (g * b * f'(a), g * f(a)); saved_a is a (bits 0) or its code."""
+    return _op("gated_backward")(grad_out, saved_a, b, activation, bits, levels, value_levels)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes (< 2**bits), any shape -> 1-D uint8 of ceil(numel / 8) * bits bytes."""
+    return _op("pack_bits")(codes, bits)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """The first `numel` codes of `packed`, 1-D uint8."""
+    return _op("unpack_bits")(packed, bits, numel)
+
+
+def _packed(t: torch.Tensor, numel, bits: int) -> torch.Tensor:
+    return t.new_empty((packed_nbytes(numel, bits),), dtype=torch.uint8)
+
+
+if _C is not None:
+    # Outputs are contiguous whatever the input's strides: the kernels write them densely.
+    def _dense_like(t):
+        return t.new_empty(t.shape)
+
+    @torch.library.register_fake("memkernels::activation_forward")
+    def _(x, activation, p0, p1, bits, borders):
+        return _dense_like(x), (_dense_like(x) if bits == 0 else _packed(x, x.numel(), bits))
+
+    @torch.library.register_fake("memkernels::activation_backward")
+    def _(grad_out, saved, bits, levels):
+        return _dense_like(grad_out)
+
+    @torch.library.register_fake("memkernels::gated_forward")
+    def _(a, b, activation, bits, borders):
+        code = _packed(a, a.numel(), bits) if bits else a.new_empty((0,), dtype=torch.uint8)
+        return _dense_like(a), code
+
+    @torch.library.register_fake("memkernels::gated_backward")
+    def _(grad_out, saved_a, b, activation, bits, levels, value_levels):
+        return _dense_like(grad_out), _dense_like(grad_out)
+
+    @torch.library.register_fake("memkernels::pack_bits")
+    def _(codes, bits):
+        return _packed(codes, codes.numel(), bits)
+
+    @torch.library.register_fake("memkernels::unpack_bits")
+    def _(packed, bits, numel):
+        return packed.new_empty((numel,), dtype=torch.uint8)
+
+    from memkernels.ops import _cuda  # noqa: E402,F401  (registers the CUDA kernels)

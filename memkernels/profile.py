@@ -1,0 +1,86 @@
+"""Memory that training keeps: bytes saved for backward, and peak bytes.
+
+``saved_bytes`` counts, with ``torch.autograd.graph.saved_tensors_hooks``, every distinct storage
+that autograd keeps for backward while ``fn(*args)`` runs, at its real size (a packed k-bit code
+counts ceil(N / 8) * k bytes). Parameters are not counted: they live anyway.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _parameter_storages(fn, args) -> set:
+    params = []
+    for obj in (fn, *args):
+        if isinstance(obj, nn.Module):
+            params += list(obj.parameters())
+        elif isinstance(obj, nn.Parameter):
+            params.append(obj)
+    return {p.untyped_storage().data_ptr() for p in params}
+
+
+def saved_bytes(fn, *args, **kwargs) -> int:
+    """Bytes of the distinct storages autograd keeps for backward when ``fn(*args, **kwargs)``
+    runs (inputs saved by an op count; parameters of ``fn`` if it is a Module, and Parameter
+    arguments, do not). Views of one storage count once, at the storage's full size."""
+    skip = _parameter_storages(fn, args)
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if not isinstance(t, nn.Parameter):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in skip:
+                seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args, **kwargs)
+    del out
+    return sum(seen.values())
+
+
+def _run_with_backward(fn, args, kwargs, backward: bool):
+    out = fn(*args, **kwargs)
+    if backward:
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+                if isinstance(o, torch.Tensor) and o.requires_grad]
+        if outs:
+            torch.autograd.backward([o.sum() for o in outs])
+    return out
+
+
+def peak_memory(fn, *args, backward: bool = True, device: torch.device | str | None = None,
+                **kwargs) -> int:
+    """Peak bytes allocated above the level before the call while ``fn(*args, **kwargs)`` runs
+    (and, with ``backward=True``, the backward of the sum of its outputs that require grad).
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the profiler's allocation events, summed in
+    time order. The device is the first tensor argument's unless given.
+    """
+    if device is None:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        device = tensors[0].device if tensors else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        _run_with_backward(fn, args, kwargs, backward)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if device.type != "cpu":
+        raise NotImplementedError(f"peak_memory measures cpu and cuda, not {device.type}")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _run_with_backward(fn, args, kwargs, backward)
+    # Every allocation (+bytes) and free (-bytes) in time order; prof.events() folds them into
+    # their ops, so read the raw records.
+    records = sorted((e for e in prof.profiler.kineto_results.events()
+                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                     key=lambda e: e.start_ns())
+    level = peak = 0
+    for e in records:
+        level += e.nbytes()
+        peak = max(peak, level)
+    return peak
