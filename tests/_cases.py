@@ -1,0 +1,26 @@
+"""The activations under test: (name, mk function, torch function, kwargs, Activation id, p0, p1)."""
+import torch.nn.functional as TF
+
+import memkernels.functional as MF
+from memkernels.activations.spec import Activation as A
+
+CASES = [
+    ("gelu", MF.gelu, TF.gelu, {}, A.GELU, 0.0, 0.0),
+    ("gelu_tanh", MF.gelu, TF.gelu, {"approximate": "tanh"}, A.GELU_TANH, 0.0, 0.0),
+    ("silu", MF.silu, TF.silu, {}, A.SILU, 0.0, 0.0),
+    ("mish", MF.mish, TF.mish, {}, A.MISH, 0.0, 0.0),
+    ("softplus", MF.softplus, TF.softplus, {}, A.SOFTPLUS, 1.0, 20.0),
+    ("softplus_b2_t3", MF.softplus, TF.softplus, {"beta": 2.0, "threshold": 3.0}, A.SOFTPLUS, 2.0, 3.0),
+    ("elu", MF.elu, TF.elu, {}, A.ELU, 1.0, 0.0),
+    ("elu_a05", MF.elu, TF.elu, {"alpha": 0.5}, A.ELU, 0.5, 0.0),
+    ("selu", MF.selu, TF.selu, {}, A.SELU, 0.0, 0.0),
+    ("celu_a2", MF.celu, TF.celu, {"alpha": 2.0}, A.CELU, 2.0, 0.0),
+    ("leaky_relu", MF.leaky_relu, TF.leaky_relu, {}, A.LEAKY_RELU, 0.01, 0.0),
+    ("leaky_relu_02", MF.leaky_relu, TF.leaky_relu, {"negative_slope": 0.2}, A.LEAKY_RELU, 0.2, 0.0),
+    ("relu", MF.relu, TF.relu, {}, A.RELU, 0.0, 0.0),
+    ("sigmoid", MF.sigmoid, TF.sigmoid, {}, A.SIGMOID, 0.0, 0.0),
+    ("tanh", MF.tanh, TF.tanh, {}, A.TANH, 0.0, 0.0),
+    ("hardswish", MF.hardswish, TF.hardswish, {}, A.HARDSWISH, 0.0, 0.0),
+    ("hardsigmoid", MF.hardsigmoid, TF.hardsigmoid, {}, A.HARDSIGMOID, 0.0, 0.0),
+]
+IDS = [c[0] for c in CASES]

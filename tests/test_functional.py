@@ -1,0 +1,164 @@
+"""mk.functional activations against torch.nn.functional: values, gradients, bytes kept."""
+import pytest
+import torch
+
+import memkernels as mk
+from memkernels import reference
+from memkernels.activations.spec import TWO_VALUED, packed_nbytes
+from memkernels.activations.tables import get_table
+
+from _cases import CASES, IDS
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1,), (7,), (1023,), (4097,), (3, 5, 7)]
+# Gradients may differ from torch's by two roundings: f'(x) is rounded to the dtype when kept.
+GRAD_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2 ** -6, 2 ** -6),
+            torch.float16: (2 ** -9, 2 ** -9), torch.float64: (1e-12, 1e-12)}
+
+
+def inputs(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype).to(device)
+    return x.requires_grad_(), torch.randn(shape, generator=g).to(dtype).to(device)
+
+
+def torch_grad(tfn, kwargs, x, g):
+    x = x.detach().clone().requires_grad_()
+    y = tfn(x, **kwargs)
+    y.backward(g)
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_exact_matches_torch(case, shape, dtype, device):
+    _, mfn, tfn, kwargs, act, _, _ = case
+    x, g = inputs(shape, dtype, device)
+    y = mfn(x, **kwargs)
+    y.backward(g)
+    ty, tgrad = torch_grad(tfn, kwargs, x, g)
+    assert y.shape == ty.shape and y.dtype == dtype
+    torch.testing.assert_close(y, ty)
+    rtol, atol = GRAD_TOL[dtype]
+    torch.testing.assert_close(x.grad, tgrad, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_coded_backward_is_level_of_code(case, dtype, bits, device):
+    """With bits=k the gradient is grad * levels[code(x)] of the shipped table, exactly."""
+    _, mfn, tfn, kwargs, act, p0, p1 = case
+    x, g = inputs((4097,), dtype, device, seed=bits)
+    y = mfn(x, **kwargs, bits=bits)
+    y.backward(g)
+    torch.testing.assert_close(y, tfn(x.detach(), **kwargs))
+    table = get_table(act, bits, p0, p1)
+    expected = g.float() * table.levels.to(device)[reference.codes(x.detach(), table.borders).long()]
+    torch.testing.assert_close(x.grad, expected.to(dtype), rtol=0, atol=0)
+    if act in TWO_VALUED:  # and for these two the code is exact
+        torch.testing.assert_close(x.grad, torch_grad(tfn, kwargs, x, g)[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [None, 1, 2, 3, 4, 8])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_bytes_kept(case, bits, device):
+    _, mfn, _, kwargs, act, _, _ = case
+    for n, dtype in ((1, torch.float32), (7, torch.bfloat16), (1023, torch.float16), (4097, torch.bfloat16)):
+        x = torch.randn(n, dtype=dtype, device=device, requires_grad=True)
+        kept = mk.profile.saved_bytes(lambda t: mfn(t, **kwargs, bits=bits), x)
+        if act in TWO_VALUED:
+            assert kept == packed_nbytes(n, 1)
+        elif bits is None:
+            assert kept == n * x.element_size()
+        else:
+            assert kept == packed_nbytes(n, bits)
+
+
+def test_three_bits_pack_eight_elements_in_three_bytes(device):
+    x = torch.randn(8 * 1000, dtype=torch.bfloat16, device=device, requires_grad=True)
+    assert mk.profile.saved_bytes(lambda t: mk.functional.gelu(t, bits=3), x) == 3000
+    assert mk.profile.saved_bytes(torch.nn.functional.gelu, x) == 16000
+
+
+def _away_from_kinks(x, kinks, margin=1e-3):
+    for k in kinks:
+        x = torch.where((x - k).abs() < margin, x + 2 * margin, x)
+    return x
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_gradcheck_float64(case, device):
+    _, mfn, _, kwargs, act, p0, p1 = case
+    x = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 4
+    kinks = [0.0, -3.0, 3.0] + ([p1 / p0] if case[0].startswith("softplus") else [])
+    x = _away_from_kinks(x, kinks).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: mfn(t, **kwargs), (x,))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_non_contiguous(case, device):
+    _, mfn, tfn, kwargs, _, _, _ = case
+    base = torch.randn(33, 20, device=device) * 3
+    for x in (base.t(), base[:, ::3], base.expand(2, 33, 20)):
+        x = x.requires_grad_() if x.is_leaf else x.detach().requires_grad_()
+        g = torch.randn(x.shape, device=device)
+        for bits in (None, 3):
+            y = mfn(x, **kwargs, bits=bits)
+            (grad,) = torch.autograd.grad(y, x, g)
+            xc = x.detach().contiguous().requires_grad_()
+            (grad_c,) = torch.autograd.grad(mfn(xc, **kwargs, bits=bits), xc, g.contiguous())
+            torch.testing.assert_close(y, tfn(x.detach(), **kwargs))
+            torch.testing.assert_close(grad, grad_c)
+
+
+@pytest.mark.parametrize("bits", [None, 3])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_empty(case, bits, device):
+    _, mfn, _, kwargs, _, _, _ = case
+    for shape in ((0,), (3, 0, 2)):
+        x = torch.empty(shape, device=device, requires_grad=True)
+        y = mfn(x, **kwargs, bits=bits)
+        assert y.shape == shape
+        y.sum().backward()
+        assert x.grad.shape == shape
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_nan_and_inf(case, device):
+    """Forward propagates NaN and matches torch at +-inf. The exact gradient is NaN at NaN and
+    matches torch wherever torch's is finite (at +-inf ours is the finite limit)."""
+    _, mfn, tfn, kwargs, _, _, _ = case
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5, -2.0], device=device,
+                     requires_grad=True)
+    y = mfn(x, **kwargs)
+    y.sum().backward()
+    ty, tgrad = torch_grad(tfn, kwargs, x, torch.ones_like(x))
+    torch.testing.assert_close(y, ty, equal_nan=True)
+    finite = torch.isfinite(tgrad)
+    finite[0] = False
+    torch.testing.assert_close(x.grad[finite], tgrad[finite])
+    assert torch.isfinite(x.grad[1:]).all()
+    if case[4] not in TWO_VALUED:
+        assert torch.isnan(x.grad[0])
+    # Coded: NaN takes code 0, so its gradient is the first level (finite).
+    x.grad = None
+    mfn(x, **kwargs, bits=3).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_bad_arguments():
+    x = torch.randn(4)
+    with pytest.raises(ValueError, match="bits"):
+        mk.functional.gelu(x, bits=5)
+    with pytest.raises(ValueError, match="bits"):
+        mk.functional.gelu(x, bits=0)
+    with pytest.raises(ValueError, match="approximate"):
+        mk.functional.gelu(x, approximate="fast")
+    with pytest.raises(TypeError, match="input.*floating"):
+        mk.functional.silu(torch.arange(4))
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        mk.functional.silu([1.0, 2.0])
+    with pytest.raises(ValueError, match="alpha"):
+        mk.functional.celu(x, alpha=0.0)

@@ -1,0 +1,99 @@
+"""SwiGLU / GeGLU against silu(a) * b and gelu(a) * b."""
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import memkernels as mk
+from memkernels import reference
+from memkernels.activations.spec import Activation as A, packed_nbytes
+from memkernels.activations.tables import get_table
+
+GATES = [
+    ("swiglu", lambda a, b, **k: mk.functional.swiglu(a, b, **k), lambda a, b: TF.silu(a) * b, A.SILU),
+    ("geglu", lambda a, b, **k: mk.functional.geglu(a, b, **k), lambda a, b: TF.gelu(a) * b, A.GELU),
+    ("geglu_tanh", lambda a, b, **k: mk.functional.geglu(a, b, approximate="tanh", **k),
+     lambda a, b: TF.gelu(a, approximate="tanh") * b, A.GELU_TANH),
+]
+IDS = [g[0] for g in GATES]
+TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2 ** -6, 2 ** -6), torch.float16: (2 ** -9, 2 ** -9)}
+
+
+def halves(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a, b, go = (torch.randn(shape, generator=g).to(dtype).to(device) for _ in range(3))
+    return a.mul(2).requires_grad_(), b.requires_grad_(), go
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("shape", [(1,), (7,), (1023,), (4097,), (3, 5, 7)], ids=str)
+@pytest.mark.parametrize("gate", GATES, ids=IDS)
+def test_exact_matches_torch(gate, shape, dtype, device):
+    _, mfn, tfn, _ = gate
+    a, b, go = halves(shape, dtype, device)
+    y = mfn(a, b)
+    ga, gb = torch.autograd.grad(y, (a, b), go)
+    ty = tfn(a, b)
+    tga, tgb = torch.autograd.grad(ty, (a, b), go)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y, ty.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(ga, tga, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gb, tgb, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("gate", GATES, ids=IDS)
+def test_coded_backward_uses_interval_levels(gate, bits, device):
+    _, mfn, tfn, act = gate
+    a, b, go = halves((1000,), torch.float32, device, seed=bits)
+    y = mfn(a, b, bits=bits)
+    torch.testing.assert_close(y, tfn(a, b).detach())
+    ga, gb = torch.autograd.grad(y, (a, b), go)
+    t = get_table(act, bits)
+    c = reference.codes(a.detach(), t.borders).long()
+    torch.testing.assert_close(ga, go * b.detach() * t.levels.to(device)[c])
+    torch.testing.assert_close(gb, go * t.value_levels.to(device)[c])
+
+
+@pytest.mark.parametrize("gate", GATES, ids=IDS)
+def test_gradcheck_float64(gate, device):
+    _, mfn, _, _ = gate
+    a, b, _ = halves((40,), torch.float64, device)
+    assert torch.autograd.gradcheck(lambda a, b: mfn(a, b), (a, b))
+
+
+def test_bytes_kept_less_than_torch_and_liger(device):
+    n = 4096
+    a, b, _ = halves((n,), torch.bfloat16, device)
+    torch_kept = mk.profile.saved_bytes(lambda a, b: TF.silu(a) * b, a, b)
+    assert torch_kept == 3 * 2 * n  # a (silu), silu(a) and b (mul)
+    assert mk.profile.saved_bytes(mk.functional.swiglu, a, b) == 2 * 2 * n  # a, b: what Liger keeps
+    for bits in (1, 2, 3, 4, 8):
+        kept = mk.profile.saved_bytes(lambda a, b: mk.functional.swiglu(a, b, bits=bits), a, b)
+        assert kept == 2 * n + packed_nbytes(n, bits)  # b and the code of a: 16 + bits per element
+
+
+@pytest.mark.parametrize("bits", [None, 3])
+def test_module_splits_concatenated_input(bits, device):
+    x = torch.randn(4, 6, 10, device=device, requires_grad=True)
+    g = torch.randn(4, 6, 5, device=device)
+    m = mk.nn.SwiGLU(bits=bits)
+    y = m(x)
+    a, b = x.chunk(2, -1)
+    torch.testing.assert_close(y, mk.functional.swiglu(a, b, bits=bits))
+    (grad,) = torch.autograd.grad(y, x, g)
+    ga, gb = torch.autograd.grad(mk.functional.swiglu(a, b, bits=bits), (a, b), g)
+    torch.testing.assert_close(grad, torch.cat([ga, gb], -1))
+    kept = mk.profile.saved_bytes(m, x)
+    # Exact keeps x itself (a and b are views of it); coded keeps a compact b and the code of a:
+    # never x, whose first half would then stay alive.
+    assert kept == (x.numel() * 4 if bits is None else x.numel() // 2 * 4 + packed_nbytes(x.numel() // 2, 3))
+    torch.testing.assert_close(mk.nn.GeGLU(dim=0)(x), TF.gelu(x[:2]) * x[2:])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="even"):
+        mk.nn.SwiGLU()(torch.randn(3, 5))
+    with pytest.raises(TypeError, match="b must be"):
+        mk.functional.swiglu(torch.randn(3), torch.arange(3))
+    with pytest.raises(RuntimeError, match="shape"):
+        mk.functional.swiglu(torch.randn(3), torch.randn(4))

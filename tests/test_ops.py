@@ -1,0 +1,127 @@
+"""The ops as torch ops: opcheck (schemas, fake kernels, autograd registration), torch.compile
+without graph breaks, the CUDA backend choice, and the large-index path."""
+import os
+
+import pytest
+import torch
+
+import memkernels as mk
+from memkernels import ops
+from memkernels.activations.spec import Activation as A, packed_nbytes
+from memkernels.activations.tables import get_table
+
+
+def test_extension_is_built():
+    assert ops.extension_loaded(), "memkernels._C did not import: the kernels are not being tested"
+
+
+def op_samples(device):
+    x = torch.randn(37, 5, device=device)
+    g = torch.randn(37, 5, device=device)
+    t = get_table(A.GELU, 3)
+    borders, levels, values = (v.to(device) for v in (t.borders, t.levels, t.value_levels))
+    y, code = ops.activation_forward(x, int(A.GELU), 0.0, 0.0, 3, borders)
+    _, gcode = ops.gated_forward(x, g, int(A.SILU), 3, borders)
+    return [
+        ("activation_forward", (x, int(A.GELU), 0.0, 0.0, 0, None)),
+        ("activation_forward", (x.t(), int(A.SOFTPLUS), 2.0, 3.0, 3, borders)),
+        ("activation_backward", (g, code, 3, levels)),
+        ("activation_backward", (g, g, 0, None)),
+        ("gated_forward", (x, g, int(A.SILU), 0, None)),
+        ("gated_forward", (x, g, int(A.GELU_TANH), 3, borders)),
+        ("gated_backward", (g, x, g, int(A.SILU), 0, None, None)),
+        ("gated_backward", (g, gcode, g, int(A.SILU), 3, levels, values)),
+        ("pack_bits", (torch.randint(0, 8, (37,), dtype=torch.uint8, device=device), 3)),
+        ("unpack_bits", (code, 3, x.numel())),
+    ]
+
+
+def test_opcheck(device):
+    for name, args in op_samples(device):
+        torch.library.opcheck(getattr(torch.ops.memkernels, name).default, args)
+
+
+def test_fake_shapes_match_real(device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    for name, args in op_samples(device):
+        real = getattr(torch.ops.memkernels, name)(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake = getattr(torch.ops.memkernels, name)(*fake_args)
+        for r, f in zip(real if isinstance(real, tuple) else (real,), fake if isinstance(fake, tuple) else (fake,)):
+            assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride()), name
+
+
+@pytest.mark.parametrize("bits", [None, 3])
+def test_compile_fullgraph(bits, device):
+    def step(x, a, b):
+        return mk.functional.gelu(x, bits=bits).sum() + mk.functional.swiglu(a, b, bits=bits).sum() \
+            + mk.functional.softplus(x, beta=2.0, bits=bits).sum()
+
+    x, a, b = (torch.randn(129, device=device, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(step, fullgraph=True)
+    out = compiled(x, a, b)
+    grads = torch.autograd.grad(out, (x, a, b))
+    ref = torch.autograd.grad(step(x, a, b), (x, a, b))
+    torch.testing.assert_close(out, step(x, a, b))
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r)
+    # what the compiled graph keeps for backward is still only the code / derivative
+    kept = mk.profile.saved_bytes(lambda t: torch.compile(mk.nn.GELU(bits=bits), fullgraph=True)(t), x)
+    assert kept == (129 * 4 if bits is None else packed_nbytes(129, 3))
+
+
+def test_compile_elementwise_fullgraph(device):
+    f = mk.elementwise(lambda t: t * torch.tanh(t))
+    x = torch.randn(65, device=device, requires_grad=True)
+    y = torch.compile(f, fullgraph=True)(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, torch.tanh(x) + x * (1 - torch.tanh(x) ** 2))
+
+
+def test_cuda_backend_choice(monkeypatch):
+    from memkernels.ops import _cuda
+    monkeypatch.delenv("MEMKERNELS_BACKEND", raising=False)
+    assert _cuda.backend_for("activation_forward") == _cuda.DEFAULT_BACKEND["activation_forward"]
+    assert _cuda.backend_for("pack_bits") == "triton"  # no CUDA C++ kernel
+    monkeypatch.setenv("MEMKERNELS_BACKEND", "triton")
+    assert _cuda.backend_for("gated_backward") == "triton"
+    monkeypatch.setenv("MEMKERNELS_BACKEND", "cuda")
+    if mk.ops._C.with_cuda:
+        assert _cuda.backend_for("gated_backward") == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="without CUDA"):
+            _cuda.backend_for("gated_backward")
+    monkeypatch.setenv("MEMKERNELS_BACKEND", "hip")
+    with pytest.raises(ValueError, match="MEMKERNELS_BACKEND"):
+        _cuda.backend_for("activation_forward")
+
+
+def _available_bytes():
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+N_LARGE = 2 ** 31 + 13  # past int32 indexing
+
+
+@pytest.mark.slow
+def test_more_than_2_31_elements():
+    need = 4 * 2 * N_LARGE  # two bf16 tensors of N alive at once, and headroom
+    if _available_bytes() < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB free memory")
+    x = torch.empty(N_LARGE, dtype=torch.bfloat16)
+    x[: 2 ** 20].normal_()
+    x[-(2 ** 20):].normal_()
+    x[2 ** 20: -(2 ** 20)] = 1.0
+    t = get_table(A.GELU, 3)
+    y, code = ops.activation_forward(x, int(A.GELU), 0.0, 0.0, 3, t.borders)
+    assert code.numel() == packed_nbytes(N_LARGE, 3)
+    tail = slice(-(2 ** 20), None)
+    torch.testing.assert_close(y[tail], torch.nn.functional.gelu(x[tail]))
+    del y
+    grad = ops.activation_backward(x, code, 3, t.levels)  # grad_out = x
+    from memkernels import reference
+    expect = (x[tail].float() * t.levels[reference.codes(x[tail], t.borders).long()]).bfloat16()
+    torch.testing.assert_close(grad[tail], expect, rtol=0, atol=0)
