@@ -1,0 +1,446 @@
+"""Shared pieces of the benchmarks: timing, device description, result files, plots.
+
+Every bench script measures its method against a PyTorch baseline in the same run and writes
+``<name>_<device tag>.csv`` (all columns), ``.md`` (a header naming device, date, versions and
+command, then a table) and ``.png`` under bench/results/. Scripts run from a checkout as
+``python bench/<name>.py``; this module puts the repository root on ``sys.path`` for them.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+# Run from a checkout without installing: `python bench/x.py` puts bench/, not the root, on the path.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+# glibc serves allocations of this size or more with fresh mmap'ed pages (DESIGN.md, "Measuring").
+CPU_MMAP_THRESHOLD_BYTES = 32 * 2**20
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call over `repeats` timed calls: median and the 20th/80th percentiles."""
+
+    median_ms: float
+    q20_ms: float
+    q80_ms: float
+    repeats: int
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> Timing:
+    """Time `fn()` call by call: perf_counter on CPU, CUDA events (then one synchronize) on GPU.
+
+    Each call is timed on its own, so the median ignores the odd slow call (page faults of a
+    first touch, a GC pause) instead of averaging it in.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        for start, end in zip(starts, ends):
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in zip(starts, ends)]
+    else:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    if len(times) == 1:
+        return Timing(times[0], times[0], times[0], 1)
+    q = statistics.quantiles(times, n=5, method="inclusive")
+    return Timing(statistics.median(times), q[0], q[3], repeats)
+
+
+BACKWARD_METHOD = (
+    "backward is timed alone: one forward, then torch.autograd.grad(..., retain_graph=True) "
+    "re-run on that graph; fwd+bwd is a forward and a backward timed together"
+)
+
+
+def time_forward_backward(
+    fn: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    wrt: Sequence[torch.Tensor] | None = None,
+) -> dict[str, Timing]:
+    """Timings of a training step of `fn(*inputs)` (one tensor out) in three modes.
+
+    ``fwd``: the forward with autograd recording (what a training forward costs, saving included).
+    ``bwd``: gradients w.r.t. `wrt` (default: the inputs that require grad) from one retained graph.
+    ``fwdbwd``: a forward and its backward. The incoming gradient is a fixed random tensor.
+    """
+    wrt = [t for t in inputs if t.requires_grad] if wrt is None else list(wrt)
+    out = fn(*inputs)
+    grad_out = torch.randn_like(out)
+
+    def forward():
+        fn(*inputs)
+
+    def backward():
+        torch.autograd.grad(out, wrt, grad_out, retain_graph=True)
+
+    def forward_backward():
+        torch.autograd.grad(fn(*inputs), wrt, grad_out)
+
+    timings = {
+        "fwd": time_ms(forward, device, warmup=warmup, repeats=repeats),
+        "bwd": time_ms(backward, device, warmup=warmup, repeats=repeats),
+        "fwdbwd": time_ms(forward_backward, device, warmup=warmup, repeats=repeats),
+    }
+    del out
+    return timings
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2**30, *, warmup: int = 5, repeats: int = 20) -> float:
+    """The device's measured copy bandwidth: (bytes read + written) / time of ``dst.copy_(src)``."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    timing = time_ms(lambda: dst.copy_(src), device, warmup=warmup, repeats=repeats)
+    return 2 * nbytes / (timing.median_ms * 1e-3) / 1e9
+
+
+def saved_input_bytes(fn: Callable[..., object], *args: torch.Tensor) -> int:
+    """Bytes of what autograd keeps for backward that are `args` themselves, i.e. not newly written.
+
+    Counted as memkernels.profile.saved_bytes counts (distinct storages at their full size), so the
+    difference of the two is what the forward wrote to keep.
+    """
+    arg_storages = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() in arg_storages:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(kept.values())
+
+
+# ------------------------------------------------------------------------------------ the machine
+
+
+def device_name(device: torch.device) -> str:
+    """GPU name from torch, or the CPU model from /proc/cpuinfo (platform's answer elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_tag(device: torch.device) -> str:
+    """File-name tag: device type and a slug of its name, e.g. ``cuda_nvidia-h100-80gb-hbm3``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    return f"{device.type}_{slug[:40].rstrip('-')}"
+
+
+def memkernels_build_line() -> str:
+    """Which memkernels kernels ran: the compiled extension, or the slow reference fallback."""
+    import memkernels.ops
+
+    backend = os.environ.get("MEMKERNELS_BACKEND")
+    built = ("extension memkernels._C loaded" if memkernels.ops.extension_loaded()
+             else "extension memkernels._C NOT built: the plain-PyTorch reference ran (timings meaningless)")
+    return f"memkernels {memkernels.__version__}: {built}" + (f", MEMKERNELS_BACKEND={backend}" if backend else "")
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that ran, e.g. ``python bench/activations.py --quick`` (`argv` default sys.argv)."""
+    return shlex.join([Path(sys.executable).name, *(sys.argv if argv is None else argv)])
+
+
+def environment_lines(device: torch.device, commands: Sequence[str]) -> list[str]:
+    """Header lines of a result: device, date, versions, which kernels ran, the command(s) that
+    wrote its rows."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    threads = f", torch threads: {torch.get_num_threads()}" if device.type == "cpu" else ""
+    return [
+        f"device: {device_name(device)} ({device.type}{threads})",
+        f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"torch {torch.__version__}, triton {triton_version}, python {platform.python_version()}",
+        memkernels_build_line(),
+        *(f"command: `{command}`" for command in commands),
+    ]
+
+
+# ---------------------------------------------------------------------------------- command line
+
+_SIZE_SUFFIXES = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``"1M,4M,4097"`` -> element counts; K, M, G are powers of 2 (1M = 1,048,576)."""
+    sizes = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)\s*", item, flags=re.IGNORECASE)
+        if not match:
+            raise ValueError(f"size {item!r} is not a count like 4096, 64K, 4M or 1G")
+        sizes.append(int(match.group(1)) * _SIZE_SUFFIXES[match.group(2).upper()])
+    return sizes
+
+
+def parse_dtypes(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in DTYPES]
+    if unknown:
+        raise ValueError(f"unknown dtype(s) {unknown}; known: {sorted(DTYPES)}")
+    return names
+
+
+def size_label(numel: int) -> str:
+    """4194304 -> "4M", 65536 -> "64K", 4097 -> "4097"."""
+    for suffix in ("G", "M", "K"):
+        if numel % _SIZE_SUFFIXES[suffix] == 0:
+            return f"{numel // _SIZE_SUFFIXES[suffix]}{suffix}"
+    return str(numel)
+
+
+def add_common_arguments(parser, *, cpu_sizes: str, cuda_sizes: str, quick_sizes: str, dtypes: str) -> None:
+    """--device, --dtypes, --sizes, --repeats, --quick, --out; sizes default by device (resolve_sizes)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=["cpu", "cuda"], help="default: cuda if available")
+    parser.add_argument("--dtypes", default=dtypes, help=f"comma list of {','.join(DTYPES)} (default {dtypes})")
+    parser.add_argument("--sizes", default=None,
+                        help=f"element counts, K/M/G = 2^10/2^20/2^30 (default: cpu {cpu_sizes}; "
+                             f"cuda {cuda_sizes}; --quick {quick_sizes})")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement "
+                        "(default: cpu 10, cuda 50, --quick 3)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats: a smoke test")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default bench/results)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--append", action="store_true", help="merge into the existing result files (rows "
+                        "of the same case replaced) instead of overwriting them")
+    parser.set_defaults(_size_defaults={"cpu": cpu_sizes, "cuda": cuda_sizes, "quick": quick_sizes})
+
+
+def apply_threads(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def resolve_sizes(args) -> list[int]:
+    key = "quick" if args.quick else args.device
+    return parse_sizes(args.sizes or args._size_defaults[key])
+
+
+def resolve_repeats(args) -> tuple[int, int]:
+    """(warmup, repeats) for the device and mode, --repeats overriding the repeats."""
+    if args.quick:
+        warmup, repeats = 1, 3
+    elif args.device == "cuda":
+        warmup, repeats = 10, 50
+    else:
+        warmup, repeats = 2, 10
+    return warmup, args.repeats or repeats
+
+
+# ---------------------------------------------------------------------------------- result files
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the markdown table: row key, header and how to print the value."""
+
+    key: str
+    title: str
+    fmt: str = "{}"
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return fmt.format(value)
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    """All keys of all rows as columns (first-seen order); missing values are empty cells."""
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+
+
+def _parse_cell(text: str):
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows written by write_csv, numbers parsed back (empty cells -> None)."""
+    with open(path, newline="") as f:
+        return [{k: _parse_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def merge_rows(old: Sequence[dict], new: Sequence[dict], key: Sequence[str]) -> list[dict]:
+    """`old` with every row that a `new` row has the same `key` values as replaced; the rest of
+    `new` after it. Lets a long run be split into several commands writing one result."""
+    replacements = {tuple(row[k] for k in key): row for row in new}
+    merged = [replacements.pop(tuple(row[k] for k in key), row) for row in old]
+    return merged + [row for row in new if tuple(row[k] for k in key) in replacements]
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
+    lines = [
+        "| " + " | ".join(c.title for c in columns) + " |",
+        "|" + "|".join(" --- " for _ in columns) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c.key), c.fmt) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, title: str, header_lines: Sequence[str], body: Sequence[str]) -> None:
+    """``# title``, the header lines as a list, then the body blocks (tables, notes) in order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = [f"# {title}", "", *(f"- {line}" for line in header_lines), ""]
+    for block in body:
+        text += [block, ""]
+    path.write_text("\n".join(text))
+
+
+def error_summary(error: BaseException) -> str:
+    """``"Type: first line of the message"`` (at most 200 characters), for a table cell."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def ratio(numerator: float | None, denominator: float | None, digits: int = 3) -> float | None:
+    """numerator / denominator rounded, or None when either is missing or the denominator is 0."""
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return round(numerator / denominator, digits)
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+
+@dataclass(frozen=True)
+class Panel:
+    """A subplot: its title, which rows it shows and which column is its y."""
+
+    title: str
+    keep: Callable[[dict], bool]
+    y: str
+
+
+def plot_lines(
+    rows: Sequence[dict],
+    path: Path,
+    *,
+    x: str,
+    panels: Sequence[Panel],
+    line: Callable[[dict], str],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    color: Callable[[dict], str] | None = None,
+    dashed: Callable[[dict], bool] = lambda row: False,
+    reference_y: float | None = None,
+    logy: bool = False,
+) -> None:
+    """One panel per `Panel`, one line per label `line(row)`: y against x (log2 axis), perf_report style.
+
+    Rows with an empty y are left out. Lines with the same `color(row)` key share a colour (default:
+    one per label), `dashed(row)` draws a row's line dashed; `reference_y` draws a dotted
+    horizontal line (e.g. ratio 1).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
+
+    ncols = min(len(panels), 2)
+    nrows = math.ceil(len(panels) / ncols)
+    color = color or line
+    keys = list(dict.fromkeys(color(row) for row in rows))
+    palette = plt.get_cmap("tab20" if len(keys) > 10 else "tab10")
+    colors = {key: palette(i % palette.N) for i, key in enumerate(keys)}
+    fig, axes = plt.subplots(nrows, ncols, figsize=(8 * ncols, 5 * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        series: dict[str, tuple[dict, list[tuple[float, float]]]] = {}
+        for row in rows:
+            if panel.keep(row) and row.get(panel.y) not in (None, ""):
+                series.setdefault(line(row), (row, []))[1].append((row[x], row[panel.y]))
+        for label, (first, points) in series.items():
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=label,
+                    color=colors[color(first)], linestyle="--" if dashed(first) else "-")
+        if reference_y is not None:
+            ax.axhline(reference_y, color="black", linewidth=0.8, linestyle=":")
+        ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+            # plain numbers (0.5, 2) rather than 5x10^-1; minor ticks labelled only over a short range
+            ax.yaxis.set_major_formatter(LogFormatter())
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+        ax.set_title(panel.title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    legend = {}  # one legend for the figure: label -> handle, first seen
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="center right", fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

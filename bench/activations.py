@@ -1,0 +1,339 @@
+"""Fused activations of memkernels against PyTorch eager and torch.compile: time and kept bytes.
+
+For each activation, dtype, size and `bits`, times forward, backward and forward+backward of
+``memkernels.functional.<activation>`` and of the PyTorch activation (eager, and torch.compile'd
+with dynamic=False) in the same run, and measures with ``memkernels.profile.saved_bytes`` the bytes
+each keeps for backward. Ratios are mk / baseline for time (below 1: mk is faster) and
+baseline / mk for bytes (above 1: mk keeps less). On CUDA it also reports each mk kernel's achieved
+bandwidth as a share of the measured copy bandwidth.
+
+    python bench/activations.py                         # all activations, default sizes
+    python bench/activations.py --dtypes bf16 --activations gelu,swiglu --bits none,1,3
+    python bench/activations.py --dtypes fp32 --append  # split a long run; rows merge into one result
+    python bench/activations.py --quick --no-compile    # smoke test
+    python bench/activations.py --device cpu --threads 1  # a busy CPU: no thread waits for a core
+
+Writes bench/results/activations_<device tag>.{csv,md,png} (--out changes the folder).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import _harness as h  # also puts the repository root on sys.path
+
+import memkernels.functional as mkf
+import memkernels.profile as mkp
+
+# Bandwidth is reported where one input tensor is at least this large: smaller tensors sit in
+# the L2 cache across repeats (50 MB on an H100) and launch overhead weighs in.
+BANDWIDTH_MIN_BYTES = 64 * 2**20
+
+
+# The PyTorch baselines, one function each: torch.compile caches its graphs per code object, so a
+# shared wrapper would make every activation count against one recompile limit.
+def torch_gelu(x): return F.gelu(x)
+def torch_gelu_tanh(x): return F.gelu(x, approximate="tanh")
+def torch_silu(x): return F.silu(x)
+def torch_mish(x): return F.mish(x)
+def torch_softplus(x): return F.softplus(x)
+def torch_elu(x): return F.elu(x)
+def torch_selu(x): return F.selu(x)
+def torch_celu(x): return F.celu(x)
+def torch_leaky_relu(x): return F.leaky_relu(x)
+def torch_relu(x): return F.relu(x)
+def torch_sigmoid(x): return torch.sigmoid(x)
+def torch_tanh(x): return torch.tanh(x)
+def torch_hardswish(x): return F.hardswish(x)
+def torch_hardsigmoid(x): return F.hardsigmoid(x)
+def torch_swiglu(a, b): return F.silu(a) * b
+def torch_geglu(a, b): return F.gelu(a) * b
+
+
+@dataclass(frozen=True)
+class Case:
+    """An activation: its PyTorch baseline and the memkernels.functional function (+ kwargs)."""
+
+    name: str
+    baseline: Callable[..., torch.Tensor]
+    mk_name: str
+    mk_kwargs: dict = field(default_factory=dict)
+    num_inputs: int = 1  # 2 for gated units y = f(a) * b, a and b each of `numel` elements
+
+    def mk_fn(self, bits: int | None) -> Callable[..., torch.Tensor]:
+        return functools.partial(getattr(mkf, self.mk_name), **self.mk_kwargs, bits=bits)
+
+
+CASES = {
+    case.name: case
+    for case in [
+        Case("gelu", torch_gelu, "gelu"),
+        Case("gelu_tanh", torch_gelu_tanh, "gelu", {"approximate": "tanh"}),
+        Case("silu", torch_silu, "silu"),
+        Case("mish", torch_mish, "mish"),
+        Case("softplus", torch_softplus, "softplus"),
+        Case("elu", torch_elu, "elu"),
+        Case("selu", torch_selu, "selu"),
+        Case("celu", torch_celu, "celu"),
+        Case("leaky_relu", torch_leaky_relu, "leaky_relu"),
+        Case("relu", torch_relu, "relu"),
+        Case("sigmoid", torch_sigmoid, "sigmoid"),
+        Case("tanh", torch_tanh, "tanh"),
+        Case("hardswish", torch_hardswish, "hardswish"),
+        Case("hardsigmoid", torch_hardsigmoid, "hardsigmoid"),
+        Case("swiglu", torch_swiglu, "swiglu", num_inputs=2),
+        Case("geglu", torch_geglu, "geglu", num_inputs=2),
+    ]
+}
+
+MODES = ("fwd", "bwd", "fwdbwd")
+
+
+def parse_bits(text: str) -> list[int | None]:
+    """``"none,3"`` -> [None, 3]."""
+    return [None if item.strip().lower() in ("none", "exact") else int(item) for item in text.split(",")]
+
+
+def bits_label(bits: int | None) -> str | int:
+    """The "bits" column: "none" (exact f'(x)) or the number of bits."""
+    return "none" if bits is None else bits
+
+
+def make_inputs(case: Case, numel: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    return [torch.randn(numel, dtype=dtype, device=device, requires_grad=True) for _ in range(case.num_inputs)]
+
+
+def measure(fn, inputs, device, warmup, repeats) -> dict:
+    """Times (ms) of the three modes and the bytes autograd keeps for backward."""
+    timings = h.time_forward_backward(fn, inputs, device, warmup=warmup, repeats=repeats)
+    result = {mode: round(timings[mode].median_ms, 5) for mode in MODES}
+    result["fwdbwd_q20"] = round(timings["fwdbwd"].q20_ms, 5)
+    result["fwdbwd_q80"] = round(timings["fwdbwd"].q80_ms, 5)
+    result["saved_bytes"] = mkp.saved_bytes(fn, *inputs)
+    return result
+
+
+def bytes_moved(fn, inputs, saved_bytes: int) -> tuple[int, int]:
+    """(forward, backward) memory traffic of a fused kernel, in bytes.
+
+    Forward reads the inputs, writes y and whatever it keeps that is not an input; backward reads
+    the incoming gradient and everything kept, and writes one gradient per input.
+    """
+    io_bytes = inputs[0].numel() * inputs[0].element_size()  # x, y and every gradient are this size
+    new_saved = saved_bytes - h.saved_input_bytes(fn, *inputs)
+    forward = len(inputs) * io_bytes + io_bytes + new_saved
+    backward = io_bytes + saved_bytes + len(inputs) * io_bytes
+    return forward, backward
+
+
+def run_case(case, dtype_name, numel, bits_list, compiled, device, warmup, repeats, copy_gbps):
+    """Rows (one per bits) for one activation, dtype and size; the baselines are measured once."""
+    dtype = h.DTYPES[dtype_name]
+    inputs = make_inputs(case, numel, dtype, device)
+    eager = measure(case.baseline, inputs, device, warmup, repeats)
+    compile_result, compile_error = None, ""
+    if compiled is not None:
+        try:
+            compile_result = measure(compiled, inputs, device, warmup, repeats)
+        except Exception as error:  # recorded in the table: a missing compiler must not end the run
+            compile_error = h.error_summary(error)
+    input_bytes = numel * inputs[0].element_size()
+    rows = []
+    for bits in bits_list:
+        fn = case.mk_fn(bits)
+        mk = measure(fn, inputs, device, warmup, repeats)
+        row = {
+            "activation": case.name,
+            "dtype": dtype_name,
+            "numel": numel,
+            "input_mb": round(input_bytes / 2**20, 3),
+            "bits": bits_label(bits),
+        }
+        for mode in (*MODES, "fwdbwd_q20", "fwdbwd_q80"):  # the quantiles show how noisy a median is
+            row[f"mk_{mode}_ms"] = mk[mode]
+            row[f"eager_{mode}_ms"] = eager[mode]
+            row[f"compile_{mode}_ms"] = compile_result[mode] if compile_result else None
+        for mode in MODES:
+            row[f"{mode}_mk_over_eager"] = h.ratio(mk[mode], eager[mode])
+            row[f"{mode}_mk_over_compile"] = h.ratio(mk[mode], compile_result[mode] if compile_result else None)
+        row["eager_saved_bytes"] = eager["saved_bytes"]
+        row["compile_saved_bytes"] = compile_result["saved_bytes"] if compile_result else None
+        row["mk_saved_bytes"] = mk["saved_bytes"]
+        row["saved_eager_over_mk"] = h.ratio(eager["saved_bytes"], mk["saved_bytes"])
+        row["saved_compile_over_mk"] = h.ratio(row["compile_saved_bytes"], mk["saved_bytes"])
+        if copy_gbps is not None and input_bytes >= BANDWIDTH_MIN_BYTES:
+            fwd_bytes, bwd_bytes = bytes_moved(fn, inputs, mk["saved_bytes"])
+            fwd_gbps = fwd_bytes / (mk["fwd"] * 1e-3) / 1e9
+            bwd_gbps = bwd_bytes / (mk["bwd"] * 1e-3) / 1e9
+            row["mk_fwd_gbps"] = round(fwd_gbps, 1)
+            row["mk_bwd_gbps"] = round(bwd_gbps, 1)
+            row["mk_fwd_pct_copy_bw"] = round(100 * fwd_gbps / copy_gbps, 1)
+            row["mk_bwd_pct_copy_bw"] = round(100 * bwd_gbps / copy_gbps, 1)
+        row["compile_error"] = compile_error
+        row["repeats"] = repeats
+        rows.append(row)
+    return rows
+
+
+def run(args) -> list[dict]:
+    """Measure every (dtype, activation, size, bits) the arguments ask for; one row each."""
+    device = torch.device(args.device)
+    dtype_names = h.parse_dtypes(args.dtypes)
+    sizes = h.resolve_sizes(args)
+    warmup, repeats = h.resolve_repeats(args)
+    h.apply_threads(args)
+    names = list(CASES) if args.activations == "all" else [n.strip() for n in args.activations.split(",")]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown activation(s) {unknown}; known: {', '.join(CASES)}")
+    bits_list = parse_bits(args.bits)
+    copy_gbps = h.copy_bandwidth_gbps(device) if device.type == "cuda" else None
+    # dynamic=False compiles one graph per size; the cache is reset per (activation, dtype).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(sizes))
+    run_info = {"device": h.device_name(device), "copy_bw_gbps": round(copy_gbps, 1) if copy_gbps else None,
+                "threads": torch.get_num_threads() if device.type == "cpu" else None,
+                "date": datetime.date.today().isoformat(), "command": args.command}
+
+    rows = []
+    for dtype_name in dtype_names:
+        for name in names:
+            case = CASES[name]
+            compiled = None
+            if not args.no_compile:
+                torch._dynamo.reset()
+                compiled = torch.compile(case.baseline, dynamic=False)
+            for numel in sizes:
+                for row in run_case(case, dtype_name, numel, bits_list, compiled, device, warmup, repeats, copy_gbps):
+                    row.update(run_info)
+                    print(format_progress(row), flush=True)
+                    rows.append(row)
+    return rows
+
+
+def format_progress(row: dict) -> str:
+    def show(value):
+        return "–" if value is None else f"{value:.2f}"
+
+    return (f"{row['activation']:>11} {row['dtype']:>4} {h.size_label(row['numel']):>5} bits={row['bits']:<4} "
+            f"fwd+bwd mk/eager {show(row['fwdbwd_mk_over_eager'])} mk/compile {show(row['fwdbwd_mk_over_compile'])}  "
+            f"kept bytes eager/mk {show(row['saved_eager_over_mk'])}")
+
+
+def markdown_columns(with_bandwidth: bool) -> list[h.Column]:
+    columns = [
+        h.Column("activation", "activation"),
+        h.Column("dtype", "dtype"),
+        h.Column("numel", "elements", "{:,}"),
+        h.Column("input_mb", "MB/tensor", "{:g}"),
+        h.Column("bits", "bits"),
+        h.Column("mk_fwdbwd_ms", "mk fwd+bwd ms", "{:.3f}"),
+        h.Column("fwd_mk_over_eager", "fwd mk/eager", "{:.2f}"),
+        h.Column("bwd_mk_over_eager", "bwd mk/eager", "{:.2f}"),
+        h.Column("fwdbwd_mk_over_eager", "fwd+bwd mk/eager", "{:.2f}"),
+        h.Column("fwd_mk_over_compile", "fwd mk/compile", "{:.2f}"),
+        h.Column("bwd_mk_over_compile", "bwd mk/compile", "{:.2f}"),
+        h.Column("fwdbwd_mk_over_compile", "fwd+bwd mk/compile", "{:.2f}"),
+        h.Column("eager_saved_bytes", "kept B eager", "{:,}"),
+        h.Column("compile_saved_bytes", "kept B compile", "{:,}"),
+        h.Column("mk_saved_bytes", "kept B mk", "{:,}"),
+        h.Column("saved_eager_over_mk", "kept eager/mk", "{:.3f}"),
+    ]
+    if with_bandwidth:
+        columns += [h.Column("mk_fwd_pct_copy_bw", "fwd % copy BW", "{:.0f}"),
+                    h.Column("mk_bwd_pct_copy_bw", "bwd % copy BW", "{:.0f}")]
+    return columns
+
+
+def notes(rows: list[dict], device: torch.device) -> list[str]:
+    """What the table means and how it was measured, read off the rows themselves."""
+    compiled = any(r["compile_fwdbwd_ms"] is not None or r["compile_error"] for r in rows)
+    lines = [
+        "Time ratios are mk / baseline (below 1: mk is faster); kept-bytes ratios are baseline / mk "
+        "(above 1: mk keeps less). Times are medians of per-call timings "
+        + ("(CUDA events)" if device.type == "cuda" else "(time.perf_counter)") + "; " + h.BACKWARD_METHOD + ".",
+        "Kept bytes: memkernels.profile.saved_bytes, what autograd holds for backward after the forward "
+        "(measured, not computed). Gated units (swiglu, geglu) take a and b of `elements` each. "
+        "bits = none keeps f'(x) exactly; bits = k keeps a packed k-bit code.",
+        "torch.compile baseline: torch.compile(f, dynamic=False) of the PyTorch activation, compiled once per "
+        "(activation, dtype) (one graph per size), warmed up before timing"
+        + ("." if compiled else " — skipped (--no-compile)."),
+    ]
+    if device.type == "cpu":
+        cases = dict.fromkeys((r["numel"], r["dtype"]) for r in rows)
+        crossing = [f"{h.size_label(n)} {d} ({n * h.DTYPES[d].itemsize / 2**20:g} MB)"
+                    for n, d in cases if n * h.DTYPES[d].itemsize >= h.CPU_MMAP_THRESHOLD_BYTES]
+        lines.append(
+            "On CPU, glibc serves every allocation of 32 MB or more with fresh pages, so page faults weigh on "
+            "elementwise kernels there. Sizes whose tensors (input, output, gradient) cross 32 MB: "
+            + (", ".join(crossing) if crossing else "none") + "; all other sizes stay below it."
+        )
+    copy_gbps = [r["copy_bw_gbps"] for r in rows if r.get("copy_bw_gbps")]
+    if copy_gbps:
+        lines.append(
+            f"Measured copy bandwidth (bytes read + written / time of a 1 GiB copy_): {copy_gbps[-1]:.0f} GB/s. "
+            f"% copy BW is reported for tensors of {BANDWIDTH_MIN_BYTES // 2**20} MB or more: forward moves the "
+            "inputs, y and the newly kept tensors; backward the incoming gradient, everything kept and the input "
+            "gradients."
+        )
+    failures = dict.fromkeys((r["activation"], r["dtype"], r["compile_error"]) for r in rows if r["compile_error"])
+    for activation, dtype_name, error in failures:
+        lines.append(f"torch.compile failed for {activation} {dtype_name}: `{error}`")
+    return lines
+
+
+def write_results(rows: list[dict], device: torch.device, out: Path) -> Path:
+    """The .csv, .md and .png of `rows`; returns their common path without suffix."""
+    base = out / f"activations_{h.device_tag(device)}"
+    h.write_csv(rows, base.with_suffix(".csv"))
+    h.write_markdown(
+        base.with_suffix(".md"),
+        "Fused activations: memkernels vs PyTorch eager and torch.compile",
+        h.environment_lines(device, list(dict.fromkeys(r["command"] for r in rows))),
+        notes(rows, device) + [h.markdown_table(rows, markdown_columns(any(r.get("copy_bw_gbps") for r in rows)))],
+    )
+    panels = []
+    for dtype_name in dict.fromkeys(r["dtype"] for r in rows):
+        for baseline in ("eager", "compile"):
+            y = f"fwdbwd_mk_over_{baseline}"
+            if any(r[y] is not None for r in rows if r["dtype"] == dtype_name):
+                panels.append(h.Panel(f"{dtype_name}: fwd+bwd time, mk / {baseline}",
+                                      lambda r, d=dtype_name: r["dtype"] == d, y))
+    h.plot_lines(
+        rows, base.with_suffix(".png"), x="numel", panels=panels,
+        line=lambda r: f"{r['activation']} bits={r['bits']}", color=lambda r: r["activation"],
+        dashed=lambda r: r["bits"] != "none",
+        title=f"memkernels activations on {h.device_name(device)}: time ratio, below 1 = mk faster "
+              "(solid: exact f', dashed: k-bit code)",
+        xlabel="elements per tensor", ylabel="time ratio (log)", reference_y=1.0, logy=True,
+    )
+    return base
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    h.add_common_arguments(parser, cpu_sizes="1M,4M,16M", cuda_sizes="1M,4M,16M,64M,256M",
+                           quick_sizes="4K,64K", dtypes="fp32,bf16")
+    parser.add_argument("--activations", default="all", help=f"comma list of {', '.join(CASES)} (default all)")
+    parser.add_argument("--bits", default="none,3", help="comma list of none (exact f'(x)) and 1,2,3,4,8 "
+                        "(default none,3)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    args = parser.parse_args(argv)
+    args.command = h.command_line(None if argv is None else ["bench/activations.py", *argv])
+    device = torch.device(args.device)
+    rows = run(args)
+    csv_path = (args.out / f"activations_{h.device_tag(device)}").with_suffix(".csv")
+    if args.append and csv_path.exists():
+        rows = h.merge_rows(h.read_csv(csv_path), rows, key=("activation", "dtype", "numel", "bits"))
+    base = write_results(rows, device, args.out)
+    print(f"wrote {base}.csv, .md, .png")
+
+
+if __name__ == "__main__":
+    main()

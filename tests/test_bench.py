@@ -1,0 +1,164 @@
+"""The benchmarks run end to end and report what they measured; their shared harness.
+
+Nothing here asserts a timing: only that every row, column and file is there and that the kept
+bytes the bench reports are the ones memkernels.profile.saved_bytes measures.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+QUICK_SIZES = (4096, 65536)  # what --quick runs: 4K, 64K
+TIME_COLUMNS = [f"{who}_{mode}_ms" for who in ("mk", "eager", "compile") for mode in ("fwd", "bwd", "fwdbwd")]
+RATIO_COLUMNS = [f"{mode}_mk_over_{base}" for mode in ("fwd", "bwd", "fwdbwd") for base in ("eager", "compile")]
+BYTE_COLUMNS = ["eager_saved_bytes", "compile_saved_bytes", "mk_saved_bytes", "saved_eager_over_mk",
+                "saved_compile_over_mk"]
+
+
+@pytest.fixture
+def bench_module(monkeypatch):
+    """Import a bench script as the CLI would run it: its folder (for _harness) on sys.path."""
+    monkeypatch.syspath_prepend(str(BENCH))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+def read_results(out: Path) -> tuple[list[dict], str, Path]:
+    (csv_path,) = out.glob("activations_cpu_*.csv")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return rows, csv_path.with_suffix(".md").read_text(), csv_path.with_suffix(".png")
+
+
+def test_activations_quick_reports_every_case(tmp_path, bench_module):
+    out = tmp_path / "results"
+    # One thread: on a busy 2-core machine a second OpenMP thread waits for a core, not for work.
+    command = [sys.executable, "bench/activations.py", "--quick", "--no-compile", "--device", "cpu",
+               "--threads", "1", "--out", str(out)]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
+    rows, markdown, png = read_results(out)
+    activations = list(bench_module("activations").CASES)
+
+    expected = {(a, d, n, b) for a in activations for d in ("fp32", "bf16") for n in QUICK_SIZES for b in ("none", "3")}
+    assert len(rows) == len(expected)
+    assert {(r["activation"], r["dtype"], int(r["numel"]), r["bits"]) for r in rows} == expected
+    for column in TIME_COLUMNS + RATIO_COLUMNS + BYTE_COLUMNS + ["input_mb", "compile_error", "device", "repeats"]:
+        assert column in rows[0], column
+    for row in rows:
+        for mode in ("fwd", "bwd", "fwdbwd"):
+            mk_ms, eager_ms = float(row[f"mk_{mode}_ms"]), float(row[f"eager_{mode}_ms"])
+            assert mk_ms > 0 and eager_ms > 0
+            assert math.isclose(float(row[f"{mode}_mk_over_eager"]), mk_ms / eager_ms, rel_tol=1e-2, abs_tol=2e-3)
+        assert row["compile_fwdbwd_ms"] == row["fwdbwd_mk_over_compile"] == row["compile_saved_bytes"] == ""
+        if row["bits"] == "3":  # a 3-bit code keeps less than any PyTorch activation does
+            assert int(row["mk_saved_bytes"]) < int(row["eager_saved_bytes"]), row
+
+    # bf16 GELU keeps x (2 bytes an element) in PyTorch; 3 bits an element packed: a 16/3 reduction.
+    for n in QUICK_SIZES:
+        (gelu3,) = [r for r in rows if (r["activation"], r["dtype"], int(r["numel"]), r["bits"]) == ("gelu", "bf16", n, "3")]
+        assert int(gelu3["eager_saved_bytes"]) == 2 * n
+        assert int(gelu3["mk_saved_bytes"]) == math.ceil(n / 8) * 3
+        assert float(gelu3["saved_eager_over_mk"]) == round(16 / 3, 3)
+        (gelu_exact,) = [r for r in rows if (r["activation"], r["dtype"], int(r["numel"]), r["bits"]) == ("gelu", "bf16", n, "none")]
+        assert int(gelu_exact["mk_saved_bytes"]) == 2 * n  # f'(x) in bf16
+        assert float(gelu_exact["saved_eager_over_mk"]) == 1.0
+
+    for header in ("- device: ", "- date: ", "- torch ", "- memkernels ", "- command: `python"):
+        assert header in markdown, header
+    assert "--quick --no-compile --device cpu --threads 1" in markdown
+    assert "cross 32 MB: none" in markdown
+    assert "retain_graph=True" in markdown  # how backward alone was timed
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 + len(rows)  # header, rule, one line a row
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_activations_compile_baseline(tmp_path, bench_module):
+    """The torch.compile baseline is timed and its kept bytes measured (one tiny case)."""
+    activations = bench_module("activations")
+    out = tmp_path / "results"
+    activations.main(["--quick", "--device", "cpu", "--activations", "gelu", "--dtypes", "fp32",
+                      "--sizes", "4096", "--bits", "3", "--threads", "1", "--out", str(out)])
+    (row,), markdown, _ = read_results(out)
+    assert row["compile_error"] == ""
+    assert float(row["compile_fwdbwd_ms"]) > 0 and row["fwdbwd_mk_over_compile"] != ""
+    assert int(row["compile_saved_bytes"]) == 4 * 4096  # inductor keeps x, fp32
+    assert float(row["saved_compile_over_mk"]) == round(4 * 4096 / (4096 // 8 * 3), 3)
+    assert "fwd+bwd mk/compile" in markdown
+
+
+def test_activations_records_a_failing_compile(tmp_path, bench_module, monkeypatch):
+    """A torch.compile that fails (no C++ compiler, say) is recorded, not fatal."""
+    activations = bench_module("activations")
+
+    def failing_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no working C++ compiler\nsecond line")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    out = tmp_path / "results"
+    activations.main(["--quick", "--device", "cpu", "--activations", "relu,swiglu", "--dtypes", "bf16",
+                      "--sizes", "64", "--threads", "1", "--out", str(out)])
+    rows, markdown, png = read_results(out)
+    assert len(rows) == 4
+    for row in rows:
+        assert row["compile_error"] == "RuntimeError: no working C++ compiler"
+        assert row["compile_fwd_ms"] == row["fwd_mk_over_compile"] == ""
+        assert float(row["mk_fwdbwd_ms"]) > 0
+    assert "torch.compile failed for relu bf16: `RuntimeError: no working C++ compiler`" in markdown
+    assert png.exists()
+
+
+def test_harness_parsing_and_files(tmp_path, bench_module):
+    h = bench_module("_harness")
+    assert h.parse_sizes("4K,1M, 4097,2g") == [4096, 2**20, 4097, 2 * 2**30]
+    with pytest.raises(ValueError, match="1.5M"):
+        h.parse_sizes("1.5M")
+    with pytest.raises(ValueError, match="fp8"):
+        h.parse_dtypes("fp32,fp8")
+    assert [h.size_label(n) for n in (4096, 2**24, 4097, 3 * 2**30)] == ["4K", "16M", "4097", "3G"]
+    assert h.ratio(1.0, 3.0) == 0.333 and h.ratio(None, 1.0) is None and h.ratio(1.0, 0) is None
+    assert h.error_summary(ValueError("first\nsecond")) == "ValueError: first"
+
+    timing = h.time_ms(lambda: torch.ones(10).sum(), torch.device("cpu"), warmup=1, repeats=7)
+    assert timing.repeats == 7 and 0 < timing.q20_ms <= timing.median_ms <= timing.q80_ms
+
+    rows = [{"name": "a", "value": 1.5}, {"name": "b", "value": None, "extra": 2}]
+    h.write_csv(rows, tmp_path / "r.csv")
+    with open(tmp_path / "r.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == [{"name": "a", "value": "1.5", "extra": ""},
+                                           {"name": "b", "value": "", "extra": "2"}]
+    table = h.markdown_table(rows, [h.Column("name", "Name"), h.Column("value", "Value", "{:.2f}")])
+    assert table.splitlines() == ["| Name | Value |", "| --- | --- |", "| a | 1.50 |", "| b | – |"]
+
+    # --append: a later run's rows replace the same cases and add new ones after the old
+    old = h.read_csv(tmp_path / "r.csv")
+    assert old == [{"name": "a", "value": 1.5, "extra": None}, {"name": "b", "value": None, "extra": 2}]
+    merged = h.merge_rows(old, [{"name": "c", "value": 3}, {"name": "a", "value": 4}], key=("name",))
+    assert [(r["name"], r["value"]) for r in merged] == [("a", 4), ("b", None), ("c", 3)]
+
+
+def test_saved_input_bytes_splits_inputs_from_new_tensors(bench_module):
+    h = bench_module("_harness")
+    a = torch.randn(100, requires_grad=True)
+    b = torch.randn(100, requires_grad=True)
+    # mul keeps both inputs; sigmoid keeps its (new) output
+    assert h.saved_input_bytes(lambda a, b: a * b, a, b) == 800
+    assert h.saved_input_bytes(lambda a, b: torch.sigmoid(a) + b, a, b) == 0
