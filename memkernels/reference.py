@@ -106,7 +106,8 @@ def activation_derivative(x: torch.Tensor, act: int, p0: float = 0.0, p1: float 
         t = torch.tanh(x)
         d = 1.0 - t * t
     elif act == Activation.HARDSWISH:
-        d = torch.where(x < -3.0, 0.0 * one, torch.where(x <= 3.0, x / 3.0 + 0.5, one))
+        # torch takes the outer pieces at x = +-3 exactly: 0 at -3, 1 at 3.
+        d = torch.where(x <= -3.0, 0.0 * one, torch.where(x < 3.0, x / 3.0 + 0.5, one))
     elif act == Activation.HARDSIGMOID:
         d = torch.where((x > -3.0) & (x < 3.0), one / 6.0, 0.0 * one)
     else:
