@@ -14,6 +14,7 @@ from memkernels.activations.spec import TWO_VALUED, Activation, check_bits
 _device_tables: dict = {}
 
 
+@torch.compiler.assume_constant_result  # torch.compile takes the tables as constants, untraced
 def device_table(act: int, bits: int, p0: float, p1: float, device: torch.device):
     """(borders, levels, value_levels) of activation `act` for `bits` on `device`, cached."""
     key = (int(act), bits, float(p0), float(p1), device)

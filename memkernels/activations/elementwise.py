@@ -76,15 +76,20 @@ class Elementwise(torch.nn.Module):
         _check_input("input", x)
         if self.bits is None:
             return _ExactFunction.apply(x, self.fn)
-        t = self.table()
-        return _CodedFunction.apply(x, self.fn, self.bits, t.borders.to(x.device),
-                                    t.levels.to(x.device))
+        borders, levels = _device_table(self.fn, self.bits, x.device)
+        return _CodedFunction.apply(x, self.fn, self.bits, borders, levels)
 
 
 @functools.lru_cache(maxsize=None)
 def _fitted_table(fn, bits: int):
     from memkernels.activations.tables import fit_table
     return fit_table(lambda t: _value_and_derivative(fn, t)[1], fn, bits)
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the table as a constant, untraced
+def _device_table(fn, bits: int, device: torch.device):
+    t = _fitted_table(fn, bits)
+    return t.borders.to(device), t.levels.to(device)
 
 
 def elementwise(fn=None, *, bits: int | None = None):
