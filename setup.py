@@ -29,7 +29,7 @@ def extension():
     debug = os.environ.get("DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
     # ATen's Vectorized picks its AVX2 implementation (with Sleef from libtorch) from this macro.
-    cxx = opt + ["-std=c++17", "-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2", "-fopenmp"]
+    cxx = opt + ["-std=c++17", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2", "-fopenmp"]
     sources = ["csrc/ops.cpp", "csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
     if want_cuda():

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine for memkernels: torch (a CPU build where there is no NVIDIA GPU, so a
+# CPU-only machine never downloads a CUDA build), triton, the build tools, then builds
+# memkernels._C against that torch and installs the package in editable mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! $PY -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    $PY -m pip install "torch>=2.11"
+  else
+    # The +cpu build comes from a local wheel directory or PyTorch's CPU wheel index (pass it
+    # with --extra-index-url through PIP_EXTRA_INDEX_URL); PyPI's plain torch is a CUDA build.
+    $PY -m pip install "torch==2.13.0+cpu"
+  fi
+fi
+# Triton runs the GPU kernels (and, with TRITON_INTERPRET=1, their tests on CPU).
+$PY -c "import triton" 2>/dev/null || $PY -m pip install "triton==3.9.0"
+$PY -m pip install ninja numpy pytest scikit-learn matplotlib
+$PY -m pip install --no-build-isolation -e .
