@@ -1,0 +1,25 @@
+// Python bindings of the CUDA C++ activation kernels, compiled by the host compiler (pybind11 and
+// torch/extension.h are slow to parse under nvcc). memkernels/ops/_cuda.py registers these
+// functions as the CUDA kernels of the ops when the CUDA C++ backend is chosen.
+#include <torch/extension.h>
+
+#include "cuda/kernels.h"
+
+namespace memkernels::cuda {
+
+void bind(pybind11::module_& m) {
+  using pybind11::arg;
+  m.def("activation_forward", &activation_forward, arg("x"), arg("activation"), arg("p0"),
+        arg("p1"), arg("bits"), arg("borders"),
+        "(f(x), saved): saved = f'(x) (bits == 0) or x's packed k-bit code. CUDA C++: GELU, "
+        "GELU_TANH, SILU.");
+  m.def("activation_backward", &activation_backward, arg("grad_out"), arg("saved"), arg("bits"),
+        arg("levels"), "grad_out * f'(x); f'(x) = saved (bits == 0) or levels[code].");
+  m.def("gated_forward", &gated_forward, arg("a"), arg("b"), arg("activation"), arg("bits"),
+        arg("borders"), "(f(a) * b, packed code of a or an empty uint8 tensor when bits == 0).");
+  m.def("gated_backward", &gated_backward, arg("grad_out"), arg("saved_a"), arg("b"),
+        arg("activation"), arg("bits"), arg("levels"), arg("value_levels"),
+        "(g * b * f'(a), g * f(a)); f', f = levels[code], value_levels[code] when bits > 0.");
+}
+
+}  // namespace memkernels::cuda

@@ -1,0 +1,40 @@
+// CUDA C++ kernels of the fused activation ops (csrc/cuda/activations.cu) and their Python
+// bindings (csrc/cuda/bind.cpp). They cover GELU, GELU-tanh and SiLU in activation_forward, every
+// activation in activation_backward (which only multiplies by f'), and every gate in the gated
+// ops; signatures and results are those of the ops in csrc/ops.cpp (memkernels/reference.py).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace pybind11 {
+class module_;
+}
+
+namespace memkernels::cuda {
+
+// (f(x), saved): saved = f'(x) (bits == 0) or the packed k-bit code of x among `borders`.
+std::tuple<at::Tensor, at::Tensor> activation_forward(const at::Tensor& x, int64_t activation,
+                                                      double p0, double p1, int64_t bits,
+                                                      const std::optional<at::Tensor>& borders);
+// grad_out * f'(x), f'(x) = saved (bits == 0) or levels[code].
+at::Tensor activation_backward(const at::Tensor& grad_out, const at::Tensor& saved, int64_t bits,
+                               const std::optional<at::Tensor>& levels);
+// (f(a) * b, code of a or an empty uint8 tensor when bits == 0).
+std::tuple<at::Tensor, at::Tensor> gated_forward(const at::Tensor& a, const at::Tensor& b,
+                                                 int64_t activation, int64_t bits,
+                                                 const std::optional<at::Tensor>& borders);
+// (g * b * f'(a), g * f(a)); saved_a is a (bits == 0) or its code, then f' and f are
+// levels[code] and value_levels[code].
+std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& grad_out,
+                                                  const at::Tensor& saved_a, const at::Tensor& b,
+                                                  int64_t activation, int64_t bits,
+                                                  const std::optional<at::Tensor>& levels,
+                                                  const std::optional<at::Tensor>& value_levels);
+
+// Adds the four functions above to the module memkernels._C (called from csrc/bindings.cpp).
+void bind(pybind11::module_& m);
+
+}  // namespace memkernels::cuda

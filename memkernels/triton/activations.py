@@ -1,0 +1,449 @@
+"""Triton kernels of every op in csrc/ops.cpp: fused activations that keep f'(x) for backward.
+
+The host functions here have the ops' signatures and return values (memkernels/ops/_cuda.py
+registers them as the CUDA kernels of torch.ops.memkernels.*); memkernels/reference.py is their
+specification:
+
+    activation_forward(x, activation, p0, p1, bits, borders) -> (y, saved)
+        y = f(x) in x's dtype; saved = f'(x) in x's dtype (bits == 0) or the packed k-bit code of
+        x among `borders`, (ceil(numel / 8) * bits,) uint8
+    activation_backward(grad_out, saved, bits, levels) -> grad_out * f'(x)  (f' = levels[code])
+    gated_forward(a, b, activation, bits, borders) -> (f(a) * b, code of a or empty uint8)
+    gated_backward(grad_out, saved_a, b, activation, bits, levels, value_levels)
+        -> (g * b * f'(a), g * f(a))
+    pack_bits(codes, bits) -> packed ; unpack_bits(packed, bits, numel) -> codes
+
+Every kernel works on [BLOCK_GROUPS, 8] tiles of the flattened tensors, one row a group of the
+packed layout, so the forward packs codes straight from registers and the backward unpacks
+them without a uint8 code tensor in between. One kernel covers every activation: the activation
+is a constexpr, so each (activation, bits) pair compiles to its own straight-line code.
+
+Math is in float32 (float64 for float64 tensors), as in the reference. Only exp, log and erf
+are used, because those are what triton.language offers on GPU and under the CPU interpreter
+alike (libdevice's tanh/expm1/log1p do not run in the interpreter): expm1, log1p and tanh are
+built from them below, accurate near 0. The kernels call no @triton.jit function of triton's
+own standard library (tl.sum, tl.zeros, tl.sigmoid): those fail under the interpreter when
+triton was imported before TRITON_INTERPRET was set, and tests reload this module then.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+
+from memkernels.activations.spec import GATES, VALID_BITS, Activation, packed_nbytes
+from memkernels.activations.spec import SELU_ALPHA as _SELU_ALPHA
+from memkernels.activations.spec import SELU_SCALE as _SELU_SCALE
+from memkernels.triton.pack import (BLOCK_GROUPS, group_offsets, pack_bits_kernel, pack_groups,
+                                    unpack_bits_kernel, unpack_groups)
+
+RELU = tl.constexpr(int(Activation.RELU))
+LEAKY_RELU = tl.constexpr(int(Activation.LEAKY_RELU))
+GELU = tl.constexpr(int(Activation.GELU))
+GELU_TANH = tl.constexpr(int(Activation.GELU_TANH))
+SILU = tl.constexpr(int(Activation.SILU))
+MISH = tl.constexpr(int(Activation.MISH))
+SOFTPLUS = tl.constexpr(int(Activation.SOFTPLUS))
+ELU = tl.constexpr(int(Activation.ELU))
+SELU = tl.constexpr(int(Activation.SELU))
+CELU = tl.constexpr(int(Activation.CELU))
+SIGMOID = tl.constexpr(int(Activation.SIGMOID))
+TANH = tl.constexpr(int(Activation.TANH))
+HARDSWISH = tl.constexpr(int(Activation.HARDSWISH))
+HARDSIGMOID = tl.constexpr(int(Activation.HARDSIGMOID))
+
+SELU_ALPHA = tl.constexpr(_SELU_ALPHA)
+SELU_SCALE = tl.constexpr(_SELU_SCALE)
+SQRT1_2 = tl.constexpr(0.70710678118654752440)
+INV_SQRT_2PI = tl.constexpr(0.39894228040143267794)
+SQRT_2_OVER_PI = tl.constexpr(0.79788456080286535588)
+GELU_TANH_CUBIC = tl.constexpr(0.044715)
+INF = tl.constexpr(float("inf"))
+
+
+@triton.jit
+def _expm1(x):
+    # Where exp(x) - 1 cancels (|x| < 0.5), Kahan's (u - 1) * x / log(u) with u = exp(x) rounded:
+    # the rounding error of u cancels between numerator and log(u).
+    u = tl.exp(x)
+    um1 = u - 1.0
+    small = tl.where(u == 1.0, x, um1 * (x / tl.log(u)))
+    return tl.where(tl.abs(x) < 0.5, small, um1)
+
+
+@triton.jit
+def _log1p(x):
+    # Kahan's log(u) * x / (u - 1) with u = 1 + x rounded, where log(1 + x) would cancel.
+    u = 1.0 + x
+    small = tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+    return tl.where(tl.abs(x) < 0.5, small, tl.log(u))
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # tanh|x| = -expm1(-2|x|) / (2 + expm1(-2|x|)): no overflow, no cancellation near 0.
+    e = _expm1(-2.0 * tl.abs(x))
+    t = -e / (2.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _softplus(x, beta, threshold):
+    bx = x * beta
+    return tl.where(bx > threshold, x, _log1p(tl.exp(bx)) / beta)
+
+
+@triton.jit
+def _finite(x, big):
+    # torch.nan_to_num(x, posinf=big, neginf=-big) without touching NaN: derivatives at +-inf
+    # are their finite limits, evaluated at +-big.
+    return tl.where(tl.abs(x) == INF, tl.where(x > 0, big, -big), x)
+
+
+@triton.jit
+def _clamp(x, lo, hi):
+    # torch.clamp: NaN stays NaN (both comparisons are false).
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+
+@triton.jit
+def _value_and_derivative(x, p0, p1, ACT: tl.constexpr):
+    """(f(x), f'(x)) of activation ACT in x's (compute) dtype; f'(NaN) = NaN, f'(+-inf) finite.
+
+    The formulas are memkernels/reference.py's, term by term; unused results are dropped by the
+    compiler. Constants multiply from the right: the interpreter keeps `constexpr * tensor` a
+    constexpr, which math functions then reject.
+    """
+    zero = tl.full(x.shape, 0, x.dtype)
+    one = zero + 1.0
+    if ACT == RELU:
+        value = tl.where(x <= 0, zero, x)  # NaN compares false: stays NaN
+        deriv = tl.where(x > 0, one, zero)
+    elif ACT == LEAKY_RELU:
+        value = tl.where(x > 0, x, x * p0)
+        deriv = tl.where(x > 0, one, one * p0)
+    elif ACT == GELU:
+        value = 0.5 * x * (1.0 + tl.math.erf(x * SQRT1_2))
+        xf = _finite(x, 40.0)
+        cdf = 0.5 * (1.0 + tl.math.erf(xf * SQRT1_2))
+        pdf = tl.exp(-0.5 * xf * xf) * INV_SQRT_2PI
+        deriv = cdf + xf * pdf
+    elif ACT == GELU_TANH:
+        value = 0.5 * x * (1.0 + _tanh((x + x * x * x * GELU_TANH_CUBIC) * SQRT_2_OVER_PI))
+        xf = _finite(x, 40.0)
+        t = _tanh((xf + xf * xf * xf * GELU_TANH_CUBIC) * SQRT_2_OVER_PI)
+        inner_slope = (1.0 + xf * xf * (3.0 * GELU_TANH_CUBIC)) * SQRT_2_OVER_PI
+        deriv = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * inner_slope
+    elif ACT == SILU:
+        value = x * _sigmoid(x)
+        xf = _finite(x, 100.0)
+        s = _sigmoid(xf)
+        deriv = s * (1.0 + xf * (1.0 - s))
+    elif ACT == MISH:
+        value = x * _tanh(_softplus(x, 1.0, 20.0))
+        xf = _finite(x, 100.0)
+        t = _tanh(_softplus(xf, 1.0, 20.0))
+        deriv = t + xf * _sigmoid(xf) * (1.0 - t * t)
+    elif ACT == SOFTPLUS:
+        value = _softplus(x, p0, p1)
+        deriv = tl.where(x * p0 > p1, one, _sigmoid(x * p0))
+    elif ACT == ELU:
+        value = tl.where(x > 0, x, p0 * _expm1(x))
+        deriv = tl.where(x > 0, one, p0 * tl.exp(x))
+    elif ACT == SELU:
+        value = tl.where(x > 0, x, _expm1(x) * SELU_ALPHA) * SELU_SCALE
+        deriv = tl.where(x > 0, one, tl.exp(x) * SELU_ALPHA) * SELU_SCALE
+    elif ACT == CELU:
+        value = tl.where(x > 0, x, p0 * _expm1(x / p0))
+        deriv = tl.where(x > 0, one, tl.exp(x / p0))
+    elif ACT == SIGMOID:
+        value = _sigmoid(x)
+        deriv = value * (1.0 - value)
+    elif ACT == TANH:
+        value = _tanh(x)
+        deriv = 1.0 - value * value
+    elif ACT == HARDSWISH:
+        value = x * _clamp(x + 3.0, 0.0, 6.0) / 6.0
+        deriv = tl.where(x <= -3.0, zero, tl.where(x < 3.0, x / 3.0 + 0.5, one))
+    else:
+        tl.static_assert(ACT == HARDSIGMOID, "unknown activation id")
+        value = _clamp(x + 3.0, 0.0, 6.0) / 6.0
+        deriv = tl.where((x > -3.0) & (x < 3.0), one / 6.0, zero)
+    return value, tl.where(x != x, x, deriv)
+
+
+@triton.jit
+def _codes(x, borders_ptr, BITS: tl.constexpr):
+    """#{j : borders[j] < x} (int32) for float32 x; NaN compares false everywhere and gets 0."""
+    code = tl.full(x.shape, 0, tl.int32)
+    if BITS <= 4:
+        # At most 15 borders: compare with each, loaded once a program as a scalar.
+        for j in tl.static_range((1 << BITS) - 1):
+            code += (tl.load(borders_ptr + j) < x).to(tl.int32)
+    else:
+        # 255 borders: binary search, BITS gathers. `code` is the count so far; probing
+        # borders[code + half - 1] decides whether the next `half` borders are all below x.
+        for step in tl.static_range(BITS):
+            probe = code + (1 << (BITS - 1 - step))
+            code = tl.where(tl.load(borders_ptr + probe - 1) < x, probe, code)
+    return code
+
+
+@triton.jit
+def _to_compute(x, FP64: tl.constexpr):
+    # tl.cast, not x.to: x may be a float kernel argument, a Python float under the interpreter.
+    if FP64:
+        return tl.cast(x, tl.float64)
+    else:
+        return tl.cast(x, tl.float32)
+
+
+@triton.jit
+def _forward_kernel(x_ptr, b_ptr, y_ptr, deriv_ptr, packed_ptr, borders_ptr, numel, num_groups,
+                    p0_hi, p0_lo, p1_hi, p1_lo, ACT: tl.constexpr, BITS: tl.constexpr,
+                    GATED: tl.constexpr, FP64: tl.constexpr, BLOCK_GROUPS: tl.constexpr):
+    """y = f(x) (GATED: f(x) * b); BITS == 0 and not GATED: deriv = f'(x); BITS > 0: packed code.
+
+    Pointers a configuration does not use are passed as x and never read.
+    """
+    groups, elements = group_offsets(tl.program_id(0), BLOCK_GROUPS)
+    mask = elements < numel
+    x_in = tl.load(x_ptr + elements, mask=mask, other=0.0)
+    x = _to_compute(x_in, FP64)
+    # A float kernel argument is float32; float64 parameters come as hi + lo float32 parts.
+    p0 = _to_compute(p0_hi, FP64) + _to_compute(p0_lo, FP64)
+    p1 = _to_compute(p1_hi, FP64) + _to_compute(p1_lo, FP64)
+    value, deriv = _value_and_derivative(x, p0, p1, ACT)
+    if GATED:
+        value = value * _to_compute(tl.load(b_ptr + elements, mask=mask, other=0.0), FP64)
+    tl.store(y_ptr + elements, value.to(y_ptr.dtype.element_ty), mask=mask)
+    if BITS == 0:
+        if not GATED:
+            tl.store(deriv_ptr + elements, deriv.to(deriv_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Codes compare x rounded to float32 with float32 borders, as reference.codes does.
+        code = tl.where(mask, _codes(x_in.to(tl.float32), borders_ptr, BITS), 0)
+        pack_groups(code, packed_ptr, groups, groups < num_groups, BITS)
+
+
+@triton.jit
+def _backward_kernel(grad_ptr, saved_ptr, b_ptr, levels_ptr, value_levels_ptr, grad_in_ptr,
+                     grad_b_ptr, numel, num_groups, ACT: tl.constexpr, BITS: tl.constexpr,
+                     GATED: tl.constexpr, FP64: tl.constexpr, BLOCK_GROUPS: tl.constexpr):
+    """grad_in = g * f'(x) (GATED: grad_in = g * b * f'(a), grad_b = g * f(a)).
+
+    BITS == 0: saved is f'(x) itself (GATED: a itself); BITS > 0: saved is the packed code and
+    f', f are levels[code], value_levels[code]. Unused pointers are passed as grad and never read.
+    """
+    groups, elements = group_offsets(tl.program_id(0), BLOCK_GROUPS)
+    mask = elements < numel
+    g = _to_compute(tl.load(grad_ptr + elements, mask=mask, other=0.0), FP64)
+    if BITS == 0:
+        saved = _to_compute(tl.load(saved_ptr + elements, mask=mask, other=0.0), FP64)
+        if GATED:
+            value, deriv = _value_and_derivative(saved, 0.0, 0.0, ACT)
+        else:
+            deriv = saved
+    else:
+        # Masked groups unpack to code 0, always a valid index into the tables.
+        code = unpack_groups(saved_ptr, groups, groups < num_groups, BITS)
+        deriv = _to_compute(tl.load(levels_ptr + code), FP64)
+        if GATED:
+            value = _to_compute(tl.load(value_levels_ptr + code), FP64)
+    if GATED:
+        b = _to_compute(tl.load(b_ptr + elements, mask=mask, other=0.0), FP64)
+        grad_in = g * b * deriv
+        tl.store(grad_in_ptr + elements, grad_in.to(grad_in_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_b_ptr + elements, (g * value).to(grad_b_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(grad_in_ptr + elements, (g * deriv).to(grad_in_ptr.dtype.element_ty), mask=mask)
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _interpreted() -> bool:
+    # Kernels decorated while TRITON_INTERPRET=1 run on CPU tensors through the interpreter.
+    return not isinstance(_forward_kernel, triton.runtime.JITFunction)
+
+
+def _check(bits, *, exact_ok=True, values=(), activation=None, gate=False, uint8=(), packed=None,
+           numel=None, tables=()):
+    """Validate an op's arguments; raise TypeError/ValueError naming the argument at fault.
+
+    values: [(name, tensor)] floating tensors that must share shape, dtype and device.
+    activation: the activation id (must be one of GATES when `gate`).
+    uint8: [(name, tensor)] uint8 tensors. packed: (name, tensor) k-bit code of `numel` elements
+    (default: as many as the first of `values`).
+    tables: [(name, tensor)] float32 1-D tables: "borders" of 2**bits - 1 values, levels of 2**bits.
+    """
+    allowed = ((0,) if exact_ok else ()) + VALID_BITS
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
+    if bits not in allowed:
+        raise ValueError(f"bits must be one of {allowed}, got {bits}")
+    if activation is not None:
+        if isinstance(activation, bool) or not isinstance(activation, numbers.Integral):
+            raise TypeError(f"activation must be an int id, got {type(activation).__name__}")
+        ids = GATES if gate else tuple(Activation)
+        if activation not in [int(a) for a in ids]:
+            raise ValueError(f"activation must be one of {[f'{a.name}={int(a)}' for a in ids]}, "
+                             f"got {activation}")
+    named = list(values) + list(uint8) + ([packed] if packed else []) + list(tables)
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    first_name, first = named[0]
+    for name, t in values:
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dtype != first.dtype or t.shape != first.shape:
+            raise ValueError(f"{name} ({t.dtype}, {tuple(t.shape)}) must match {first_name} "
+                             f"({first.dtype}, {tuple(first.shape)})")
+    for name, t in list(uint8) + ([packed] if packed else []):
+        if t.dtype != torch.uint8:
+            raise TypeError(f"{name} must be uint8, got {t.dtype}")
+    if numel is None and values:
+        numel = first.numel()
+    if packed and packed[1].numel() != packed_nbytes(numel, bits):
+        raise ValueError(f"{packed[0]} must hold ceil(numel / 8) * bits = "
+                         f"{packed_nbytes(numel, bits)} bytes for numel={numel}, bits={bits}; "
+                         f"got {packed[1].numel()}")
+    for name, t in tables:
+        length = (1 << bits) - (name == "borders")
+        if t.dtype != torch.float32 or t.dim() != 1 or t.numel() != length:
+            raise ValueError(f"{name} must be a 1-D float32 tensor of {length} values for "
+                             f"bits={bits}, got {t.dtype} of shape {tuple(t.shape)}")
+    for name, t in named:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+    if first.device.type != "cuda" and not (first.device.type == "cpu" and _interpreted()):
+        raise ValueError(f"{first_name} must be a CUDA tensor (CPU tensors run these Triton "
+                         f"kernels only under TRITON_INTERPRET=1), got {first.device}")
+
+
+def _packed_input(t):
+    """Contiguous and 8-byte aligned: kernels read a group's packed bytes as one word."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 8 == 0 else t.clone()
+
+
+def _split_float(p: float) -> tuple[float, float]:
+    # p = hi + lo with hi, lo float32: exact enough for float64 math, exactly hi for float32.
+    hi = float(torch.tensor(p, dtype=torch.float32))
+    return hi, float(torch.tensor(p - hi, dtype=torch.float32))
+
+
+def _grid(numel: int) -> tuple[int]:
+    return (triton.cdiv(triton.cdiv(numel, 8), BLOCK_GROUPS),)
+
+
+def _forward(x, b, activation, p0, p1, bits, borders, gated):
+    numel = x.numel()
+    y = torch.empty_like(x)
+    if bits == 0:
+        saved = torch.empty(0, dtype=torch.uint8, device=x.device) if gated else torch.empty_like(x)
+    else:
+        saved = torch.empty(packed_nbytes(numel, bits), dtype=torch.uint8, device=x.device)
+    if numel:
+        p0_hi, p0_lo = _split_float(p0)
+        p1_hi, p1_lo = _split_float(p1)
+        _forward_kernel[_grid(numel)](
+            x, x if b is None else b, y, saved if bits == 0 and not gated else x,
+            saved if bits else x, x if borders is None else borders.contiguous(),
+            numel, triton.cdiv(numel, 8), p0_hi, p0_lo, p1_hi, p1_lo, ACT=activation, BITS=bits,
+            GATED=gated, FP64=x.dtype == torch.float64, BLOCK_GROUPS=BLOCK_GROUPS)
+    return y, saved
+
+
+def _backward(grad_out, saved, b, activation, bits, levels, value_levels, gated):
+    numel = grad_out.numel()
+    grad_in = torch.empty_like(grad_out)
+    grad_b = torch.empty_like(grad_out) if gated else None
+    if numel:
+        _backward_kernel[_grid(numel)](
+            grad_out, saved, grad_out if b is None else b,
+            grad_out if levels is None else levels.contiguous(),
+            grad_out if value_levels is None else value_levels.contiguous(),
+            grad_in, grad_out if grad_b is None else grad_b, numel, triton.cdiv(numel, 8),
+            ACT=activation, BITS=bits, GATED=gated, FP64=grad_out.dtype == torch.float64,
+            BLOCK_GROUPS=BLOCK_GROUPS)
+    return grad_in, grad_b
+
+
+def activation_forward(x, activation, p0, p1, bits, borders):
+    """(f(x), saved): saved = f'(x) in x's dtype and shape (bits == 0) or the packed code of x,
+    (ceil(numel / 8) * bits,) uint8, code = #{borders < x} for borders (2**bits - 1,) float32."""
+    _check(bits, values=[("x", x)], activation=activation,
+           tables=[("borders", borders)] if bits else ())
+    return _forward(x.contiguous(), None, int(activation), float(p0), float(p1), bits, borders,
+                    gated=False)
+
+
+def activation_backward(grad_out, saved, bits, levels):
+    """grad_out * f'(x): f'(x) = saved (bits == 0) or levels[code] (levels (2**bits,) float32)."""
+    if bits == 0:
+        _check(bits, values=[("grad_out", grad_out), ("saved", saved)])
+    else:
+        _check(bits, values=[("grad_out", grad_out)], packed=("saved", saved),
+               tables=[("levels", levels)])
+    saved = _packed_input(saved) if bits else saved.contiguous()
+    return _backward(grad_out.contiguous(), saved, None, 0, bits, levels, None, gated=False)[0]
+
+
+def gated_forward(a, b, activation, bits, borders):
+    """(f(a) * b, code): code is a's packed code (bits > 0) or an empty uint8 tensor (bits == 0)."""
+    _check(bits, values=[("a", a), ("b", b)], activation=activation, gate=True,
+           tables=[("borders", borders)] if bits else ())
+    return _forward(a.contiguous(), b.contiguous(), int(activation), 0.0, 0.0, bits, borders,
+                    gated=True)
+
+
+def gated_backward(grad_out, saved_a, b, activation, bits, levels, value_levels):
+    """(g * b * f'(a), g * f(a)); saved_a is a itself (bits == 0) or its packed code, then
+    f'(a), f(a) are levels[code], value_levels[code] ((2**bits,) float32 each)."""
+    if bits == 0:
+        _check(bits, values=[("grad_out", grad_out), ("saved_a", saved_a), ("b", b)],
+               activation=activation, gate=True)
+    else:
+        _check(bits, values=[("grad_out", grad_out), ("b", b)], activation=activation, gate=True,
+               packed=("saved_a", saved_a),
+               tables=[("levels", levels), ("value_levels", value_levels)])
+    saved_a = _packed_input(saved_a) if bits else saved_a.contiguous()
+    return _backward(grad_out.contiguous(), saved_a, b.contiguous(), int(activation), bits,
+                     levels, value_levels, gated=True)
+
+
+def pack_bits(codes, bits):
+    """Pack uint8 codes (read flattened; values < 2**bits) into (ceil(numel / 8) * bits,) uint8.
+
+    Bits of a code at or above `bits` are dropped rather than spilled into its neighbours.
+    """
+    _check(bits, exact_ok=False, uint8=[("codes", codes)])
+    codes = codes.contiguous()
+    numel = codes.numel()
+    packed = torch.empty(packed_nbytes(numel, bits), dtype=torch.uint8, device=codes.device)
+    if numel:
+        pack_bits_kernel[_grid(numel)](codes, packed, numel, triton.cdiv(numel, 8), BITS=bits,
+                                       BLOCK_GROUPS=BLOCK_GROUPS)
+    return packed
+
+
+def unpack_bits(packed, bits, numel):
+    """The first `numel` codes of a packed k-bit code, (numel,) uint8."""
+    if isinstance(numel, bool) or not isinstance(numel, numbers.Integral) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    _check(bits, exact_ok=False, packed=("packed", packed), numel=numel)
+    codes = torch.empty(numel, dtype=torch.uint8, device=packed.device)
+    if numel:
+        unpack_bits_kernel[_grid(numel)](_packed_input(packed), codes, numel,
+                                         triton.cdiv(numel, 8), BITS=bits,
+                                         BLOCK_GROUPS=BLOCK_GROUPS)
+    return codes
