@@ -34,7 +34,7 @@ def extension():
     kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         nvcc = opt + ["-std=c++17", "--use_fast_math", "-DMEMKERNELS_WITH_CUDA"]
         return cpp_extension.CUDAExtension(
             "memkernels._C", sources,
