@@ -6,7 +6,8 @@
 #include "cpu/packing.h"
 #include "cpu/vec_math.h"
 
-namespace memkernels::cpu {
+// The AVX2 build of packing.h (the command line's), enough for these memory-bound loops.
+namespace memkernels::cpu::CPU_CAPABILITY {
 namespace {
 
 void check_pack_bits(int64_t bits) {
@@ -73,4 +74,4 @@ TORCH_LIBRARY_IMPL(memkernels, CPU, m) {
   m.impl("unpack_bits", &unpack_bits);
 }
 
-}  // namespace memkernels::cpu
+}  // namespace memkernels::cpu::CPU_CAPABILITY

@@ -15,7 +15,9 @@
 
 #include "activations.h"
 
-namespace memkernels::cpu {
+// In a namespace named by the instruction set (as ATen's Vectorized): the kernels are compiled once
+// per set (activation_kernels.h), and each copy must keep its own.
+namespace memkernels::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
@@ -144,4 +146,4 @@ const float* float_tile(const T* src, int64_t n, float* buf) {
   }
 }
 
-}  // namespace memkernels::cpu
+}  // namespace memkernels::cpu::CPU_CAPABILITY

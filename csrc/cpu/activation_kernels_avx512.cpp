@@ -1,0 +1,21 @@
+// The AVX512 kernels of activation_kernels.h. This file alone is compiled for AVX512 (the
+// instruction sets of ATen's own AVX512 kernels, on top of the command line's AVX2/FMA/F16C), with
+// ATen's AVX512 Vectorized and Sleef's AVX512 functions from libtorch; activation_kernels() runs
+// these only where ATen finds AVX512. A pragma rather than per-file flags, so that setup.py and
+// CMakeLists.txt build every source alike; GCC's pragma does not define the instruction sets'
+// macros, which ATen's and Sleef's headers test, so they are defined here to match it.
+#if !defined(__GNUC__) || defined(__clang__)
+#error "activation_kernels_avx512.cpp selects AVX512 with GCC's #pragma GCC target"
+#endif
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#ifndef __AVX512F__
+#define __AVX512F__ 1
+#define __AVX512BW__ 1
+#define __AVX512VL__ 1
+#define __AVX512DQ__ 1
+#endif
+#undef CPU_CAPABILITY
+#undef CPU_CAPABILITY_AVX2
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#include "cpu/activation_kernels_impl.h"

@@ -1,0 +1,223 @@
+// The kernels of activation_kernels.h for the instruction set CPU_CAPABILITY (AVX2 or AVX512):
+// included once by activation_kernels_avx2.cpp and once by activation_kernels_avx512.cpp.
+//
+// One pass over memory each way. Forward reads x once and writes y and what backward keeps:
+// f'(x) (bits == 0) or the packed code of x, counted and packed tile by tile with no code tensor in
+// between. Backward reads grad_out and the saved tensor once; codes are unpacked a group at a time
+// and looked up in the (at most 256-entry) level table on the stack.
+#pragma once
+#include <ATen/Dispatch.h>
+
+#include <optional>
+
+#include "activations.h"
+#include "cpu/activation_kernels.h"
+#include "cpu/packing.h"
+#include "cpu/vec_math.h"
+
+namespace memkernels::cpu::CPU_CAPABILITY {
+namespace {
+
+// ---- forward ----
+
+// y = f(x) and either d = f'(x) (d != nullptr) or the packed code of x (codes, bits, borders).
+template <Activation A, typename scalar_t>
+void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint8_t* codes, int64_t bits,
+                               const float* borders, int64_t numel, double p0_, double p1_) {
+  using T = opmath_t<scalar_t>;
+  using V = Vectorized<T>;
+  using M = VecMath<V>;
+  const V p0(static_cast<T>(p0_)), p1(static_cast<T>(p1_));
+  for_each_tile(numel, [&](int64_t begin, int64_t n) {
+    alignas(64) T x_buf[kTile], y_buf[kTile], d_buf[kTile];
+    const T* xs = read_tile(x + begin, n, x_buf);
+    T* ys = tile_output(y + begin, y_buf);
+    if (d != nullptr) {
+      T* ds = tile_output(d + begin, d_buf);
+      for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+        const V xv = load_vec(xs + i, count);
+        store_vec(activation_value_of<A, M>(xv, p0, p1), ys + i, count);
+        store_vec(activation_derivative_of<A, M>(xv, p0, p1), ds + i, count);
+      });
+      write_tile(ds, d + begin, n);
+    } else {
+      for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+        store_vec(activation_value_of<A, M>(load_vec(xs + i, count), p0, p1), ys + i, count);
+      });
+      alignas(64) float f_buf[kTile];
+      dispatch_bits(bits, [&](auto k) {
+        pack_codes<k.value>(float_tile(xs, n, f_buf), n, borders, codes + begin / 8 * k.value);
+      });
+    }
+    write_tile(ys, y + begin, n);
+  });
+}
+
+void activation_forward(Activation act, const at::Tensor& x, double p0, double p1, int64_t bits,
+                        const at::Tensor& borders, const at::Tensor& y, const at::Tensor& saved) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "activation_forward", [&] {
+    dispatch_activation(act, [&](auto a) {
+      activation_forward_kernel<a.value>(
+          x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+          bits == 0 ? saved.mutable_data_ptr<scalar_t>() : nullptr,
+          bits == 0 ? nullptr : saved.mutable_data_ptr<uint8_t>(), bits,
+          bits == 0 ? nullptr : borders.const_data_ptr<float>(), x.numel(), p0, p1);
+    });
+  });
+}
+
+// y = f(a) * b and, with codes != nullptr, the packed code of a.
+template <Activation A, typename scalar_t>
+void gated_forward_kernel(const scalar_t* a, const scalar_t* b, scalar_t* y, uint8_t* codes, int64_t bits,
+                          const float* borders, int64_t numel) {
+  using T = opmath_t<scalar_t>;
+  using V = Vectorized<T>;
+  using M = VecMath<V>;
+  const V zero(T(0));
+  for_each_tile(numel, [&](int64_t begin, int64_t n) {
+    alignas(64) T a_buf[kTile], b_buf[kTile], y_buf[kTile];
+    const T* as = read_tile(a + begin, n, a_buf);
+    const T* bs = read_tile(b + begin, n, b_buf);
+    T* ys = tile_output(y + begin, y_buf);
+    for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+      const V f = activation_value_of<A, M>(load_vec(as + i, count), zero, zero);
+      store_vec(f * load_vec(bs + i, count), ys + i, count);
+    });
+    write_tile(ys, y + begin, n);
+    if (codes != nullptr) {
+      alignas(64) float f_buf[kTile];
+      dispatch_bits(bits, [&](auto k) {
+        pack_codes<k.value>(float_tile(as, n, f_buf), n, borders, codes + begin / 8 * k.value);
+      });
+    }
+  });
+}
+
+void gated_forward(Activation act, const at::Tensor& a, const at::Tensor& b, int64_t bits, const at::Tensor& borders,
+                   const at::Tensor& y, const at::Tensor& codes) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "gated_forward", [&] {
+    dispatch_activation(act, [&](auto f) {
+      gated_forward_kernel<f.value>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                                    y.mutable_data_ptr<scalar_t>(),
+                                    bits == 0 ? nullptr : codes.mutable_data_ptr<uint8_t>(), bits,
+                                    bits == 0 ? nullptr : borders.const_data_ptr<float>(), a.numel());
+    });
+  });
+}
+
+// ---- backward ----
+
+// table[code] for the codes of one tile: unpacks its groups, then looks each code up.
+template <typename T>
+struct LevelTable {
+  alignas(64) T values[256] = {};  // zeros past 2**bits: vector lookups load 16 at once
+
+  explicit LevelTable(const at::Tensor& levels) {
+    const float* src = levels.const_data_ptr<float>();
+    for (int64_t i = 0; i < levels.numel(); ++i) {
+      values[i] = static_cast<T>(src[i]);
+    }
+  }
+  // out[i] = values[code of element begin + i] for the tile [begin, begin + n).
+  void lookup(const uint8_t* packed, int64_t bits, int64_t begin, int64_t n, T* out) const {
+    dispatch_bits(bits, [&](auto k) { lookup_codes<k.value>(packed + begin / 8 * k.value, n, values, out); });
+  }
+};
+
+// grad_in = grad_out * d, d = saved (bits == 0) or levels[code].
+template <typename scalar_t>
+void activation_backward_kernel(const scalar_t* grad_out, const scalar_t* saved, const uint8_t* codes,
+                                int64_t bits, const at::Tensor& levels, scalar_t* grad_in, int64_t numel) {
+  using T = opmath_t<scalar_t>;
+  const std::optional<LevelTable<T>> table =
+      bits == 0 ? std::nullopt : std::make_optional<LevelTable<T>>(levels);
+  for_each_tile(numel, [&](int64_t begin, int64_t n) {
+    alignas(64) T g_buf[kTile], d_buf[kTile], out_buf[kTile];
+    const T* gs = read_tile(grad_out + begin, n, g_buf);
+    const T* ds;
+    if (table) {
+      table->lookup(codes, bits, begin, n, d_buf);
+      ds = d_buf;
+    } else {
+      ds = read_tile(saved + begin, n, d_buf);
+    }
+    T* outs = tile_output(grad_in + begin, out_buf);
+    for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+      store_vec(load_vec(gs + i, count) * load_vec(ds + i, count), outs + i, count);
+    });
+    write_tile(outs, grad_in + begin, n);
+  });
+}
+
+void activation_backward(const at::Tensor& grad_out, const at::Tensor& saved, int64_t bits, const at::Tensor& levels,
+                         const at::Tensor& grad_in) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "activation_backward", [&] {
+    activation_backward_kernel<scalar_t>(
+        grad_out.const_data_ptr<scalar_t>(), bits == 0 ? saved.const_data_ptr<scalar_t>() : nullptr,
+        bits == 0 ? nullptr : saved.const_data_ptr<uint8_t>(), bits, levels, grad_in.mutable_data_ptr<scalar_t>(),
+        grad_out.numel());
+  });
+}
+
+// grad_a = g * b * f'(a), grad_b = g * f(a): from a itself (bits == 0) or from levels[code] and
+// value_levels[code].
+template <Activation A, typename scalar_t>
+void gated_backward_kernel(const scalar_t* grad_out, const scalar_t* a, const uint8_t* codes, const scalar_t* b,
+                           int64_t bits, const at::Tensor& levels, const at::Tensor& value_levels,
+                           scalar_t* grad_a, scalar_t* grad_b, int64_t numel) {
+  using T = opmath_t<scalar_t>;
+  using V = Vectorized<T>;
+  using M = VecMath<V>;
+  const bool exact = bits == 0;
+  const std::optional<LevelTable<T>> d_table = exact ? std::nullopt : std::make_optional<LevelTable<T>>(levels);
+  const std::optional<LevelTable<T>> v_table =
+      exact ? std::nullopt : std::make_optional<LevelTable<T>>(value_levels);
+  const V zero(T(0));
+  for_each_tile(numel, [&](int64_t begin, int64_t n) {
+    alignas(64) T g_buf[kTile], b_buf[kTile], ga_buf[kTile], gb_buf[kTile];
+    alignas(64) T a_buf[kTile], d_buf[kTile], v_buf[kTile];
+    const T* gs = read_tile(grad_out + begin, n, g_buf);
+    const T* bs = read_tile(b + begin, n, b_buf);
+    T* gas = tile_output(grad_a + begin, ga_buf);
+    T* gbs = tile_output(grad_b + begin, gb_buf);
+    if (exact) {
+      const T* as = read_tile(a + begin, n, a_buf);
+      for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+        const V av = load_vec(as + i, count), g = load_vec(gs + i, count);
+        const V d = activation_derivative_of<A, M>(av, zero, zero);
+        store_vec(g * load_vec(bs + i, count) * d, gas + i, count);
+        store_vec(g * activation_value_of<A, M>(av, zero, zero), gbs + i, count);
+      });
+    } else {
+      d_table->lookup(codes, bits, begin, n, d_buf);
+      v_table->lookup(codes, bits, begin, n, v_buf);
+      for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+        const V g = load_vec(gs + i, count);
+        store_vec(g * load_vec(bs + i, count) * load_vec(d_buf + i, count), gas + i, count);
+        store_vec(g * load_vec(v_buf + i, count), gbs + i, count);
+      });
+    }
+    write_tile(gas, grad_a + begin, n);
+    write_tile(gbs, grad_b + begin, n);
+  });
+}
+
+void gated_backward(Activation act, const at::Tensor& grad_out, const at::Tensor& saved_a, const at::Tensor& b,
+                    int64_t bits, const at::Tensor& levels, const at::Tensor& value_levels, const at::Tensor& grad_a,
+                    const at::Tensor& grad_b) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "gated_backward", [&] {
+    dispatch_activation(act, [&](auto f) {
+      gated_backward_kernel<f.value>(
+          grad_out.const_data_ptr<scalar_t>(), bits == 0 ? saved_a.const_data_ptr<scalar_t>() : nullptr,
+          bits == 0 ? nullptr : saved_a.const_data_ptr<uint8_t>(), b.const_data_ptr<scalar_t>(), bits, levels,
+          value_levels, grad_a.mutable_data_ptr<scalar_t>(), grad_b.mutable_data_ptr<scalar_t>(), grad_out.numel());
+    });
+  });
+}
+
+}  // namespace
+
+extern const ActivationKernels kActivationKernels{activation_forward, activation_backward, gated_forward,
+                                                  gated_backward};
+
+}  // namespace memkernels::cpu::CPU_CAPABILITY
