@@ -26,7 +26,7 @@ void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint
                                const float* borders, int64_t numel, double p0_, double p1_) {
   using T = opmath_t<scalar_t>;
   using V = Vectorized<T>;
-  using M = VecMath<V>;
+  using M = MathFor<scalar_t>;
   const V p0(static_cast<T>(p0_)), p1(static_cast<T>(p1_));
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
     alignas(64) T x_buf[kTile], y_buf[kTile], d_buf[kTile];
@@ -72,7 +72,7 @@ void gated_forward_kernel(const scalar_t* a, const scalar_t* b, scalar_t* y, uin
                           const float* borders, int64_t numel) {
   using T = opmath_t<scalar_t>;
   using V = Vectorized<T>;
-  using M = VecMath<V>;
+  using M = MathFor<scalar_t>;
   const V zero(T(0));
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
     alignas(64) T a_buf[kTile], b_buf[kTile], y_buf[kTile];
@@ -167,7 +167,7 @@ void gated_backward_kernel(const scalar_t* grad_out, const scalar_t* a, const ui
                            scalar_t* grad_a, scalar_t* grad_b, int64_t numel) {
   using T = opmath_t<scalar_t>;
   using V = Vectorized<T>;
-  using M = VecMath<V>;
+  using M = MathFor<scalar_t>;
   const bool exact = bits == 0;
   const std::optional<LevelTable<T>> d_table = exact ? std::nullopt : std::make_optional<LevelTable<T>>(levels);
   const std::optional<LevelTable<T>> v_table =
