@@ -7,6 +7,7 @@ command, then a table) and ``.png`` under bench/results/. Scripts run from a che
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import math
@@ -175,6 +176,20 @@ def device_tag(device: torch.device) -> str:
     return f"{device.type}_{slug[:40].rstrip('-')}"
 
 
+@contextlib.contextmanager
+def environment_variable(name: str, value: str):
+    """Set `name` to `value` inside the block; afterwards it is as before (unset if it was)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 def memkernels_build_line() -> str:
     """Which memkernels kernels ran: the compiled extension, or the slow reference fallback."""
     import memkernels.ops
@@ -190,20 +205,27 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     return shlex.join([Path(sys.executable).name, *(sys.argv if argv is None else argv)])
 
 
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def now_iso() -> str:
+    """The local date and time, e.g. ``2025-01-31T14:02:11+01:00``."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
 def environment_lines(device: torch.device, commands: Sequence[str]) -> list[str]:
     """Header lines of a result: device, date, versions, which kernels ran, the command(s) that
     wrote its rows."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
     threads = f", torch threads: {torch.get_num_threads()}" if device.type == "cpu" else ""
     return [
         f"device: {device_name(device)} ({device.type}{threads})",
-        f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"torch {torch.__version__}, triton {triton_version}, python {platform.python_version()}",
+        f"date: {now_iso()}",
+        f"torch {torch.__version__}, triton {triton_version()}, python {platform.python_version()}",
         memkernels_build_line(),
         *(f"command: `{command}`" for command in commands),
     ]

@@ -7,19 +7,29 @@ each keeps for backward. Ratios are mk / baseline for time (below 1: mk is faste
 baseline / mk for bytes (above 1: mk keeps less). On CUDA it also reports each mk kernel's achieved
 bandwidth as a share of the measured copy bandwidth.
 
+On CUDA, the activations that both CUDA backends of memkernels cover (gelu, gelu_tanh, silu,
+swiglu, geglu) are timed once per backend, Triton and CUDA C++ (the latter where memkernels._C was
+built with CUDA), with MEMKERNELS_BACKEND set for each; the `backend` column names it ("cpu" on
+CPU). ``--pick-backends`` then picks each op's default backend from those rows and writes it to
+memkernels/ops/cuda_backends.json, which memkernels.ops._cuda reads at import (see pick_backends).
+
     python bench/activations.py                         # all activations, default sizes
     python bench/activations.py --dtypes bf16 --activations gelu,swiglu --bits none,1,3
     python bench/activations.py --dtypes fp32 --append  # split a long run; rows merge into one result
     python bench/activations.py --quick --no-compile    # smoke test
     python bench/activations.py --device cpu --threads 1  # a busy CPU: no thread waits for a core
+    python bench/activations.py --pick-backends         # on a GPU: measure, then record the defaults
 
 Writes bench/results/activations_<device tag>.{csv,md,png} (--out changes the folder).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
+import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,6 +45,20 @@ import memkernels.profile as mkp
 # Bandwidth is reported where one input tensor is at least this large: smaller tensors sit in
 # the L2 cache across repeats (50 MB on an H100) and launch overhead weighs in.
 BANDWIDTH_MIN_BYTES = 64 * 2**20
+
+# The activations whose ops both CUDA backends run (memkernels.ops._cuda: CUDA C++ covers GELU,
+# GELU_TANH and SILU forward, every gate, every backward), so their rows compare the two.
+BACKEND_CASES = ("gelu", "gelu_tanh", "silu", "swiglu", "geglu")
+# --pick-backends: op -> (the activations whose rows decide it, the time column that does).
+PICK_RULES = {
+    "activation_forward": (("gelu", "gelu_tanh", "silu"), "mk_fwd_ms"),
+    "activation_backward": (("gelu", "gelu_tanh", "silu"), "mk_bwd_ms"),
+    "gated_forward": (("swiglu", "geglu"), "mk_fwd_ms"),
+    "gated_backward": (("swiglu", "geglu"), "mk_bwd_ms"),
+}
+# Only sizes this large decide: there the kernels' memory traffic, not the launch, takes the time.
+PICK_MIN_NUMEL = 16 * 2**20
+CASE_KEY = ("activation", "dtype", "numel", "bits", "backend")  # what tells rows apart (--append)
 
 
 # The PyTorch baselines, one function each: torch.compile caches its graphs per code object, so a
@@ -133,8 +157,26 @@ def bytes_moved(fn, inputs, saved_bytes: int) -> tuple[int, int]:
     return forward, backward
 
 
-def run_case(case, dtype_name, numel, bits_list, compiled, device, warmup, repeats, copy_gbps):
-    """Rows (one per bits) for one activation, dtype and size; the baselines are measured once."""
+def backends_to_time(case_name: str, device_type: str, with_cuda: bool) -> tuple[str, ...]:
+    """The `backend` values of a case's rows: "cpu" on CPU; on CUDA "triton", and "cuda" too where
+    the CUDA C++ kernels cover the case and were built (`with_cuda`)."""
+    if device_type == "cpu":
+        return ("cpu",)
+    if case_name in BACKEND_CASES and with_cuda:
+        return ("triton", "cuda")
+    return ("triton",)
+
+
+def backend_selected(backend: str):
+    """A block in which every op runs `backend`: MEMKERNELS_BACKEND set to it on CUDA."""
+    if backend == "cpu":
+        return contextlib.nullcontext()
+    return h.environment_variable("MEMKERNELS_BACKEND", backend)
+
+
+def run_case(case, dtype_name, numel, bits_list, backends, compiled, device, warmup, repeats, copy_gbps):
+    """Rows (one per bits and backend) for one activation, dtype and size; the baselines are
+    measured once."""
     dtype = h.DTYPES[dtype_name]
     inputs = make_inputs(case, numel, dtype, device)
     eager = measure(case.baseline, inputs, device, warmup, repeats)
@@ -146,15 +188,19 @@ def run_case(case, dtype_name, numel, bits_list, compiled, device, warmup, repea
             compile_error = h.error_summary(error)
     input_bytes = numel * inputs[0].element_size()
     rows = []
-    for bits in bits_list:
+    for bits, backend in itertools.product(bits_list, backends):
         fn = case.mk_fn(bits)
-        mk = measure(fn, inputs, device, warmup, repeats)
+        with backend_selected(backend):
+            mk = measure(fn, inputs, device, warmup, repeats)
+            if copy_gbps is not None and input_bytes >= BANDWIDTH_MIN_BYTES:
+                fwd_bytes, bwd_bytes = bytes_moved(fn, inputs, mk["saved_bytes"])
         row = {
             "activation": case.name,
             "dtype": dtype_name,
             "numel": numel,
             "input_mb": round(input_bytes / 2**20, 3),
             "bits": bits_label(bits),
+            "backend": backend,
         }
         for mode in (*MODES, "fwdbwd_q20", "fwdbwd_q80"):  # the quantiles show how noisy a median is
             row[f"mk_{mode}_ms"] = mk[mode]
@@ -169,7 +215,6 @@ def run_case(case, dtype_name, numel, bits_list, compiled, device, warmup, repea
         row["saved_eager_over_mk"] = h.ratio(eager["saved_bytes"], mk["saved_bytes"])
         row["saved_compile_over_mk"] = h.ratio(row["compile_saved_bytes"], mk["saved_bytes"])
         if copy_gbps is not None and input_bytes >= BANDWIDTH_MIN_BYTES:
-            fwd_bytes, bwd_bytes = bytes_moved(fn, inputs, mk["saved_bytes"])
             fwd_gbps = fwd_bytes / (mk["fwd"] * 1e-3) / 1e9
             bwd_gbps = bwd_bytes / (mk["bwd"] * 1e-3) / 1e9
             row["mk_fwd_gbps"] = round(fwd_gbps, 1)
@@ -182,18 +227,32 @@ def run_case(case, dtype_name, numel, bits_list, compiled, device, warmup, repea
     return rows
 
 
+def cuda_cpp_kernels_built() -> bool:
+    """Whether memkernels._C is built, with its CUDA C++ kernels."""
+    import memkernels.ops
+
+    return memkernels.ops.extension_loaded() and memkernels.ops._C.with_cuda
+
+
+def parse_activations(text: str) -> list[str]:
+    """``"all"`` or a comma list of CASES names -> the names."""
+    names = list(CASES) if text == "all" else [n.strip() for n in text.split(",")]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown activation(s) {unknown}; known: {', '.join(CASES)}")
+    return names
+
+
 def run(args) -> list[dict]:
-    """Measure every (dtype, activation, size, bits) the arguments ask for; one row each."""
+    """Measure every (dtype, activation, size, bits, backend) the arguments ask for; one row each."""
     device = torch.device(args.device)
     dtype_names = h.parse_dtypes(args.dtypes)
     sizes = h.resolve_sizes(args)
     warmup, repeats = h.resolve_repeats(args)
     h.apply_threads(args)
-    names = list(CASES) if args.activations == "all" else [n.strip() for n in args.activations.split(",")]
-    unknown = [n for n in names if n not in CASES]
-    if unknown:
-        raise SystemExit(f"unknown activation(s) {unknown}; known: {', '.join(CASES)}")
+    names = parse_activations(args.activations)
     bits_list = parse_bits(args.bits)
+    with_cuda = device.type == "cuda" and cuda_cpp_kernels_built()
     copy_gbps = h.copy_bandwidth_gbps(device) if device.type == "cuda" else None
     # dynamic=False compiles one graph per size; the cache is reset per (activation, dtype).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(sizes))
@@ -209,12 +268,77 @@ def run(args) -> list[dict]:
             if not args.no_compile:
                 torch._dynamo.reset()
                 compiled = torch.compile(case.baseline, dynamic=False)
+            backends = backends_to_time(name, device.type, with_cuda)
             for numel in sizes:
-                for row in run_case(case, dtype_name, numel, bits_list, compiled, device, warmup, repeats, copy_gbps):
+                for row in run_case(case, dtype_name, numel, bits_list, backends, compiled, device, warmup,
+                                    repeats, copy_gbps):
                     row.update(run_info)
                     print(format_progress(row), flush=True)
                     rows.append(row)
     return rows
+
+
+# ------------------------------------------------------------------------------ --pick-backends
+
+
+def pick_backends(rows: list[dict]) -> tuple[dict[str, str], dict[str, dict]]:
+    """Per op of PICK_RULES, the CUDA backend with the smaller total time: (defaults, evidence).
+
+    An op's total sums its time column over its activations' rows of PICK_MIN_NUMEL elements or
+    more, counting only the cases (activation, dtype, size, bits) measured under both backends, so
+    both totals are over the same work. A tie goes to Triton (it covers every op). An op with no
+    such case is left out of both dicts. evidence[op] = {"triton_ms", "cuda_ms", "cases"}.
+    """
+    defaults, evidence = {}, {}
+    for op, (activations, time_column) in PICK_RULES.items():
+        times: dict[tuple, dict[str, float]] = {}
+        for row in rows:
+            if (row["activation"] in activations and row["numel"] >= PICK_MIN_NUMEL
+                    and row.get("backend") in ("triton", "cuda") and row.get(time_column) is not None):
+                case = tuple(row[k] for k in CASE_KEY if k != "backend")
+                times.setdefault(case, {})[row["backend"]] = row[time_column]
+        paired = [t for t in times.values() if len(t) == 2]
+        if not paired:
+            continue
+        totals = {backend: round(sum(t[backend] for t in paired), 5) for backend in ("triton", "cuda")}
+        defaults[op] = "cuda" if totals["cuda"] < totals["triton"] else "triton"
+        evidence[op] = {"triton_ms": totals["triton"], "cuda_ms": totals["cuda"], "cases": len(paired)}
+    return defaults, evidence
+
+
+def check_can_pick(args) -> None:
+    """Stop before measuring when --pick-backends could not pick every op from this run."""
+    if args.device != "cuda":
+        raise SystemExit("--pick-backends picks between the CUDA backends (Triton, CUDA C++): run it with "
+                         "--device cuda on a GPU")
+    if not cuda_cpp_kernels_built():
+        raise SystemExit("--pick-backends: memkernels._C is not built with its CUDA C++ kernels, so there is "
+                         "nothing to compare Triton with; build it with a CUDA torch and nvcc on PATH")
+    if not any(n >= PICK_MIN_NUMEL for n in h.resolve_sizes(args)):
+        raise SystemExit(f"--pick-backends decides from sizes of {h.size_label(PICK_MIN_NUMEL)} elements or "
+                         "more; --sizes (or --quick) has none")
+    names = parse_activations(args.activations)
+    undecidable = [op for op, (activations, _) in PICK_RULES.items() if not set(activations) & set(names)]
+    if undecidable and not args.append:
+        raise SystemExit(f"--pick-backends: no activation measured decides {undecidable}; --activations must "
+                         f"include one of each of {[list(a) for a, _ in PICK_RULES.values()]}")
+
+
+def write_backend_choice(path: Path, defaults: dict[str, str], evidence: dict[str, dict], *,
+                         command: str, device: str) -> None:
+    """The record memkernels.ops._cuda reads its DEFAULT_BACKEND from (JSON, see _cuda.py)."""
+    record = {
+        "picked_by": command,
+        "device": device,
+        "date": h.now_iso(),
+        "torch": torch.__version__,
+        "triton": h.triton_version(),
+        "rule": f"per op, the backend with the smaller summed median time over cases of "
+                f"{h.size_label(PICK_MIN_NUMEL)} elements or more measured under both; ties to triton",
+        "defaults": defaults,
+        "evidence": evidence,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def format_progress(row: dict) -> str:
@@ -222,6 +346,7 @@ def format_progress(row: dict) -> str:
         return "–" if value is None else f"{value:.2f}"
 
     return (f"{row['activation']:>11} {row['dtype']:>4} {h.size_label(row['numel']):>5} bits={row['bits']:<4} "
+            f"{row['backend']:>6} "
             f"fwd+bwd mk/eager {show(row['fwdbwd_mk_over_eager'])} mk/compile {show(row['fwdbwd_mk_over_compile'])}  "
             f"kept bytes eager/mk {show(row['saved_eager_over_mk'])}")
 
@@ -233,6 +358,7 @@ def markdown_columns(with_bandwidth: bool) -> list[h.Column]:
         h.Column("numel", "elements", "{:,}"),
         h.Column("input_mb", "MB/tensor", "{:g}"),
         h.Column("bits", "bits"),
+        h.Column("backend", "backend"),
         h.Column("mk_fwdbwd_ms", "mk fwd+bwd ms", "{:.3f}"),
         h.Column("fwd_mk_over_eager", "fwd mk/eager", "{:.2f}"),
         h.Column("bwd_mk_over_eager", "bwd mk/eager", "{:.2f}"),
@@ -274,6 +400,12 @@ def notes(rows: list[dict], device: torch.device) -> list[str]:
             "elementwise kernels there. Sizes whose tensors (input, output, gradient) cross 32 MB: "
             + (", ".join(crossing) if crossing else "none") + "; all other sizes stay below it."
         )
+    if device.type == "cuda":
+        lines.append(
+            f"backend: which CUDA kernels ran the row's ops, MEMKERNELS_BACKEND set to it while it was measured. "
+            f"{', '.join(BACKEND_CASES)} are timed under each backend built (triton; cuda = CUDA C++ where "
+            "memkernels._C has it); the other activations run Triton only."
+        )
     copy_gbps = [r["copy_bw_gbps"] for r in rows if r.get("copy_bw_gbps")]
     if copy_gbps:
         lines.append(
@@ -307,7 +439,8 @@ def write_results(rows: list[dict], device: torch.device, out: Path) -> Path:
                                       lambda r, d=dtype_name: r["dtype"] == d, y))
     h.plot_lines(
         rows, base.with_suffix(".png"), x="numel", panels=panels,
-        line=lambda r: f"{r['activation']} bits={r['bits']}", color=lambda r: r["activation"],
+        line=lambda r: f"{r['activation']} bits={r['bits']}" + ("" if r["backend"] == "cpu" else f" {r['backend']}"),
+        color=lambda r: r["activation"],
         dashed=lambda r: r["bits"] != "none",
         title=f"memkernels activations on {h.device_name(device)}: time ratio, below 1 = mk faster "
               "(solid: exact f', dashed: k-bit code)",
@@ -324,15 +457,45 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bits", default="none,3", help="comma list of none (exact f'(x)) and 1,2,3,4,8 "
                         "(default none,3)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--pick-backends", action="store_true",
+                        help="CUDA only: after measuring, pick each op's default backend (triton or cuda) from "
+                             f"the rows of {h.size_label(PICK_MIN_NUMEL)} elements or more (with --append, the "
+                             "merged rows) and write memkernels/ops/cuda_backends.json")
     args = parser.parse_args(argv)
     args.command = h.command_line(None if argv is None else ["bench/activations.py", *argv])
     device = torch.device(args.device)
+    if args.pick_backends:
+        check_can_pick(args)
     rows = run(args)
     csv_path = (args.out / f"activations_{h.device_tag(device)}").with_suffix(".csv")
     if args.append and csv_path.exists():
-        rows = h.merge_rows(h.read_csv(csv_path), rows, key=("activation", "dtype", "numel", "bits"))
+        old_rows = h.read_csv(csv_path)
+        # Rows written before the backend column: on CPU there was none to name; on CUDA it is
+        # unknown, so they stay as rows of their own (and --pick-backends passes them over).
+        for row in old_rows:
+            row.setdefault("backend", "cpu" if device.type == "cpu" else None)
+        rows = h.merge_rows(old_rows, rows, key=CASE_KEY)
     base = write_results(rows, device, args.out)
     print(f"wrote {base}.csv, .md, .png")
+    if args.pick_backends:
+        record_backend_choice(rows, args.command, device)
+
+
+def record_backend_choice(rows: list[dict], command: str, device: torch.device) -> None:
+    """pick_backends(rows), written where memkernels.ops._cuda reads it, and read back from there."""
+    from memkernels.ops import _cuda
+
+    defaults, evidence = pick_backends(rows)
+    undecided = [op for op in PICK_RULES if op not in defaults]
+    if undecided:
+        raise SystemExit(f"--pick-backends: no case of {h.size_label(PICK_MIN_NUMEL)} elements or more was "
+                         f"measured under both backends for {undecided}; {_cuda.BACKENDS_FILE} left as it was")
+    write_backend_choice(_cuda.BACKENDS_FILE, defaults, evidence, command=command, device=h.device_name(device))
+    _cuda.read_default_backends()  # raises, naming the file, if what was written would not load
+    for op, backend in defaults.items():
+        print(f"{op:>20}: {backend:<6} (total ms triton {evidence[op]['triton_ms']:.3f}, "
+              f"cuda {evidence[op]['cuda_ms']:.3f}, {evidence[op]['cases']} cases)")
+    print(f"wrote {_cuda.BACKENDS_FILE}")
 
 
 if __name__ == "__main__":

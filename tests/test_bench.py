@@ -60,6 +60,7 @@ def test_activations_quick_reports_every_case(tmp_path, bench_module):
     assert {(r["activation"], r["dtype"], int(r["numel"]), r["bits"]) for r in rows} == expected
     for column in TIME_COLUMNS + RATIO_COLUMNS + BYTE_COLUMNS + ["input_mb", "compile_error", "device", "repeats"]:
         assert column in rows[0], column
+    assert {r["backend"] for r in rows} == {"cpu"}  # one row a case: the CUDA backends are not timed on CPU
     for row in rows:
         for mode in ("fwd", "bwd", "fwdbwd"):
             mk_ms, eager_ms = float(row[f"mk_{mode}_ms"]), float(row[f"eager_{mode}_ms"])
@@ -84,6 +85,7 @@ def test_activations_quick_reports_every_case(tmp_path, bench_module):
     assert "--quick --no-compile --device cpu --threads 1" in markdown
     assert "cross 32 MB: none" in markdown
     assert "retain_graph=True" in markdown  # how backward alone was timed
+    assert "| bits | backend |" in markdown
     table = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert len(table) == 2 + len(rows)  # header, rule, one line a row
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -124,6 +126,22 @@ def test_activations_records_a_failing_compile(tmp_path, bench_module, monkeypat
         assert float(row["mk_fwdbwd_ms"]) > 0
     assert "torch.compile failed for relu bf16: `RuntimeError: no working C++ compiler`" in markdown
     assert png.exists()
+
+
+def test_activations_append_fills_in_the_backend_of_older_rows(tmp_path, bench_module):
+    """--append into a result written before the backend column: the old rows are the same cases."""
+    activations = bench_module("activations")
+    out = tmp_path / "results"
+    args = ["--quick", "--no-compile", "--device", "cpu", "--activations", "relu", "--dtypes", "fp32",
+            "--bits", "none", "--threads", "1", "--out", str(out)]
+    activations.main([*args, "--sizes", "64,128"])
+    (csv_path,) = out.glob("activations_cpu_*.csv")
+    old = activations.h.read_csv(csv_path)
+    activations.h.write_csv([{k: v for k, v in r.items() if k != "backend"} for r in old], csv_path)
+
+    activations.main([*args, "--sizes", "128,256", "--append"])
+    rows, _, _ = read_results(out)
+    assert [(int(r["numel"]), r["backend"]) for r in rows] == [(64, "cpu"), (128, "cpu"), (256, "cpu")]
 
 
 def test_harness_parsing_and_files(tmp_path, bench_module):

@@ -1,31 +1,71 @@
 """The CUDA kernels of the ops: Triton (memkernels/triton) or CUDA C++ (memkernels._C).
 
 ``MEMKERNELS_BACKEND=triton|cuda`` forces one for every op that has it. Unset, each op takes
-``DEFAULT_BACKEND[op]``, the backend bench/activations.py measured faster on a GPU; ops the CUDA C++
-kernels do not cover (other activations, pack_bits) always run Triton.
+``DEFAULT_BACKEND[op]``: what ``cuda_backends.json`` beside this module says, or "triton" for
+every op when there is no such file. That file is written only by
+``python bench/activations.py --pick-backends`` on a GPU: per op, the backend with the smaller total
+time over the measured sizes of 16M elements and more, with the device, versions, command and the
+totals it was picked from. A file that is not such a record fails the import, naming the file.
+A build without the CUDA C++ kernels (``memkernels._C.with_cuda`` false) runs Triton where the
+file says "cuda". Ops the CUDA C++ kernels do not cover (other activations, pack_bits) always run
+Triton.
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
+from memkernels import _C
 from memkernels.activations.spec import GATES
 
 BACKENDS = ("triton", "cuda")
-
-# Until bench/activations.py has run on a GPU, Triton is the default: it covers every op.
-DEFAULT_BACKEND = {
-    "activation_forward": "triton",
-    "activation_backward": "triton",
-    "gated_forward": "triton",
-    "gated_backward": "triton",
-}
+# The ops that have both backends; each takes its default from BACKENDS_FILE.
+CHOSEN_OPS = ("activation_forward", "activation_backward", "gated_forward", "gated_backward")
+BACKENDS_FILE = Path(__file__).with_name("cuda_backends.json")
 
 # The CUDA C++ kernels cover these activations (activation_* ops) and every gate (gated_* ops).
 CUDA_CPP_ACTIVATIONS = frozenset(int(a) for a in GATES)
 OPS = ("activation_forward", "activation_backward", "gated_forward", "gated_backward",
        "pack_bits", "unpack_bits")
+
+
+def read_default_backends() -> dict[str, str]:
+    """{op: backend} for every op of CHOSEN_OPS: BACKENDS_FILE's "defaults", "triton" where it has
+    none (Triton covers every op; no file means no GPU measurement was made)."""
+    defaults = dict.fromkeys(CHOSEN_OPS, "triton")
+    if not BACKENDS_FILE.exists():
+        return defaults
+
+    def malformed(why: str) -> RuntimeError:
+        return RuntimeError(f"{BACKENDS_FILE}: {why}. It should be what `python bench/activations.py "
+                            "--pick-backends` writes on a GPU; delete it to run Triton by default")
+
+    try:
+        record = json.loads(BACKENDS_FILE.read_text())
+    except json.JSONDecodeError as error:
+        raise malformed(f"not valid JSON ({error})") from error
+    chosen = record.get("defaults") if isinstance(record, dict) else None
+    if not isinstance(chosen, dict):
+        raise malformed('no "defaults" object of {op: backend}')
+    unknown_ops = sorted(set(chosen) - set(CHOSEN_OPS))
+    if unknown_ops:
+        raise malformed(f"unknown op(s) {unknown_ops} in \"defaults\"; known: {list(CHOSEN_OPS)}")
+    unknown_backends = {op: b for op, b in chosen.items() if b not in BACKENDS}
+    if unknown_backends:
+        raise malformed(f"unknown backend(s) {unknown_backends} in \"defaults\"; known: {list(BACKENDS)}")
+    defaults.update(chosen)
+    return defaults
+
+
+def runnable_defaults(defaults: dict[str, str], with_cuda: bool) -> dict[str, str]:
+    """`defaults` with "cuda" replaced by "triton" when the build has no CUDA C++ kernels."""
+    return defaults if with_cuda else dict.fromkeys(defaults, "triton")
+
+
+DEFAULT_BACKEND = runnable_defaults(read_default_backends(), _C.with_cuda)
 
 
 def backend_for(op: str) -> str:
@@ -36,11 +76,9 @@ def backend_for(op: str) -> str:
     if op not in DEFAULT_BACKEND:
         return "triton"
     backend = forced or DEFAULT_BACKEND[op]
-    if backend == "cuda":
-        from memkernels import _C
-        if not _C.with_cuda:
-            raise RuntimeError("MEMKERNELS_BACKEND=cuda, but memkernels._C was built without CUDA "
-                               "kernels; rebuild with a CUDA build of torch and nvcc on PATH")
+    if backend == "cuda" and not _C.with_cuda:
+        raise RuntimeError("MEMKERNELS_BACKEND=cuda, but memkernels._C was built without CUDA "
+                           "kernels; rebuild with a CUDA build of torch and nvcc on PATH")
     return backend
 
 
@@ -55,7 +93,6 @@ def _covered_by_cuda_cpp(op: str, args) -> bool:
 def _kernel(op: str):
     def run(*args):
         if backend_for(op) == "cuda" and _covered_by_cuda_cpp(op, args):
-            from memkernels import _C
             return getattr(_C, op)(*args)
         from memkernels.triton import activations as triton_kernels
         return getattr(triton_kernels, op)(*args)

@@ -1,0 +1,161 @@
+"""How the CUDA ops get their default backend: bench/activations.py --pick-backends picks it from
+measured rows and writes memkernels/ops/cuda_backends.json; memkernels.ops._cuda reads that file.
+
+No GPU needed: the picking runs on synthetic rows, the file on a temporary path.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import memkernels as mk
+
+pytestmark = pytest.mark.skipif(not mk.ops.extension_loaded(), reason="memkernels._C not built")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+M = 2**20
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """bench/activations.py, imported as the CLI runs it (its folder on sys.path for _harness)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_activations", BENCH / "activations.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def cuda_module():
+    from memkernels.ops import _cuda
+    return _cuda
+
+
+def row(activation, backend, fwd, bwd, numel=16 * M, dtype="bf16", bits="none"):
+    return {"activation": activation, "dtype": dtype, "numel": numel, "bits": bits, "backend": backend,
+            "mk_fwd_ms": fwd, "mk_bwd_ms": bwd}
+
+
+def test_pick_rules_cover_the_ops_that_have_two_backends(bench, cuda_module):
+    assert set(bench.PICK_RULES) == set(cuda_module.CHOSEN_OPS) == set(cuda_module.DEFAULT_BACKEND)
+    decided_by = {a for activations, _ in bench.PICK_RULES.values() for a in activations}
+    assert decided_by == set(bench.BACKEND_CASES)
+
+
+def test_pick_backends_sums_each_ops_rows_and_picks_the_smaller_total(bench):
+    rows = [
+        # activation ops: gelu favours cuda forward, silu favours triton by more; totals decide
+        row("gelu", "triton", fwd=2.0, bwd=3.0), row("gelu", "cuda", fwd=1.0, bwd=3.5),
+        row("silu", "triton", fwd=1.0, bwd=3.0, numel=64 * M), row("silu", "cuda", fwd=2.5, bwd=2.0, numel=64 * M),
+        # gated ops: cuda faster forward over two dtypes, backward an exact tie
+        row("swiglu", "triton", fwd=4.0, bwd=6.0), row("swiglu", "cuda", fwd=3.0, bwd=5.0),
+        row("geglu", "triton", fwd=4.0, bwd=6.0, dtype="fp32"), row("geglu", "cuda", fwd=4.5, bwd=7.0, dtype="fp32"),
+        # ignored: too small, other activations, CPU rows
+        row("gelu", "triton", fwd=100.0, bwd=100.0, numel=16 * M - 1), row("gelu", "cuda", fwd=0.0, bwd=0.0, numel=4 * M),
+        row("relu", "triton", fwd=9.0, bwd=9.0), row("gelu", "cpu", fwd=0.0, bwd=0.0, bits=3),
+    ]
+    defaults, evidence = bench.pick_backends(rows)
+    assert defaults == {"activation_forward": "triton", "activation_backward": "cuda",
+                        "gated_forward": "cuda", "gated_backward": "triton"}
+    assert evidence["activation_forward"] == {"triton_ms": 3.0, "cuda_ms": 3.5, "cases": 2}
+    assert evidence["activation_backward"] == {"triton_ms": 6.0, "cuda_ms": 5.5, "cases": 2}
+    assert evidence["gated_forward"] == {"triton_ms": 8.0, "cuda_ms": 7.5, "cases": 2}
+    assert evidence["gated_backward"] == {"triton_ms": 12.0, "cuda_ms": 12.0, "cases": 2}  # tie: triton
+
+
+def test_pick_backends_compares_only_cases_measured_under_both(bench):
+    rows = [
+        row("gelu", "triton", fwd=5.0, bwd=5.0), row("gelu", "cuda", fwd=4.0, bwd=6.0),
+        # triton alone at 64M (the cuda row failed or was not built): left out of both totals
+        row("gelu", "triton", fwd=1.0, bwd=1.0, numel=64 * M),
+        row("gelu_tanh", "cuda", fwd=50.0, bwd=50.0),
+        # an empty time cell (None, as read back from the CSV) leaves the case unpaired in that column
+        row("silu", "triton", fwd=1.0, bwd=None), row("silu", "cuda", fwd=1.5, bwd=0.5),
+        # gated ops measured under triton only: no decision
+        row("swiglu", "triton", fwd=1.0, bwd=1.0),
+    ]
+    defaults, evidence = bench.pick_backends(rows)
+    assert defaults == {"activation_forward": "cuda", "activation_backward": "triton"}
+    assert evidence["activation_forward"] == {"triton_ms": 6.0, "cuda_ms": 5.5, "cases": 2}
+    assert evidence["activation_backward"] == {"triton_ms": 5.0, "cuda_ms": 6.0, "cases": 1}
+    assert bench.pick_backends([]) == ({}, {})
+
+
+def test_rows_name_their_backend(bench):
+    assert bench.backends_to_time("gelu", "cpu", with_cuda=True) == ("cpu",)
+    assert bench.backends_to_time("swiglu", "cuda", with_cuda=True) == ("triton", "cuda")
+    assert bench.backends_to_time("swiglu", "cuda", with_cuda=False) == ("triton",)
+    assert bench.backends_to_time("relu", "cuda", with_cuda=True) == ("triton",)  # no CUDA C++ forward
+
+
+def test_backend_is_set_only_while_measuring(bench, monkeypatch):
+    monkeypatch.delenv("MEMKERNELS_BACKEND", raising=False)
+    with bench.backend_selected("cuda"):
+        assert os.environ["MEMKERNELS_BACKEND"] == "cuda"
+    assert "MEMKERNELS_BACKEND" not in os.environ
+    monkeypatch.setenv("MEMKERNELS_BACKEND", "triton")
+    with pytest.raises(KeyError), bench.backend_selected("cuda"):
+        raise KeyError("a failing measurement")
+    assert os.environ["MEMKERNELS_BACKEND"] == "triton"
+    with bench.backend_selected("cpu"):
+        assert os.environ["MEMKERNELS_BACKEND"] == "triton"
+
+
+def test_pick_backends_needs_a_gpu_run(bench, tmp_path):
+    with pytest.raises(SystemExit, match="--device cuda"):
+        bench.main(["--pick-backends", "--device", "cpu", "--quick", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # stopped before measuring anything
+
+
+def test_written_choice_is_what_cuda_ops_default_to(bench, cuda_module, tmp_path, monkeypatch):
+    path = tmp_path / "cuda_backends.json"
+    monkeypatch.setattr(cuda_module, "BACKENDS_FILE", path)
+    assert cuda_module.read_default_backends() == dict.fromkeys(cuda_module.CHOSEN_OPS, "triton")  # no file
+
+    defaults = {"activation_forward": "cuda", "activation_backward": "triton",
+                "gated_forward": "cuda", "gated_backward": "cuda"}
+    evidence = {op: {"triton_ms": 2.0, "cuda_ms": 1.0 if b == "cuda" else 3.0, "cases": 4} for op, b in defaults.items()}
+    bench.write_backend_choice(path, defaults, evidence, command="python bench/activations.py --pick-backends",
+                               device="NVIDIA H100 80GB HBM3")
+    record = json.loads(path.read_text())
+    assert record["defaults"] == defaults and record["evidence"] == evidence
+    assert record["picked_by"] == "python bench/activations.py --pick-backends"
+    assert record["device"] == "NVIDIA H100 80GB HBM3"
+    assert record["torch"] == bench.torch.__version__ and record["triton"] and record["date"]
+    assert cuda_module.read_default_backends() == defaults
+
+    # a record of some ops only: the others stay on Triton
+    path.write_text(json.dumps({"defaults": {"gated_backward": "cuda"}}))
+    assert cuda_module.read_default_backends() == {**dict.fromkeys(cuda_module.CHOSEN_OPS, "triton"),
+                                                   "gated_backward": "cuda"}
+
+
+@pytest.mark.parametrize("text, why", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "no \"defaults\""),
+    ('{"defaults": ["cuda"]}', "no \"defaults\""),
+    ('{"defaults": {"pack_bits": "cuda"}}', "unknown op.*pack_bits"),
+    ('{"defaults": {"gated_forward": "hip"}}', "unknown backend.*hip"),
+])
+def test_malformed_choice_fails_naming_the_file(cuda_module, tmp_path, monkeypatch, text, why):
+    path = tmp_path / "cuda_backends.json"
+    path.write_text(text)
+    monkeypatch.setattr(cuda_module, "BACKENDS_FILE", path)
+    with pytest.raises(RuntimeError, match=why) as error:
+        cuda_module.read_default_backends()
+    assert str(path) in str(error.value) and "--pick-backends" in str(error.value)
+
+
+def test_a_build_without_cuda_kernels_runs_triton(cuda_module):
+    picked = {"activation_forward": "cuda", "activation_backward": "triton"}
+    assert cuda_module.runnable_defaults(picked, with_cuda=True) == picked
+    assert cuda_module.runnable_defaults(picked, with_cuda=False) == dict.fromkeys(picked, "triton")
+    if not mk.ops._C.with_cuda:
+        assert set(cuda_module.DEFAULT_BACKEND.values()) == {"triton"}
