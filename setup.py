@@ -30,7 +30,7 @@ def extension():
     opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
     # ATen's Vectorized picks its AVX2 implementation (with Sleef from libtorch) from this macro.
     cxx = opt + ["-std=c++17", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2", "-fopenmp"]
-    sources = ["csrc/ops.cpp", "csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/planner/*.cpp"))
     kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -48,7 +48,7 @@ setup(
     description="Kernels that cut the memory of training: fused activations, compressed saves, "
                 "random feedback, checkpoint planning",
     packages=find_packages(include=["memkernels", "memkernels.*"]),
-    package_data={"memkernels.activations": ["tables.json"]},
+    package_data={"memkernels.activations": ["tables.json"], "memkernels.ops": ["cuda_backends.json"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

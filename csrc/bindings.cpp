@@ -3,11 +3,14 @@
 // CUDA kernels of the ops when MEMKERNELS_BACKEND (or the benchmark's default) picks them.
 #include <torch/extension.h>
 
+#include "planner/planner.h"
+
 #ifdef MEMKERNELS_WITH_CUDA
 #include "cuda/kernels.h"
 #endif
 
 PYBIND11_MODULE(_C, m) {
+  memkernels::planner::bind(m);
   m.attr("with_cuda") = py::bool_(
 #ifdef MEMKERNELS_WITH_CUDA
       true

@@ -4,11 +4,12 @@
     act = mk.nn.GELU(bits=3)              # drop-in for torch.nn.GELU, keeps f'(x) in 3 bits
     model = mk.convert(model, bits=3)     # swap a model's torch activations in place
     mk.profile.saved_bytes(model, x)      # bytes autograd keeps for backward
+    plan = mk.checkpoint.plan(model, (x,), budget="2GB")   # recompute under a memory budget
 """
-from memkernels import functional, nn, ops, profile
+from memkernels import checkpoint, functional, nn, ops, profile
 from memkernels.activations.elementwise import Elementwise, elementwise
 from memkernels.convert import ConversionReport, convert
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "ops", "profile", "convert", "ConversionReport", "elementwise",
+__all__ = ["checkpoint", "functional", "nn", "ops", "profile", "convert", "ConversionReport", "elementwise",
            "Elementwise", "__version__"]

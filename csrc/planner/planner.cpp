@@ -1,0 +1,445 @@
+// The DP solvers of the checkpoint planner (cost model: memkernels/checkpoint/solvers.py).
+//
+// A schedule is an increasing chain of lower sets {} = L_0 < L_1 < ... < L_k = V; segment
+// S_i = L_i \ L_{i-1} is kept (its saved tensors stay until its backward) or recomputed (run under
+// checkpoint, recomputed once when backward reaches it). It fits the budget B when, for every i,
+//   K_{i-1} + boundary(L_{i-1}) + peak(S_i, L_i, recomputed_i) <= B   and   K_k + boundary(V) <= B,
+// K_i being the kept bytes of the kept segments among S_1..S_i plus the input bytes of the
+// recomputed ones (the checkpoint holds its inputs until its backward). The solvers minimise the summed
+// forward time of the recomputed segments. Loop orders and tie rules are the reference's
+// (memkernels/checkpoint/reference.py), so both return the same schedule.
+#include "planner/planner.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <set>
+#include <stdexcept>
+
+#include <pybind11/stl.h>
+
+namespace memkernels::planner {
+namespace {
+
+constexpr int64_t kNever = std::numeric_limits<int64_t>::max();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+using Bits = std::vector<uint64_t>;
+
+bool test(const Bits& set, int v) { return (set[v >> 6] >> (v & 63)) & 1; }
+void insert(Bits& set, int v) { set[v >> 6] |= uint64_t{1} << (v & 63); }
+
+bool strict_subset(const Bits& inner, const Bits& outer) {
+  bool smaller = false;
+  for (size_t i = 0; i < inner.size(); ++i) {
+    if (inner[i] & ~outer[i]) return false;
+    smaller |= inner[i] != outer[i];
+  }
+  return smaller;
+}
+
+// Nodes of outer \ inner, ascending.
+std::vector<int> difference(const Bits& outer, const Bits& inner) {
+  std::vector<int> nodes;
+  for (size_t w = 0; w < outer.size(); ++w)
+    for (uint64_t bits = outer[w] & ~inner[w]; bits; bits &= bits - 1)
+      nodes.push_back(static_cast<int>(w * 64 + __builtin_ctzll(bits)));
+  return nodes;
+}
+
+std::vector<int> members(const Bits& set, int n) {
+  std::vector<int> nodes;
+  for (int v = 0; v < n; ++v)
+    if (test(set, v)) nodes.push_back(v);
+  return nodes;
+}
+
+// What peak(S, L, recomputed) needs, for both choices: the largest forward step (F_v), the
+// largest backward step (B_v), the pending gradients at S's last node, and S's kept bytes and time.
+struct SegmentStats {
+  int64_t max_forward = 0;
+  int64_t max_backward = 0;
+  int64_t top_grads = 0;
+  int64_t kept = 0;
+  int64_t inputs = 0;  // bytes of the storages made outside the segment that it reads
+  double time = 0.0;
+
+  int64_t held(bool recomputed) const { return recomputed ? inputs : kept; }
+
+  int64_t peak(bool recomputed) const {
+    return std::max(max_forward + (recomputed ? top_grads : 0), max_backward);
+  }
+};
+
+class Planner {
+ public:
+  explicit Planner(const Problem& p)
+      : p_(p), n_(p.size()), words_((n_ + 63) / 64 + 1), stamp_(p.size(), 0) {
+    last_use_.resize(n_);
+    for (int u = 0; u < n_; ++u) {
+      int64_t last = -1;
+      for (int c : p_.users[u]) last = std::max<int64_t>(last, c);
+      last_use_[u] = p_.is_output[u] ? kNever : last;
+    }
+  }
+
+  Bits empty() const { return Bits(words_, 0); }
+
+  // Bytes of the storages made in `lower` that a node outside it (or the loss) still reads.
+  int64_t boundary(const Bits& lower) const {
+    int64_t bytes = 0;
+    for (int u = 0; u < n_; ++u) {
+      if (!test(lower, u) || p_.storage_bytes[u] == 0) continue;
+      bool needed = p_.is_output[u];
+      for (int c : p_.users[u]) needed = needed || !test(lower, c);
+      if (needed) bytes += p_.storage_bytes[u];
+    }
+    return bytes;
+  }
+
+  // Stats of the segment `nodes` (ascending) = upper \ lower.
+  SegmentStats segment(const std::vector<int>& nodes, const Bits& lower, const Bits& upper) const {
+    SegmentStats s;
+    const size_t m = nodes.size();
+    std::vector<int64_t> live_change(m + 1, 0);
+    for (size_t i = 0; i < m; ++i) {
+      const int u = nodes[i];
+      if (p_.live_output[u] == 0) continue;
+      int64_t end = last_use_[u];
+      for (int c : p_.users[u])
+        if (!test(upper, c)) end = kNever;
+      // Live while the forward reaches nodes u < v <= end of this segment.
+      const size_t stop = std::upper_bound(nodes.begin(), nodes.end(), end,
+                                           [](int64_t e, int v) { return e < v; }) - nodes.begin();
+      if (stop > i + 1) {
+        live_change[i + 1] += p_.live_output[u];
+        live_change[stop] -= p_.live_output[u];
+      }
+    }
+    int64_t live = 0;
+    for (size_t i = 0; i < m; ++i) {
+      const int v = nodes[i];
+      live += live_change[i];
+      s.max_forward = std::max(s.max_forward, s.kept + live + p_.forward_peak[v]);
+      s.max_backward = std::max(s.max_backward,
+                                s.kept + p_.kept[v] + p_.backward_peak[v] + p_.pending_grads[v]);
+      s.kept += p_.kept[v];
+      s.time += p_.time[v];
+    }
+    s.top_grads = m ? p_.pending_grads[nodes.back()] : 0;
+    // A storage the segment reads from outside lies in `lower` (reads are predecessors' owners).
+    ++epoch_;
+    for (int v : nodes)
+      for (int o : p_.reads[v])
+        if (test(lower, o) && stamp_[o] != epoch_) {
+          stamp_[o] = epoch_;
+          s.inputs += p_.storage_bytes[o];
+        }
+    return s;
+  }
+
+  // Bucketed DP over a family of lower sets (ascending by size, {} first, V last).
+  std::optional<Solution> bucketed(const std::vector<Bits>& family, int64_t budget, int buckets,
+                                   bool contiguous) const {
+    const int f = static_cast<int>(family.size());
+    const int64_t unit = std::max<int64_t>(1, (budget + buckets - 1) / buckets);
+    const int64_t top = budget / unit;  // largest bucket whose bytes fit
+    const int width = static_cast<int>(top + 1);
+    std::vector<double> best(static_cast<size_t>(f) * width, kInf);
+    struct Back { int from; int bucket; bool recomputed; };
+    std::vector<Back> back(static_cast<size_t>(f) * width, Back{-1, -1, false});
+    std::vector<int64_t> boundaries(f);
+    for (int i = 0; i < f; ++i) boundaries[i] = boundary(family[i]);
+    best[0] = 0.0;
+
+    auto relax = [&](int from, int to, const SegmentStats& s) {
+      const int64_t base = boundaries[from];
+      for (int recomputed = 0; recomputed < 2; ++recomputed) {
+        const int64_t room = budget - base - s.peak(recomputed);
+        if (room < 0) continue;
+        const int64_t last = std::min<int64_t>(top, room / unit);
+        const int64_t add = (s.held(recomputed) + unit - 1) / unit;
+        const double dt = recomputed ? s.time : 0.0;
+        for (int64_t k = 0; k <= last && k + add <= top; ++k) {
+          const double t = best[static_cast<size_t>(from) * width + k];
+          if (t == kInf) continue;
+          const size_t target = static_cast<size_t>(to) * width + (k + add);
+          if (t + dt < best[target]) {
+            best[target] = t + dt;
+            back[target] = Back{from, static_cast<int>(k), recomputed == 1};
+          }
+        }
+      }
+    };
+
+    if (contiguous) {
+      // Family i = the first i nodes; segment stats grow node by node (the generic ones restricted
+      // to intervals, where a node's output is live at v iff v <= its last use).
+      std::vector<std::vector<int>> expiring(n_ + 1);
+      for (int u = 0; u < n_; ++u)
+        if (last_use_[u] != kNever && last_use_[u] + 1 <= n_ && last_use_[u] + 1 > u + 1)
+          expiring[last_use_[u] + 1].push_back(u);
+      std::vector<int> counted_for(n_, -1);  // counted_for[o] == i: o is already in s.inputs
+      for (int i = 0; i < n_; ++i) {
+        int first = -1;
+        for (int k = 0; k < width && first < 0; ++k)
+          if (best[static_cast<size_t>(i) * width + k] < kInf) first = k;
+        if (first < 0) continue;
+        const int64_t room = budget - boundaries[i] - first * unit;
+        SegmentStats s;
+        int64_t live = 0;
+        for (int v = i; v < n_ && s.kept + p_.kept[v] <= room; ++v) {
+          for (int o : p_.reads[v])
+            if (o < i && counted_for[o] != i) {
+              counted_for[o] = i;
+              s.inputs += p_.storage_bytes[o];
+            }
+          for (int u : expiring[v])
+            if (u >= i) live -= p_.live_output[u];
+          s.max_forward = std::max(s.max_forward, s.kept + live + p_.forward_peak[v]);
+          s.max_backward = std::max(s.max_backward,
+                                    s.kept + p_.kept[v] + p_.backward_peak[v] + p_.pending_grads[v]);
+          s.kept += p_.kept[v];
+          s.time += p_.time[v];
+          s.top_grads = p_.pending_grads[v];
+          if (last_use_[v] > v) live += p_.live_output[v];
+          relax(i, v + 1, s);
+        }
+      }
+    } else {
+      // peak(S) >= the kept bytes of S (its last backward step holds them all), so a segment
+      // whose kept bytes do not fit above the cheapest state of `from` is skipped unexamined.
+      std::vector<int64_t> kept_in(f, 0);
+      for (int i = 0; i < f; ++i)
+        for (int v : members(family[i], n_)) kept_in[i] += p_.kept[v];
+      for (int from = 0; from < f; ++from) {
+        int first = -1;
+        for (int k = 0; k < width && first < 0; ++k)
+          if (best[static_cast<size_t>(from) * width + k] < kInf) first = k;
+        if (first < 0) continue;
+        const int64_t room = budget - boundaries[from] - first * unit;
+        for (int to = from + 1; to < f; ++to) {
+          if (kept_in[to] - kept_in[from] > room || !strict_subset(family[from], family[to])) continue;
+          relax(from, to, segment(difference(family[to], family[from]), family[from], family[to]));
+        }
+      }
+    }
+
+    int best_k = -1;
+    const int64_t end_boundary = boundaries[f - 1];
+    for (int k = 0; k < width; ++k) {
+      const double t = best[static_cast<size_t>(f - 1) * width + k];
+      if (t < kInf && k * unit + end_boundary <= budget && (best_k < 0 || t < best[static_cast<size_t>(f - 1) * width + best_k]))
+        best_k = k;
+    }
+    if (best_k < 0) return std::nullopt;
+    Solution solution{best[static_cast<size_t>(f - 1) * width + best_k], {}};
+    for (int at = f - 1, k = best_k; at != 0;) {
+      const Back b = back[static_cast<size_t>(at) * width + k];
+      std::vector<int> nodes;
+      for (int v = 0; v < n_; ++v)
+        if (test(family[at], v) && !test(family[b.from], v)) nodes.push_back(v);
+      solution.segments.emplace_back(std::move(nodes), b.recomputed);
+      at = b.from;
+      k = b.bucket;
+    }
+    std::reverse(solution.segments.begin(), solution.segments.end());
+    return solution;
+  }
+
+  // Exact DP: Pareto fronts of (kept bytes, extra time) over every lower set.
+  std::optional<Solution> exact(int64_t budget, int64_t max_lower_sets) const {
+    std::vector<Bits> family = lower_sets(max_lower_sets);
+    const int f = static_cast<int>(family.size());
+    struct State { int64_t kept; double time; int from; int from_state; bool recomputed; };
+    std::vector<std::vector<State>> fronts(f);
+    std::vector<int64_t> boundaries(f);
+    for (int i = 0; i < f; ++i) boundaries[i] = boundary(family[i]);
+    fronts[0].push_back(State{0, 0.0, -1, -1, false});
+    for (int to = 1; to < f; ++to) {
+      std::vector<State> candidates;
+      for (int from = 0; from < to; ++from) {
+        if (fronts[from].empty() || !strict_subset(family[from], family[to])) continue;
+        const SegmentStats s = segment(difference(family[to], family[from]), family[from], family[to]);
+        for (int recomputed = 0; recomputed < 2; ++recomputed) {
+          for (int i = 0; i < static_cast<int>(fronts[from].size()); ++i) {
+            const State& st = fronts[from][i];
+            if (st.kept + boundaries[from] + s.peak(recomputed) > budget) continue;
+            candidates.push_back(State{st.kept + s.held(recomputed),
+                                       st.time + (recomputed ? s.time : 0.0), from, i,
+                                       recomputed == 1});
+          }
+        }
+      }
+      std::stable_sort(candidates.begin(), candidates.end(), [](const State& a, const State& b) {
+        return a.kept != b.kept ? a.kept < b.kept : a.time < b.time;
+      });
+      for (const State& c : candidates)
+        if (fronts[to].empty() || c.time < fronts[to].back().time) fronts[to].push_back(c);
+    }
+    const auto& last = fronts[f - 1];
+    int pick = -1;
+    for (int i = 0; i < static_cast<int>(last.size()); ++i)
+      if (last[i].kept + boundaries[f - 1] <= budget && (pick < 0 || last[i].time < last[pick].time)) pick = i;
+    if (pick < 0) return std::nullopt;
+    Solution solution{last[pick].time, {}};
+    for (int at = f - 1, i = pick; at != 0;) {
+      const State& st = fronts[at][i];
+      std::vector<int> nodes;
+      for (int v = 0; v < n_; ++v)
+        if (test(family[at], v) && !test(family[st.from], v)) nodes.push_back(v);
+      solution.segments.emplace_back(std::move(nodes), st.recomputed);
+      at = st.from;
+      i = st.from_state;
+    }
+    std::reverse(solution.segments.begin(), solution.segments.end());
+    return solution;
+  }
+
+  // Every lower set, ascending by size, then by its sorted nodes.
+  std::vector<Bits> lower_sets(int64_t max_lower_sets) const {
+    std::set<std::vector<int>> level{{}};
+    std::vector<Bits> all;
+    for (int size = 0; size <= n_; ++size) {
+      std::set<std::vector<int>> next;
+      for (const auto& nodes : level) {
+        Bits set = empty();
+        for (int v : nodes) insert(set, v);
+        all.push_back(set);
+        if (static_cast<int64_t>(all.size()) > max_lower_sets)
+          throw std::invalid_argument("method \"dp\": the graph has more than " + std::to_string(max_lower_sets) +
+                                      " lower sets; use \"dp-approx\" or \"chain\"");
+        for (int v = 0; v < n_; ++v) {
+          if (test(set, v)) continue;
+          bool ready = true;
+          for (int q : p_.preds[v]) ready = ready && test(set, q);
+          if (!ready) continue;
+          std::vector<int> grown = nodes;
+          grown.insert(std::upper_bound(grown.begin(), grown.end(), v), v);
+          next.insert(std::move(grown));
+        }
+      }
+      level = std::move(next);
+    }
+    return all;
+  }
+
+  // {}, then each node's ancestor closure (deduplicated), then V; ascending by size, then by nodes.
+  std::vector<Bits> ancestor_closures() const {
+    std::vector<Bits> closure(n_, empty());
+    for (int v = 0; v < n_; ++v) {
+      insert(closure[v], v);
+      for (int q : p_.preds[v])
+        for (int w = 0; w < words_; ++w) closure[v][w] |= closure[q][w];
+    }
+    std::map<std::pair<int, std::vector<int>>, Bits> sorted;
+    Bits all = empty();
+    for (int v = 0; v < n_; ++v) insert(all, v);
+    closure.push_back(all);
+    closure.push_back(empty());
+    for (const Bits& set : closure) {
+      std::vector<int> nodes = members(set, n_);
+      const int size = static_cast<int>(nodes.size());
+      sorted.emplace(std::make_pair(size, std::move(nodes)), set);
+    }
+    std::vector<Bits> family;
+    for (auto& [key, set] : sorted) family.push_back(set);
+    return family;
+  }
+
+  std::vector<Bits> prefixes() const {
+    std::vector<Bits> family;
+    Bits set = empty();
+    family.push_back(set);
+    for (int v = 0; v < n_; ++v) {
+      insert(set, v);
+      family.push_back(set);
+    }
+    return family;
+  }
+
+ private:
+  const Problem& p_;
+  const int n_;
+  const int words_;
+  std::vector<int64_t> last_use_;
+  mutable std::vector<int> stamp_;  // stamp_[o] == epoch_: storage o already counted
+  mutable int epoch_ = 0;
+};
+
+}  // namespace
+
+void Problem::validate() const {
+  const size_t n = time.size();
+  const std::pair<const char*, size_t> sizes[] = {
+      {"kept", kept.size()}, {"forward_peak", forward_peak.size()},
+      {"backward_peak", backward_peak.size()}, {"pending_grads", pending_grads.size()},
+      {"live_output", live_output.size()}, {"storage_bytes", storage_bytes.size()},
+      {"is_output", is_output.size()}, {"preds", preds.size()}, {"users", users.size()},
+      {"reads", reads.size()}};
+  for (const auto& [name, size] : sizes)
+    if (size != n)
+      throw std::invalid_argument(std::string("planner: ") + name + " has " + std::to_string(size) +
+                                  " entries, time has " + std::to_string(n));
+  for (size_t v = 0; v < n; ++v) {
+    for (int q : preds[v])
+      if (q < 0 || static_cast<size_t>(q) >= v)
+        throw std::invalid_argument("planner: preds[" + std::to_string(v) + "] holds " + std::to_string(q) +
+                                    "; nodes must be numbered in a topological order");
+    for (int o : reads[v])
+      if (o < 0 || static_cast<size_t>(o) >= v)
+        throw std::invalid_argument("planner: reads[" + std::to_string(v) + "] holds " + std::to_string(o) +
+                                    "; a node reads only earlier nodes' storages");
+    for (int c : users[v])
+      if (c <= static_cast<int>(v) || static_cast<size_t>(c) >= n)
+        throw std::invalid_argument("planner: users[" + std::to_string(v) + "] holds " + std::to_string(c) +
+                                    "; a user must come after the node");
+  }
+}
+
+std::optional<Solution> solve(const std::string& method, const Problem& problem, int64_t budget,
+                              int buckets, int64_t max_lower_sets) {
+  problem.validate();
+  if (buckets < 1) throw std::invalid_argument("planner: buckets must be >= 1, got " + std::to_string(buckets));
+  if (problem.size() == 0) return Solution{0.0, {}};
+  Planner planner(problem);
+  if (method == "dp") return planner.exact(budget, max_lower_sets);
+  if (method == "dp-approx") return planner.bucketed(planner.ancestor_closures(), budget, buckets, false);
+  if (method == "chain") return planner.bucketed(planner.prefixes(), budget, buckets, true);
+  throw std::invalid_argument("planner: method must be \"dp\", \"dp-approx\" or \"chain\", got \"" + method + "\"");
+}
+
+void bind(pybind11::module_& m) {
+  m.def(
+      "planner_solve",
+      [](const std::string& method, std::vector<double> time, std::vector<int64_t> kept,
+         std::vector<int64_t> forward_peak, std::vector<int64_t> backward_peak,
+         std::vector<int64_t> pending_grads, std::vector<int64_t> live_output,
+         std::vector<int64_t> storage_bytes, std::vector<uint8_t> is_output,
+         std::vector<std::vector<int>> preds, std::vector<std::vector<int>> users,
+         std::vector<std::vector<int>> reads, int64_t budget,
+         int buckets, int64_t max_lower_sets) -> pybind11::object {
+        Problem problem{std::move(time), std::move(kept), std::move(forward_peak),
+                        std::move(backward_peak), std::move(pending_grads), std::move(live_output),
+                        std::move(storage_bytes), std::move(is_output), std::move(preds),
+                        std::move(users), std::move(reads)};
+        std::optional<Solution> solution;
+        {
+          pybind11::gil_scoped_release release;
+          solution = solve(method, problem, budget, buckets, max_lower_sets);
+        }
+        if (!solution) return pybind11::none();
+        return pybind11::make_tuple(solution->extra_time, solution->segments);
+      },
+      pybind11::arg("method"), pybind11::arg("time"), pybind11::arg("kept"),
+      pybind11::arg("forward_peak"), pybind11::arg("backward_peak"), pybind11::arg("pending_grads"),
+      pybind11::arg("live_output"), pybind11::arg("storage_bytes"), pybind11::arg("is_output"),
+      pybind11::arg("preds"), pybind11::arg("users"), pybind11::arg("reads"), pybind11::arg("budget"),
+      pybind11::arg("buckets"), pybind11::arg("max_lower_sets"),
+      "Checkpoint schedule of least extra time under `budget` bytes, or None when none fits: "
+      "(extra_time, [(nodes, recomputed), ...]). method: \"dp\" | \"dp-approx\" | \"chain\". "
+      "The cost model is memkernels.checkpoint.solvers'.");
+}
+
+}  // namespace memkernels::planner

@@ -1,0 +1,402 @@
+"""The graph the checkpoint solvers plan over, and `trace`, which measures it on a real model.
+
+A `Graph` is a DAG of nodes numbered in a topological order (every edge goes from a lower to a
+higher number). Each node carries the costs of the model in memkernels/checkpoint/solvers.py:
+
+- ``time``: seconds of its forward.
+- ``output_bytes``: bytes of the storage its output allocates (0 for a view of another node's).
+- ``kept_bytes``: bytes autograd keeps for its backward that it allocated itself (internal buffers:
+  a dropout mask, a packed k-bit code), not counting its output storage.
+- ``output_saved``: some node's backward keeps this node's output storage; it then counts as kept.
+- ``forward_peak``: peak bytes its forward allocates above what exists before it (output included).
+- ``backward_peak``: peak bytes its backward allocates above its saved tensors and its output's
+  gradient (the gradients it produces and its temporaries).
+- ``grad_bytes``: bytes of the gradient of its output.
+- ``view_of``: the node whose storage its output views, if any.
+- ``is_output``: its output is (part of) the model's output.
+
+`trace` builds one from a model: an ``nn.Sequential`` becomes a chain of its children; any other
+module is traced with ``torch.fx.symbolic_trace`` into a DAG of module calls, functions and methods
+(residual branches included; torch.nn and memkernels.nn modules stay single nodes). Every node runs
+once on the example inputs on their device, its costs measured there: bytes kept counted as
+``memkernels.profile.saved_bytes`` counts them (distinct storages at their real size, so packed
+codes count as packed; parameters and the model's inputs not at all), peaks with
+``memkernels.profile.peak_memory``.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from memkernels.profile import peak_memory
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node's costs (see the module docstring). Defaults for hand-built graphs: the forward
+    allocates its output and kept bytes, the backward the gradients of its inputs."""
+
+    name: str
+    time: float
+    output_bytes: int
+    kept_bytes: int = 0
+    output_saved: bool = False
+    forward_peak: int | None = None
+    backward_peak: int | None = None
+    grad_bytes: int | None = None
+    view_of: int | None = None
+    is_output: bool = False
+
+
+class Graph:
+    """Nodes in a topological order and edges ``(u, v)``, u < v: v reads u's output.
+
+    ``Graph.chain(times, output_bytes, saved_bytes)`` builds a chain; `trace` measures a model.
+    """
+
+    def __init__(self, nodes: Sequence[Node], edges: Sequence[tuple[int, int]]):
+        n = len(nodes)
+        self.preds: list[list[int]] = [[] for _ in range(n)]
+        self.succs: list[list[int]] = [[] for _ in range(n)]
+        for u, v in edges:
+            if not (0 <= u < v < n):
+                raise ValueError(f"edge ({u}, {v}): edges must go from a lower to a higher node "
+                                 f"number in 0..{n - 1} (nodes in a topological order)")
+            if u not in self.preds[v]:
+                self.preds[v].append(u)
+                self.succs[u].append(v)
+        filled = []
+        for v, node in enumerate(nodes):
+            for name in ("time", "output_bytes", "kept_bytes"):
+                if getattr(node, name) < 0:
+                    raise ValueError(f"node {v} ({node.name}): {name} must be >= 0, got {getattr(node, name)}")
+            if node.view_of is not None and not (0 <= node.view_of < v):
+                raise ValueError(f"node {v} ({node.name}): view_of must be an earlier node, got {node.view_of}")
+            grad = node.output_bytes if node.grad_bytes is None else node.grad_bytes
+            forward = node.output_bytes + node.kept_bytes if node.forward_peak is None else node.forward_peak
+            backward = (sum(filled[u].grad_bytes for u in self.preds[v])
+                        if node.backward_peak is None else node.backward_peak)
+            filled.append(replace(node, grad_bytes=grad, forward_peak=forward, backward_peak=backward))
+        self.nodes: list[Node] = filled
+        self.program: _Program | None = None
+
+    @classmethod
+    def chain(cls, times: Sequence[float], output_bytes: Sequence[int], saved_bytes: Sequence[int],
+              **per_node: Sequence) -> "Graph":
+        """Chain 0 -> 1 -> ... -> n-1; the last node is the output. ``per_node`` gives any other
+        `Node` field as a sequence (e.g. ``output_saved=[...]``)."""
+        n = len(times)
+        if len(output_bytes) != n or len(saved_bytes) != n or any(len(s) != n for s in per_node.values()):
+            raise ValueError("Graph.chain: times, output_bytes, saved_bytes (and any per-node field) "
+                             "must have one entry per node")
+        nodes = [Node(name=str(v), time=float(times[v]), output_bytes=int(output_bytes[v]),
+                      kept_bytes=int(saved_bytes[v]), is_output=v == n - 1,
+                      **{k: s[v] for k, s in per_node.items()}) for v in range(n)]
+        return cls(nodes, [(v, v + 1) for v in range(n - 1)])
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __repr__(self) -> str:
+        return f"Graph({len(self)} nodes, {sum(map(len, self.preds))} edges)"
+
+    # Derived quantities of the cost model (memkernels/checkpoint/solvers.py).
+
+    def storage_owner(self, v: int) -> int:
+        while self.nodes[v].view_of is not None:
+            v = self.nodes[v].view_of
+        return v
+
+    def arrays(self) -> dict[str, list]:
+        """The per-node arrays the solvers (C++ and reference) take."""
+        n = len(self)
+        owner = [self.storage_owner(v) for v in range(n)]
+        saved = [False] * n
+        is_output = [False] * n
+        users: list[set[int]] = [set() for _ in range(n)]
+        for v, node in enumerate(self.nodes):
+            saved[owner[v]] |= node.output_saved
+            is_output[owner[v]] |= node.is_output
+            for s in self.succs[v]:
+                users[owner[v]].add(s)
+        storage = [self.nodes[v].output_bytes if owner[v] == v else 0 for v in range(n)]
+        kept = [self.nodes[v].kept_bytes + (storage[v] if saved[v] else 0) for v in range(n)]
+        live = [0 if saved[v] else storage[v] for v in range(n)]
+        # Gradients alive while v's backward runs: v's own, and those of earlier nodes that a later
+        # node (or the loss, for outputs) has already sent a gradient to.
+        grads = [node.grad_bytes for node in self.nodes]
+        last_reader = [max(self.succs[u], default=-1) if not self.nodes[u].is_output else n for u in range(n)]
+        pending = [grads[v] + sum(grads[u] for u in range(v) if last_reader[u] > v) for v in range(n)]
+        return dict(time=[node.time for node in self.nodes], kept=kept,
+                    forward_peak=[node.forward_peak for node in self.nodes],
+                    backward_peak=[node.backward_peak for node in self.nodes],
+                    pending_grads=pending, live_output=live, storage_bytes=storage,
+                    is_output=[int(b) for b in is_output], preds=[list(p) for p in self.preds],
+                    users=[sorted(u) for u in users],
+                    reads=[sorted({owner[q] for q in self.preds[v] if storage[owner[q]]}) for v in range(n)])
+
+
+# ------------------------------------------------------------------------------------------ trace
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """An argument that is node `index`'s output."""
+    index: int
+
+
+@dataclass(frozen=True)
+class _Input:
+    """An argument that is the model's positional input `index`."""
+    index: int
+
+
+@dataclass(frozen=True)
+class _Attr:
+    """An argument that is the model's attribute `target` (a parameter or buffer)."""
+    target: str
+
+
+@dataclass
+class _Step:
+    name: str
+    call: Callable[..., Any]  # (model, *args, **kwargs) -> output
+    args: tuple
+    kwargs: dict
+    module: nn.Module | None = None
+
+
+@dataclass
+class _Program:
+    """How to run the model node by node: steps in topological order and the output template."""
+    steps: list[_Step]
+    output: Any
+    refs: list[list[int]] = field(default_factory=list)  # refs[v]: nodes step v reads
+
+    def resolve(self, template, model: nn.Module, inputs: Sequence, env: dict[int, Any]):
+        def one(a):
+            if isinstance(a, _Ref):
+                return env[a.index]
+            if isinstance(a, _Input):
+                return inputs[a.index]
+            if isinstance(a, _Attr):
+                return _get_attr(model, a.target)
+            return a
+        return tree_map(one, template)
+
+    def run_step(self, v: int, model: nn.Module, inputs: Sequence, env: dict[int, Any]):
+        step = self.steps[v]
+        args = self.resolve(step.args, model, inputs, env)
+        kwargs = self.resolve(step.kwargs, model, inputs, env)
+        return step.call(model, *args, **kwargs)
+
+
+def _get_attr(model: nn.Module, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.nn and memkernels.nn modules stay single nodes (calls), others are traced through."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return m.__module__.startswith("memkernels.nn") or super().is_leaf_module(m, qualname)
+
+
+def _refs_of(template) -> list[int]:
+    leaves, _ = tree_flatten(template)
+    return sorted({a.index for a in leaves if isinstance(a, _Ref)})
+
+
+def _program(model: nn.Module, num_inputs: int) -> _Program:
+    if isinstance(model, nn.Sequential):
+        if len(model) == 0:
+            raise ValueError("trace: the nn.Sequential is empty")
+        steps = []
+        for i, (name, child) in enumerate(model.named_children()):
+            args = tuple(_Input(k) for k in range(num_inputs)) if i == 0 else (_Ref(i - 1),)
+            steps.append(_Step(name, lambda m, *a, _n=name, **k: getattr(m, _n)(*a, **k), args, {}, child))
+        program = _Program(steps, _Ref(len(steps) - 1))
+    else:
+        try:
+            graph = _Tracer().trace(model)
+        except Exception as error:  # fx fails on data-dependent control flow; say which model
+            raise ValueError(f"trace: torch.fx could not trace {type(model).__name__} ({error}); "
+                             "wrap it in nn.Sequential or make it fx-traceable") from error
+        index: dict[torch.fx.Node, Any] = {}
+        steps = []
+        placeholders = 0
+        output = None
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                index[node] = _Input(placeholders)
+                placeholders += 1
+                continue
+            if node.op == "get_attr":
+                index[node] = _Attr(node.target)
+                continue
+            args = torch.fx.node.map_arg(node.args, lambda a: index[a])
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: index[a])
+            if node.op == "output":
+                output = args[0]
+                continue
+            if node.op == "call_module":
+                call = (lambda m, *a, _t=node.target, **k: _get_attr(m, _t)(*a, **k))
+                module = _get_attr(model, node.target)
+            elif node.op == "call_function":
+                call = (lambda m, *a, _f=node.target, **k: _f(*a, **k))
+                module = None
+            else:  # call_method
+                call = (lambda m, obj, *a, _t=node.target, **k: getattr(obj, _t)(*a, **k))
+                module = None
+            index[node] = _Ref(len(steps))
+            steps.append(_Step(node.name, call, args, kwargs, module))
+        if placeholders != num_inputs:
+            raise ValueError(f"trace: {type(model).__name__}.forward takes {placeholders} inputs, "
+                             f"example_inputs has {num_inputs}")
+        program = _Program(steps, output)
+    program.refs = [_refs_of((s.args, s.kwargs)) for s in program.steps]
+    return program
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(value)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+def _leaf_copy(value):
+    """The value with every float tensor that requires grad replaced by a detached leaf that does
+    (same storage): each node's autograd graph then stands alone."""
+    def one(a):
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return a.detach().requires_grad_(True)
+        return a
+    return tree_map(one, value)
+
+
+def as_inputs(example_inputs) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def trace(model: nn.Module, example_inputs, *, repeats: int = 3) -> Graph:
+    """Graph of `model` with costs measured by running each node on `example_inputs` (a tensor or a
+    tuple of them): forward time (median of `repeats` runs), output, kept, forward and backward
+    peak bytes. The model's parameters, buffers, gradients and the RNG state are left as found.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trace: model must be an nn.Module, got {type(model).__name__}")
+    if repeats < 1:
+        raise ValueError(f"trace: repeats must be >= 1, got {repeats}")
+    inputs = as_inputs(example_inputs)
+    program = _program(model, len(inputs))
+    tensors = _tensors(inputs)
+    device = tensors[0].device if tensors else next(model.parameters()).device
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    existing = params | {t.untyped_storage().data_ptr() for t in tensors}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    output_refs = set(_refs_of(program.output))
+    owner: dict[int, int] = {}          # storage pointer -> node that allocated it
+    env: dict[int, Any] = {}
+    nodes_info: list[dict] = []
+    saved_by_later: set[int] = set()
+    try:
+        for v, step in enumerate(program.steps):
+            env_in = {u: _leaf_copy(env[u]) for u in program.refs[v]}
+            inside: dict[int, int] = {}
+
+            def pack(t: torch.Tensor):
+                ptr, nbytes = _storage(t)
+                if ptr and ptr not in existing and not isinstance(t, nn.Parameter):
+                    inside[ptr] = max(inside.get(ptr, 0), nbytes)
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = program.run_step(v, model, inputs, env_in)
+            info = dict(name=step.name, output_bytes=0, view_of=None, grad_bytes=0)
+            for t in _tensors(out):
+                ptr, nbytes = _storage(t)
+                if ptr in owner and owner[ptr] != v:
+                    info["view_of"] = owner[ptr]
+                elif ptr and ptr not in existing and ptr not in owner:
+                    owner[ptr] = v
+                    info["output_bytes"] += nbytes
+                if t.requires_grad:
+                    info["grad_bytes"] += t.numel() * t.element_size()
+            kept = 0
+            output_saved = False
+            for ptr, nbytes in inside.items():
+                if ptr in owner and owner[ptr] != v:
+                    saved_by_later.add(owner[ptr])
+                elif ptr in owner:
+                    output_saved = True
+                else:
+                    kept += nbytes
+            info.update(kept_bytes=kept, output_saved=output_saved)
+
+            def forward():
+                return program.run_step(v, model, inputs, env_in)
+            info["forward_peak"] = peak_memory(forward, backward=False, device=device)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                forward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t0)
+            info["time"] = statistics.median(times)
+
+            outs = [t for t in _tensors(out) if t.requires_grad]
+            wrt = [t for t in _tensors(env_in) if t.requires_grad and t.is_leaf]
+            wrt += [p for p in (step.module.parameters() if step.module is not None else []) if p.requires_grad]
+            wrt += [a for a in _tensors(step.args) if isinstance(a, nn.Parameter)]
+            if outs and wrt:
+                # The model's outputs get the gradient of their sum, as measure_peak gives them: an
+                # expanded scalar, which some backward kernels copy out first.
+                is_output = v in output_refs
+                grads = [torch.ones((), dtype=t.dtype, device=t.device).expand_as(t) if is_output
+                         else torch.ones_like(t) for t in outs]
+                info["backward_peak"] = peak_memory(
+                    lambda: torch.autograd.grad(outs, wrt, grads, allow_unused=True),
+                    backward=False, device=device)
+            else:
+                info["backward_peak"] = 0
+            # Keep the output, not its graph: later nodes read it through fresh leaves.
+            env[v] = tree_map(lambda a: a.detach().requires_grad_(a.requires_grad)
+                              if isinstance(a, torch.Tensor) else a, out)
+            nodes_info.append(info)
+            del out, outs, env_in
+    finally:
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+
+    nodes = [Node(name=i["name"], time=i["time"], output_bytes=i["output_bytes"],
+                  kept_bytes=i["kept_bytes"], output_saved=i["output_saved"] or v in saved_by_later,
+                  forward_peak=i["forward_peak"], backward_peak=i["backward_peak"],
+                  grad_bytes=i["grad_bytes"], view_of=i["view_of"], is_output=v in output_refs)
+             for v, i in enumerate(nodes_info)]
+    edges = [(u, v) for v in range(len(nodes)) for u in program.refs[v]]
+    graph = Graph(nodes, edges)
+    graph.program = program
+    return graph

@@ -1,0 +1,166 @@
+"""Checkpoint plans on real small models on CPU: the measured peak of a forward+backward stays
+within the budget and does not rise as the budget falls, the predicted peak is close to it, and
+the planned model's gradients equal the unplanned model's bit for bit, dropout included."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import memkernels.checkpoint as ck
+
+
+def mlp() -> nn.Module:
+    layers = []
+    for _ in range(6):
+        layers += [nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.1)]
+    return nn.Sequential(*layers, nn.Linear(256, 10))
+
+
+class ResNet(nn.Module):
+    def __init__(self, channels: int = 16, blocks: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+                          nn.Conv2d(channels, channels, 3, padding=1)) for _ in range(blocks))
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = F.relu(x + block(x))
+        return self.head(x.mean((2, 3)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int = 64, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        att = self.drop(((q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5).softmax(-1))
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, layers: int = 3, dim: int = 64):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(layers))
+        self.ln = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.ln(x)
+
+
+MODELS = {
+    "mlp": (mlp, lambda: torch.randn(64, 256)),
+    "resnet": (ResNet, lambda: torch.randn(8, 3, 32, 32)),
+    "gpt": (GPT, lambda: torch.randn(4, 64, 64)),
+}
+# measured / predicted - 1 seen on CPU (README "Checkpoint planning"): exact without recomputation,
+# but with recomputed segments the cost model misses up to a few activations that non-reentrant
+# checkpointing keeps alive, so it under-counts by up to ~37% on the MLP, ~15% on the GPT stack.
+PREDICTION_TOLERANCE = {"mlp": 0.40, "resnet": 0.10, "gpt": 0.20}
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_budget_holds_and_peak_falls_with_budget(name):
+    build, make_input = MODELS[name]
+    model, x = build(), make_input()
+    graph = ck.trace(model, x)
+    assert ck.measure_peak(model, x) == pytest.approx(ck.solve(graph, None, "none").predicted_peak, rel=0.10)
+    high = ck.solve(graph, None, "none").predicted_peak
+    low = ck.least_budget(graph, "chain")
+    measured = []
+    for fraction in (1.0, 0.8, 0.6, 0.4, 0.2, 0.0):
+        budget = int(low + fraction * (high - low))
+        try:
+            plan = ck.plan(model, x, budget, "chain", graph=graph)
+        except ck.InfeasibleBudget as error:
+            assert error.least_budget > budget
+            continue
+        assert plan.measured_peak <= budget
+        assert -0.10 <= plan.measured_peak / plan.predicted_peak - 1 <= PREDICTION_TOLERANCE[name]
+        measured.append(plan.measured_peak)
+    assert len(measured) >= 3, measured
+    # Falling budgets give falling measured peaks, up to 0.5%: the solver ranks schedules by the
+    # model's peak, and on the ResNet one of 7.39 MB measures 5 kB above its predecessor's.
+    assert all(later <= 1.005 * earlier for earlier, later in zip(measured, measured[1:])), measured
+    assert measured[-1] < 0.8 * measured[0], measured
+
+
+def _grads(model, x):
+    torch.manual_seed(1)
+    out = model(x)
+    grads = torch.autograd.grad(out.square().sum(), [p for p in model.parameters()])
+    return out, grads
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("method", ["all", "sqrt", "dp-approx"])
+def test_apply_gives_identical_gradients(name, method):
+    build, make_input = MODELS[name]
+    model, x = build().train(), make_input()
+    graph = ck.trace(model, x)
+    budget = None if method in ("all", "sqrt") else (ck.least_budget(graph, method) + ck.solve(graph, None, "none").predicted_peak) // 2
+    plan = ck.plan(model, x, budget, method, graph=graph, verify=False)
+    assert plan.recomputed, "the plan should recompute something"
+    planned = ck.apply(model, plan)
+    out, grads = _grads(model, x)
+    planned_out, planned_grads = _grads(planned, x)
+    assert torch.equal(out, planned_out)
+    for g, h in zip(grads, planned_grads):
+        assert torch.equal(g, h)
+
+
+def test_dropout_is_active_so_the_gradient_check_means_something():
+    model, x = mlp().train(), torch.randn(64, 256)
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(2)
+    assert not torch.equal(a, model(x))
+
+
+def test_trace_leaves_model_state_alone():
+    model, x = ResNet().train(), torch.randn(8, 3, 32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    ck.trace(model, x)
+    assert torch.equal(rng, torch.get_rng_state())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_plan_reports_and_errors():
+    model, x = mlp(), torch.randn(16, 256)
+    plan = ck.plan(model, x, "1GB", "dp-approx")
+    text = str(plan)
+    assert "predicted peak" in text and "measured" in text and "keep" in text
+    graph = plan.graph
+    least = ck.least_budget(graph, "dp")
+    with pytest.raises(ck.InfeasibleBudget, match="least feasible budget"):
+        ck.plan(model, x, least // 2, "dp", graph=graph)
+    with pytest.raises(TypeError, match="Plan"):
+        ck.apply(model, "plan")
+    with pytest.raises(ValueError, match="built by hand"):
+        ck.apply(model, ck.Plan(ck.Graph.chain([1.0], [8], [8]), ck.solve(ck.Graph.chain([1.0], [8], [8]), None, "none")))
+    with pytest.raises(ValueError, match="inputs"):
+        ck.trace(ResNet(), (torch.randn(1, 3, 8, 8), torch.randn(1)))
+    with pytest.raises(TypeError, match="nn.Module"):
+        ck.trace(lambda x: x, torch.randn(2))

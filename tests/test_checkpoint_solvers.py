@@ -1,0 +1,161 @@
+"""The checkpoint solvers against a brute force over every schedule of the same cost model, the C++
+DP solvers against the Python reference, budgets and errors."""
+import math
+import random
+
+import pytest
+
+import memkernels.checkpoint as ck
+from memkernels.checkpoint import reference
+from memkernels.checkpoint.solvers import evaluate
+
+
+def random_graph(rng: random.Random, n: int, chain: bool) -> ck.Graph:
+    edges = [(v - 1, v) for v in range(1, n)] if chain else []
+    if not chain:
+        for v in range(1, n):
+            preds = rng.sample(range(v), rng.randint(1, min(2, v)))
+            edges += [(u, v) for u in preds]
+    nodes = []
+    for v in range(n):
+        out = rng.choice([0, 1, 2, 4]) * 8 if v and rng.random() < 0.15 else rng.randint(1, 8) * 8
+        view_of = v - 1 if out == 0 and (v - 1, v) in edges else None
+        nodes.append(ck.Node(name=f"n{v}", time=rng.choice([0.5, 1.0, 2.0, 3.0]),
+                             output_bytes=out if view_of is None else 0,
+                             kept_bytes=rng.choice([0, 0, 8, 16]), output_saved=rng.random() < 0.5,
+                             forward_peak=out + rng.choice([0, 8]), backward_peak=rng.randint(1, 10) * 8,
+                             grad_bytes=max(out, 8), view_of=view_of))
+    sinks = {v for v in range(n) if not any(u == v for u, _ in edges)}
+    nodes = [ck.Node(**{**node.__dict__, "is_output": v in sinks}) for v, node in enumerate(nodes)]
+    return ck.Graph(nodes, edges)
+
+
+def brute_force(graph: ck.Graph, budget: int):
+    """Least extra time over every chain of lower sets and every kept/recomputed choice."""
+    arrays = graph.arrays()
+    sets = reference.lower_sets(arrays)
+    full = frozenset(range(len(graph)))
+    best = [math.inf]
+
+    def walk(lower, segments):
+        if lower == full:
+            peak, extra = evaluate(graph, segments, arrays)
+            if peak <= budget:
+                best[0] = min(best[0], extra)
+            return
+        for upper in sets:
+            if lower < upper:
+                nodes = tuple(sorted(upper - lower))
+                for recomputed in (False, True):
+                    walk(upper, segments + [(nodes, recomputed)])
+
+    walk(frozenset(), [])
+    return best[0]
+
+
+def all_peaks(graph: ck.Graph) -> tuple[int, int]:
+    peaks = [evaluate(graph, s)[0] for s in ([(tuple(range(len(graph))), False)],
+                                            [((v,), True) for v in range(len(graph))])]
+    return min(peaks), max(peaks)
+
+
+CASES = [(seed, n, chain) for seed in range(6) for n, chain in ((5, True), (6, True), (5, False), (6, False))]
+
+
+@pytest.mark.parametrize("seed,n,chain", CASES)
+def test_methods_against_brute_force(seed, n, chain):
+    rng = random.Random(1000 * seed + n)
+    graph = random_graph(rng, n, chain)
+    low, high = all_peaks(graph)
+    least = ck.least_budget(graph, "dp")
+    for budget in sorted({least, (least + high) // 2, high, max(0, least - 1)}):
+        optimum = brute_force(graph, budget)
+        if optimum == math.inf:
+            with pytest.raises(ck.InfeasibleBudget):
+                ck.solve(graph, budget, "dp")
+            continue
+        exact = ck.solve(graph, budget, "dp")
+        assert exact.extra_time == pytest.approx(optimum, abs=1e-9), (budget, exact.segments)
+        assert exact.predicted_peak <= budget
+        for method in ("dp-approx", "chain", "sqrt", "chen-greedy", "none", "all"):
+            try:
+                solution = ck.solve(graph, budget, method)
+            except ck.InfeasibleBudget:
+                continue
+            assert solution.predicted_peak <= budget, method
+            assert solution.extra_time >= optimum - 1e-9, method
+
+
+@pytest.mark.parametrize("seed,n,chain", CASES[:12])
+def test_native_solvers_equal_reference(seed, n, chain):
+    rng = random.Random(7 + seed)
+    graph = random_graph(rng, n + 2, chain)
+    arrays = graph.arrays()
+    low, high = all_peaks(graph)
+    for budget in (low, (low + high) // 2, high):
+        for method in ("dp", "dp-approx", "chain"):
+            expected = reference.solve(method, arrays, budget, ck.solvers.DEFAULT_BUCKETS)
+            native = ck.solvers._dp_native(method, arrays, budget, ck.solvers.DEFAULT_BUCKETS, 10**6)
+            if expected is None:
+                assert native is None, (method, budget)
+                continue
+            assert native == [(tuple(s), r) for s, r in expected[1]], (method, budget)
+            assert evaluate(graph, native, arrays)[1] == pytest.approx(expected[0], abs=1e-9)
+
+
+def test_chain_methods_on_a_longer_chain():
+    """On a 40-node chain "chain" equals "dp" up to its rounding, both beat "sqrt"."""
+    rng = random.Random(3)
+    graph = ck.Graph.chain([rng.uniform(1, 3) for _ in range(40)], [64] * 40, [64] * 40)
+    budget = ck.solve(graph, None, "sqrt").predicted_peak
+    sqrt = ck.solve(graph, budget, "sqrt")
+    for method in ("chain", "dp-approx"):
+        solution = ck.solve(graph, budget, method, buckets=10_000)
+        assert solution.predicted_peak <= budget
+        assert solution.extra_time <= sqrt.extra_time + 1e-9
+
+
+@pytest.mark.parametrize("text,expected", [("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1.5kB", 1500),
+                                           ("3 gib", 3 * 2**30), (" 100 ", 100), ("1e3B", 1000), (7, 7)])
+def test_parse_budget(text, expected):
+    assert ck.parse_budget(text) == expected
+
+
+@pytest.mark.parametrize("bad,error", [("2 parsecs", ValueError), ("GB", ValueError), (-1, ValueError),
+                                       (1.5, TypeError), (True, TypeError), (None, TypeError)])
+def test_parse_budget_rejects(bad, error):
+    with pytest.raises(error, match="budget"):
+        ck.parse_budget(bad)
+
+
+def test_infeasible_budget_names_least_budget():
+    graph = ck.Graph.chain([1.0] * 6, [100] * 6, [50] * 6)
+    least = ck.least_budget(graph, "dp")
+    with pytest.raises(ck.InfeasibleBudget, match=f"least feasible budget is .*\\({least} bytes\\)") as info:
+        ck.solve(graph, least - 1, "dp")
+    assert info.value.least_budget == least
+    assert ck.solve(graph, least, "dp").predicted_peak <= least
+
+
+def test_bad_inputs():
+    graph = ck.Graph.chain([1.0] * 3, [8] * 3, [8] * 3)
+    with pytest.raises(ValueError, match="method must be one of"):
+        ck.solve(graph, 100, "magic")
+    with pytest.raises(NotImplementedError, match="nested"):
+        ck.solve(graph, 100, "log")
+    with pytest.raises(ValueError, match="topological"):
+        ck.Graph([ck.Node("a", 1.0, 8), ck.Node("b", 1.0, 8)], [(1, 0)])
+    with pytest.raises(ValueError, match="one entry per node"):
+        ck.Graph.chain([1.0, 2.0], [8], [8, 8])
+    with pytest.raises(ValueError, match="time must be >= 0"):
+        ck.Graph([ck.Node("a", -1.0, 8)], [])
+    with pytest.raises(TypeError, match="Graph"):
+        ck.solve("not a graph", 100)
+    with pytest.raises(ValueError, match="predecessor"):
+        evaluate(graph, [((1,), True), ((0, 2), False)])
+
+
+def test_native_dp_refuses_huge_lower_set_counts():
+    graph = ck.Graph([ck.Node(str(v), 1.0, 8, is_output=True) for v in range(24)], [])
+    with pytest.raises(ValueError, match="lower sets"):
+        ck.solve(graph, 10**9, "dp", max_lower_sets=1000)
