@@ -33,19 +33,28 @@ def effective_bits(act: int, bits) -> int:
     return 1 if act in TWO_VALUED else bits
 
 
+def keep_for_backward(ctx, saved: torch.Tensor, bits: int, levels) -> None:
+    """Keep f'(x) (bits 0) or its packed code for :func:`grad_from_kept`."""
+    ctx.save_for_backward(saved)
+    ctx.bits, ctx.levels = bits, levels
+
+
+def grad_from_kept(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+    """grad_out * f'(x), with f'(x) read back from what :func:`keep_for_backward` kept."""
+    (saved,) = ctx.saved_tensors
+    return ops.activation_backward(grad_out, saved, ctx.bits, ctx.levels)
+
+
 class _ActivationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, act, p0, p1, bits, borders, levels):
         y, saved = ops.activation_forward(x, act, p0, p1, bits, borders)
-        ctx.save_for_backward(saved)
-        ctx.bits, ctx.levels = bits, levels
+        keep_for_backward(ctx, saved, bits, levels)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        (saved,) = ctx.saved_tensors
-        grad_in = ops.activation_backward(grad_out, saved, ctx.bits, ctx.levels)
-        return grad_in, None, None, None, None, None, None
+        return grad_from_kept(ctx, grad_out), None, None, None, None, None, None
 
 
 class _GatedFunction(torch.autograd.Function):
@@ -67,7 +76,7 @@ class _GatedFunction(torch.autograd.Function):
         return grad_a, grad_b, None, None, None, None, None
 
 
-def _check_input(name: str, t) -> None:
+def check_floating_input(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -79,7 +88,7 @@ def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.
                bits: int | None = None) -> torch.Tensor:
     """y = f(x) for activation `act`, keeping for backward only f'(x): in x's dtype when bits is
     None, else a packed code of `bits` bits an element. Any shape; same shape and dtype out."""
-    _check_input("input", x)
+    check_floating_input("input", x)
     bits = effective_bits(act, bits)
     borders = levels = None
     if bits:
@@ -90,8 +99,8 @@ def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.
 def gated(a: torch.Tensor, b: torch.Tensor, act: Activation, bits: int | None = None) -> torch.Tensor:
     """y = f(a) * b (a, b of one shape and dtype), keeping (a, b) when bits is None and
     (k-bit code of a, b) otherwise; then grad_b uses the interval mean of f(a)."""
-    _check_input("a", a)
-    _check_input("b", b)
+    check_floating_input("a", a)
+    check_floating_input("b", b)
     bits = check_bits(bits)
     borders = levels = value_levels = None
     if bits:

@@ -11,7 +11,7 @@ import functools
 import torch
 
 from memkernels import ops
-from memkernels.activations.autograd import _check_input
+from memkernels.activations.autograd import check_floating_input, grad_from_kept, keep_for_backward
 from memkernels.activations.spec import check_bits
 
 
@@ -39,15 +39,12 @@ class _CodedFunction(torch.autograd.Function):
             y = fn(x)
             code = torch.bucketize(x.detach().float(), borders, right=False)
             code = torch.where(torch.isnan(x), 0, code).to(torch.uint8)
-        packed = ops.pack_bits(code, bits)
-        ctx.save_for_backward(packed)
-        ctx.bits, ctx.levels = bits, levels
+        keep_for_backward(ctx, ops.pack_bits(code, bits), bits, levels)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        (packed,) = ctx.saved_tensors
-        return ops.activation_backward(grad_out, packed, ctx.bits, ctx.levels), None, None, None, None
+        return grad_from_kept(ctx, grad_out), None, None, None, None
 
 
 class Elementwise(torch.nn.Module):
@@ -73,7 +70,7 @@ class Elementwise(torch.nn.Module):
         return _fitted_table(self.fn, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input("input", x)
+        check_floating_input("input", x)
         if self.bits is None:
             return _ExactFunction.apply(x, self.fn)
         borders, levels = _device_table(self.fn, self.bits, x.device)
