@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from memkernels import ops
+from memkernels import ops, reference
 from memkernels.activations.autograd import check_floating_input, grad_from_kept, keep_for_backward
 from memkernels.activations.spec import check_bits
 
@@ -37,9 +37,8 @@ class _CodedFunction(torch.autograd.Function):
     def forward(ctx, x, fn, bits, borders, levels):
         with torch.no_grad():
             y = fn(x)
-            code = torch.bucketize(x.detach().float(), borders, right=False)
-            code = torch.where(torch.isnan(x), 0, code).to(torch.uint8)
-        keep_for_backward(ctx, ops.pack_bits(code, bits), bits, levels)
+        # The codes of the built-in activations' kernels, computed with torch ops for any fn.
+        keep_for_backward(ctx, ops.pack_bits(reference.codes(x.detach(), borders), bits), bits, levels)
         return y
 
     @staticmethod
