@@ -237,10 +237,7 @@ class Planner {
     Solution solution{best[static_cast<size_t>(f - 1) * width + best_k], {}};
     for (int at = f - 1, k = best_k; at != 0;) {
       const Back b = back[static_cast<size_t>(at) * width + k];
-      std::vector<int> nodes;
-      for (int v = 0; v < n_; ++v)
-        if (test(family[at], v) && !test(family[b.from], v)) nodes.push_back(v);
-      solution.segments.emplace_back(std::move(nodes), b.recomputed);
+      solution.segments.emplace_back(difference(family[at], family[b.from]), b.recomputed);
       at = b.from;
       k = b.bucket;
     }
@@ -286,10 +283,7 @@ class Planner {
     Solution solution{last[pick].time, {}};
     for (int at = f - 1, i = pick; at != 0;) {
       const State& st = fronts[at][i];
-      std::vector<int> nodes;
-      for (int v = 0; v < n_; ++v)
-        if (test(family[at], v) && !test(family[st.from], v)) nodes.push_back(v);
-      solution.segments.emplace_back(std::move(nodes), st.recomputed);
+      solution.segments.emplace_back(difference(family[at], family[st.from]), st.recomputed);
       at = st.from;
       i = st.from_state;
     }
