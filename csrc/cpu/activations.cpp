@@ -78,6 +78,15 @@ at::Tensor check_codes(const at::Tensor& codes, const char* name, int64_t numel,
   return codes.contiguous();
 }
 
+// What forward kept, contiguous: f'(x) shaped and typed like grad_out (bits == 0) or its code.
+at::Tensor check_saved(const at::Tensor& saved, const char* name, int64_t bits, const at::Tensor& grad_out) {
+  if (bits == 0) {
+    check_like(saved, name, grad_out, "grad_out");
+    return saved.contiguous();
+  }
+  return check_codes(saved, name, grad_out.numel(), bits, grad_out);
+}
+
 // A contiguous output shaped like `like`. glibc serves blocks of 32 MB and more with fresh pages
 // from mmap, and first touching them faults every 4 KB page, which costs more than the kernel
 // (DESIGN.md, Measuring); asking for transparent huge pages, where the system grants them on
@@ -146,12 +155,9 @@ at::Tensor activation_backward(const at::Tensor& grad_out_in, const at::Tensor& 
                                const std::optional<at::Tensor>& levels_in) {
   check_floating(grad_out_in, "grad_out");
   check_bits(bits);
-  at::Tensor saved, levels;
-  if (bits == 0) {
-    check_like(saved_in, "saved", grad_out_in, "grad_out");
-    saved = saved_in.contiguous();
-  } else {
-    saved = check_codes(saved_in, "saved", grad_out_in.numel(), bits, grad_out_in);
+  const at::Tensor saved = check_saved(saved_in, "saved", bits, grad_out_in);
+  at::Tensor levels;
+  if (bits > 0) {
     levels = check_table(levels_in, "levels", int64_t{1} << bits, bits, grad_out_in);
   }
   const at::Tensor grad_out = grad_out_in.contiguous();
@@ -168,12 +174,9 @@ std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& grad_out_in,
   check_like(b_in, "b", grad_out_in, "grad_out");
   const Activation act = check_gate(activation);
   check_bits(bits);
-  at::Tensor saved_a, levels, value_levels;
-  if (bits == 0) {
-    check_like(saved_a_in, "saved_a", grad_out_in, "grad_out");
-    saved_a = saved_a_in.contiguous();
-  } else {
-    saved_a = check_codes(saved_a_in, "saved_a", grad_out_in.numel(), bits, grad_out_in);
+  const at::Tensor saved_a = check_saved(saved_a_in, "saved_a", bits, grad_out_in);
+  at::Tensor levels, value_levels;
+  if (bits > 0) {
     levels = check_table(levels_in, "levels", int64_t{1} << bits, bits, grad_out_in);
     value_levels = check_table(value_levels_in, "value_levels", int64_t{1} << bits, bits, grad_out_in);
   }
