@@ -22,4 +22,24 @@ TORCH_LIBRARY(memkernels, m) {
   // Pack uint8 codes (< 2**bits) k bits an element; the layout is in memkernels/reference.py.
   m.def("pack_bits(Tensor codes, int bits) -> Tensor");
   m.def("unpack_bits(Tensor packed, int bits, int numel) -> Tensor");
+
+  // Compressed saved inputs of Linear / Conv2d (memkernels/compress). Every op sees its input as a
+  // 2-D [rows, cols] tensor and codes each row on its own: a row's k-bit codes are packed in the
+  // layout above into packed_nbytes(cols, k) bytes, so codes are uint8 [rows, ceil(cols / 8) * k].
+  //
+  // Auxiliary sign activation: (x + eps * s(x), packed [x > 0]) with s(x) = +1 / -1 for x > 0 /
+  // otherwise, or 1 / 0 when `nonnegative`; the 1-bit code is all that backward keeps.
+  m.def("auxiliary_sign_forward(Tensor x, float eps, bool nonnegative) -> (Tensor, Tensor)");
+  // Per-group codes of x: groups of group_size (a multiple of 8) consecutive columns of a row get
+  // (min, scale) in bfloat16, stats [rows, ceil(cols / group_size), 2], and the code of each value
+  // is floor((x - min) / scale + u) clamped to [0, 2**bits - 1], u uniform from Philox keyed by
+  // `seed` (an int64 scalar tensor on the CPU) and the value's (row, col): stochastic rounding, so
+  // the dequantized min + scale * code is unbiased.
+  m.def("quantize_groups(Tensor x, int bits, int group_size, Tensor seed) -> (Tensor, Tensor)");
+  // The values [rows, cols] (dtype) that codes stand for: min + scale * code from `stats`, or, for
+  // codes without stats (the sign code), lo + step * code.
+  m.def("dequantize_groups(Tensor codes, Tensor? stats, int cols, int bits, int group_size, float lo, float step, ScalarType dtype) -> Tensor");
+  // The weight gradient of a Linear from its coded input: grad_out^T [out, rows] @ x_hat [rows, cols],
+  // x_hat dequantized tile by tile as in dequantize_groups and never whole; grad_out's dtype.
+  m.def("weight_grad_from_codes(Tensor grad_out, Tensor codes, Tensor? stats, int cols, int bits, int group_size, float lo, float step) -> Tensor");
 }

@@ -1,4 +1,4 @@
-"""Swap a model's torch activations for memkernels' fused ones, in place."""
+"""Swap a model's torch activations (and, on request, Linear / Conv2d layers) for memkernels' ones, in place."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +8,7 @@ from torch import nn
 
 from memkernels import nn as mknn
 from memkernels.activations.spec import check_bits
+from memkernels.compress import MODES
 
 
 def _same_args(*names):
@@ -52,14 +53,17 @@ class ConversionReport:
     skipped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (name, class, why)
 
     def __str__(self) -> str:
-        lines = [f"swapped {len(self.swapped)} activation(s)"]
+        lines = [f"swapped {len(self.swapped)} module(s)"]
         lines += [f"  {name}: {old} -> {new}" for name, old, new in self.swapped]
         lines += [f"  skipped {name} ({cls}): {why}" for name, cls, why in self.skipped]
         return "\n".join(lines)
 
 
-def _replacement(module: nn.Module, bits):
+def _replacement(module: nn.Module, bits, layers: dict):
     """The memkernels module computing what `module` computes, or None."""
+    for torch_cls, (mk_cls, save) in layers.items():
+        if type(module) is torch_cls and save is not None:
+            return mk_cls.from_torch(module, save)
     entry = TORCH_ACTIVATIONS.get(type(module))
     if entry is not None:
         cls, args = entry
@@ -82,12 +86,16 @@ def _matches(name: str, module: nn.Module, patterns) -> bool:
 
 
 def convert(model: nn.Module, bits: int | None = None, include=None, exclude=None,
-            return_report: bool = False):
-    """Replace, in place, every torch activation of ``model`` by its memkernels twin with ``bits``.
+            return_report: bool = False, linear: str | None = None, conv2d: str | None = None):
+    """Replace, in place, every torch activation of ``model`` by its memkernels twin with ``bits``,
+    and, if ``linear`` / ``conv2d`` is given, every nn.Linear / nn.Conv2d by mk.nn.Linear /
+    mk.nn.Conv2d with that ``save`` mode.
 
     Args:
         model: any nn.Module; it is modified in place and returned.
         bits: None (exact f'(x)) or 1, 2, 3, 4, 8 (see memkernels.functional).
+        linear, conv2d: None (leave those layers) or "asa", "int8", "int4", "int2" (see
+            memkernels.compress). The new layers hold the same Parameter objects as the old ones.
         include: if given, only modules whose qualified name matches one of these fnmatch
             patterns (str) or that are instances of one of these classes (type) are swapped.
         exclude: modules matching any of these (same forms) are left alone.
@@ -95,9 +103,13 @@ def convert(model: nn.Module, bits: int | None = None, include=None, exclude=Non
 
     Returns ``model`` (or ``(model, report)``). Exact types only: a subclass of nn.GELU may do
     something else, so it is skipped and reported. The state_dict keys do not change: the
-    activations hold no parameters or buffers.
+    activations hold no parameters or buffers, and the layers keep theirs under the same names.
     """
     check_bits(bits)
+    for name, save in (("linear", linear), ("conv2d", conv2d)):
+        if save is not None and save not in MODES:
+            raise ValueError(f"{name} must be None or one of {MODES}, got {save!r}")
+    layers = {nn.Linear: (mknn.Linear, linear), nn.Conv2d: (mknn.Conv2d, conv2d)}
     for name, p in (("include", include), ("exclude", exclude)):
         if p is not None and any(not isinstance(x, (str, type)) for x in p):
             raise TypeError(f"{name} must be an iterable of name patterns (str) or module classes")
@@ -109,7 +121,7 @@ def convert(model: nn.Module, bits: int | None = None, include=None, exclude=Non
                 continue
             if exclude is not None and _matches(name, child, exclude):
                 continue
-            new = _replacement(child, bits)
+            new = _replacement(child, bits, layers)
             if new is None:
                 if isinstance(child, tuple(TORCH_ACTIVATIONS)):
                     report.skipped.append((name, type(child).__name__,

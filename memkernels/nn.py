@@ -1,8 +1,12 @@
-"""Drop-in modules for torch.nn's activations: same constructor arguments, plus ``bits``.
+"""Drop-in modules for torch.nn's activations, Linear and Conv2d.
 
-``bits=None`` keeps f'(x) in the input's dtype (exact); ``bits`` in {1, 2, 3, 4, 8} keeps a packed
-code of that many bits an element (see memkernels.functional). The modules hold no parameters or
-buffers, so swapping them into a model leaves its state_dict unchanged.
+Activations take torch's constructor arguments plus ``bits``: ``bits=None`` keeps f'(x) in the
+input's dtype (exact); ``bits`` in {1, 2, 3, 4, 8} keeps a packed code of that many bits an element
+(see memkernels.functional). They hold no parameters or buffers, so swapping them into a model
+leaves its state_dict unchanged.
+
+Linear and Conv2d are torch.nn.Linear / Conv2d (same parameters, same state_dict keys) plus
+``save``: what they keep of their input for backward (see memkernels.compress).
 """
 from __future__ import annotations
 
@@ -11,9 +15,10 @@ from torch import nn
 
 from memkernels import functional as F
 from memkernels.activations.spec import check_bits
+from memkernels.compress import coded_input
 
 __all__ = ["GELU", "SiLU", "Mish", "Softplus", "ELU", "SELU", "CELU", "LeakyReLU", "ReLU",
-           "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "SwiGLU", "GeGLU"]
+           "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "SwiGLU", "GeGLU", "Linear", "Conv2d"]
 
 
 class _FusedActivation(nn.Module):
@@ -164,3 +169,89 @@ class GeGLU(_GLU):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         return F.geglu(*self._halves(a, b), self.approximate, bits=self.bits)
+
+
+class _CodedInput:
+    """``save`` and its arguments, shared by Linear and Conv2d (see memkernels.compress)."""
+
+    def _set_save(self, save, eps, nonnegative, group_size):
+        coded_input.check_save(save, eps, nonnegative, group_size)
+        self.save, self.eps, self.nonnegative, self.group_size = save, eps, nonnegative, group_size
+
+    def _save_args(self) -> dict:
+        return {"save": self.save, "eps": self.eps, "nonnegative": self.nonnegative, "group_size": self.group_size}
+
+    def _save_repr(self) -> str:
+        if self.save is None:
+            return "save=None"
+        if self.save == "asa":
+            return f"save='asa', eps={self.eps}, nonnegative={self.nonnegative}"
+        return f"save={self.save!r}, group_size={self.group_size}"
+
+    @classmethod
+    def from_torch(cls, module: nn.Module, save: str | None, **kwargs):
+        """A twin of torch layer ``module`` holding the same Parameter objects (so an optimizer
+        built on ``module`` keeps updating them), with ``save``."""
+        new = cls._empty_like(module, save, **kwargs)
+        new.weight, new.bias = module.weight, module.bias
+        return new
+
+
+class Linear(_CodedInput, nn.Linear):
+    """torch.nn.Linear that keeps ``save``'s code of its input for backward.
+
+    save: None (torch's Linear) | "asa" | "int8" | "int4" | "int2". eps, nonnegative (None: detect
+    with one reduction a call; give it to skip that and to trace under torch.compile without a
+    break) apply to "asa", group_size (a multiple of 8) to "intk". Input (..., in_features).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 save: str | None = None, eps: float = 0.01, nonnegative: bool | None = None,
+                 group_size: int = 256):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._set_save(save, eps, nonnegative, group_size)
+
+    @classmethod
+    def _empty_like(cls, module, save, **kwargs):
+        return cls(module.in_features, module.out_features, module.bias is not None, device="meta", save=save,
+                   **kwargs)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return coded_input.linear(input, self.weight, self.bias, **self._save_args())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._save_repr()}"
+
+
+class Conv2d(_CodedInput, nn.Conv2d):
+    """torch.nn.Conv2d that keeps ``save``'s code of its input for backward; arguments as
+    torch.nn.Conv2d's plus those of :class:`Linear`. The input is coded as [N, C * H * W] after
+    any padding that is not plain zeros (padding_mode, 'same') has been applied to it."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 save: str | None = None, eps: float = 0.01, nonnegative: bool | None = None,
+                 group_size: int = 256):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self._set_save(save, eps, nonnegative, group_size)
+
+    @classmethod
+    def _empty_like(cls, module, save, **kwargs):
+        return cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                   module.dilation, module.groups, module.bias is not None, module.padding_mode,
+                   device="meta", save=save, **kwargs)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.save is None:
+            return super().forward(input)
+        padding = self.padding
+        if self.padding_mode != "zeros" or isinstance(padding, str):
+            # As nn.Conv2d._conv_forward: pad explicitly ('same' may pad unevenly), then none.
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            input, padding = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode), 0
+        return coded_input.conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
+                                  **self._save_args())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._save_repr()}"

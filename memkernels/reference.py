@@ -196,3 +196,120 @@ def gated_backward(grad_out, saved_a, b, act, bits, levels, value_levels):
         d = levels.to(g.device, cd)[c].view(g.shape)
         v = value_levels.to(g.device, cd)[c].view(g.shape)
     return (g * b.to(cd) * d).to(grad_out.dtype), (g * v).to(grad_out.dtype)
+
+
+# Compressed saved inputs (memkernels/compress). Inputs are 2-D [rows, cols]; each row's codes are
+# packed on their own into packed_nbytes(cols, bits) bytes (see csrc/ops.cpp).
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of a * b for a (int64 tensor < 2**32) and b (< 2**32), exactly:
+    the 64-bit product overflows int64, so multiply by b's 16-bit halves."""
+    lo_part, hi_part = a * (b & 0xFFFF), a * (b >> 16)  # each < 2**48
+    low = lo_part + ((hi_part & 0xFFFF) << 16)
+    return ((hi_part >> 16) + (low >> 32)) & _MASK32, low & _MASK32
+
+
+def philox4x32(seed: int, counter: tuple) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 (Salmon et al. 2011) of key = seed (uint64) and counter (c0, c1, c2, c3), each
+    an int64 tensor or int < 2**32: the same function as ATen's at::Philox4_32 and Triton's
+    tl.philox. Returns the 4 outputs as int64 tensors < 2**32."""
+    c = [torch.as_tensor(v, dtype=torch.int64) for v in counter]
+    c = [v.expand(torch.broadcast_shapes(*(u.shape for u in c))) for v in c]
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi_a, lo_a = _mul32(c[0], 0xD2511F53)
+        hi_b, lo_b = _mul32(c[2], 0xCD9E8D57)
+        c = [hi_b ^ c[1] ^ k0, lo_b, hi_a ^ c[3] ^ k1, lo_a]
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return tuple(c)
+
+
+def rounding_noise(seed: int, rows: int, cols: int) -> torch.Tensor:
+    """u [rows, cols] float32 in [0, 1) of quantize_groups: value (r, c) takes output c % 4 of
+    Philox with key `seed` and counter (c // 4, 0, r, 0), its top 24 bits scaled by 2**-24."""
+    r = torch.arange(rows, dtype=torch.int64)[:, None]
+    c = torch.arange(cols, dtype=torch.int64)[None, :]
+    outputs = torch.stack(philox4x32(seed, (c // 4, 0, r, 0)))  # [4, rows, cols]
+    chosen = outputs.gather(0, (c % 4).expand(rows, cols)[None])[0]
+    return (chosen >> 8).to(torch.float32) * 2.0 ** -24
+
+
+def _round_bfloat16(v: torch.Tensor, up: bool) -> torch.Tensor:
+    """float32 v rounded to a bfloat16 value toward +inf (up) or -inf, returned as float32."""
+    bits = v.view(torch.int32).to(torch.int64) & _MASK32
+    trunc = ((bits & 0xFFFF0000) - ((bits & 0x80000000) << 1)).to(torch.int32).view(torch.float32)
+    # Truncation rounds toward zero; step one bf16 ulp away from zero where that went the wrong way.
+    wrong = (trunc < v) if up else (trunc > v)
+    step = ((bits & 0xFFFF0000) + 0x10000 - ((bits & 0x80000000) << 1)).to(torch.int32).view(torch.float32)
+    return torch.where(wrong, step, trunc)
+
+
+def group_stats(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """(min, scale) of every group of x [rows, cols], float32 [rows, groups, 2], bf16-representable.
+
+    min is rounded down and scale = (max - min) / (2**bits - 1) rounded up, so that every value of
+    the group lies in [min, min + scale * (2**bits - 1)]. A group holding NaN or +-Inf gets NaN.
+    """
+    rows, cols = x.shape
+    groups = -(-cols // group_size)
+    xf = x.to(torch.float32)
+    padded = torch.full((rows, groups * group_size), float("nan"), dtype=torch.float32, device=x.device)
+    padded[:, :cols] = xf
+    g = padded.view(rows, groups, group_size)
+    present = torch.arange(groups * group_size, device=x.device).view(groups, group_size) < cols
+    lo = torch.where(present, g, torch.inf).amin(dim=2)
+    hi = torch.where(present, g, -torch.inf).amax(dim=2)
+    finite = torch.where(present, torch.isfinite(g), True).all(dim=2)
+    mn = _round_bfloat16(lo, up=False)
+    scale = _round_bfloat16((hi - mn) / ((1 << bits) - 1), up=True)
+    nan = torch.full_like(mn, float("nan"))
+    return torch.stack([torch.where(finite, mn, nan), torch.where(finite, scale, nan)], dim=2)
+
+
+def quantize_groups(x: torch.Tensor, bits: int, group_size: int, seed: torch.Tensor):
+    """Reference of ``memkernels::quantize_groups``: (codes uint8 [rows, packed bytes of a row],
+    stats bfloat16 [rows, groups, 2])."""
+    rows, cols = x.shape
+    stats = group_stats(x, bits, group_size)
+    per_col = stats.repeat_interleave(group_size, dim=1)[:, :cols]  # [rows, cols, 2]
+    mn, scale = per_col[..., 0], per_col[..., 1]
+    u = rounding_noise(int(seed), rows, cols).to(x.device)
+    q = torch.floor((x.to(torch.float32) - mn) / scale + u)
+    # NaN q (a non-finite group, or 0 / 0 in a constant one) gets code 0.
+    q = torch.where(torch.isnan(q), 0.0, q).clamp(0, (1 << bits) - 1).to(torch.uint8)
+    codes = torch.stack([pack_bits(row, bits) for row in q]) if rows else \
+        torch.empty((0, (cols + 7) // 8 * bits), dtype=torch.uint8, device=x.device)
+    return codes.reshape(rows, (cols + 7) // 8 * bits), stats.to(torch.bfloat16)
+
+
+def auxiliary_sign_forward(x: torch.Tensor, eps: float, nonnegative: bool):
+    """Reference of ``memkernels::auxiliary_sign_forward``: (x + eps * s(x), packed [x > 0])."""
+    rows, cols = x.shape
+    positive = x > 0
+    cd = _compute_dtype(x)
+    s = positive.to(cd) if nonnegative else torch.where(positive, 1.0, -1.0).to(cd)
+    x_aux = (x.to(cd) + eps * s).to(x.dtype)
+    signs = torch.stack([pack_bits(row, 1) for row in positive.to(torch.uint8)]) if rows else \
+        torch.empty((0, (cols + 7) // 8), dtype=torch.uint8, device=x.device)
+    return x_aux, signs.reshape(rows, (cols + 7) // 8)
+
+
+def dequantize_groups(codes, stats, cols, bits, group_size, lo, step, dtype):
+    """Reference of ``memkernels::dequantize_groups``: [rows, cols] of `dtype`."""
+    q = torch.stack([unpack_bits(row, bits, cols) for row in codes]).to(torch.float32) if codes.shape[0] \
+        else torch.empty((0, cols), dtype=torch.float32, device=codes.device)
+    if stats is None:
+        return (lo + step * q).to(dtype)
+    per_col = stats.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :cols]
+    return (per_col[..., 0] + per_col[..., 1] * q).to(dtype)
+
+
+def weight_grad_from_codes(grad_out, codes, stats, cols, bits, group_size, lo, step):
+    """Reference of ``memkernels::weight_grad_from_codes``: grad_out^T @ x_hat in float32 (float64
+    for float64), cast to grad_out's dtype."""
+    cd = _compute_dtype(grad_out)
+    x_hat = dequantize_groups(codes, stats, cols, bits, group_size, lo, step, cd)
+    return (grad_out.to(cd).t() @ x_hat).to(grad_out.dtype)

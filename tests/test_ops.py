@@ -33,6 +33,20 @@ def op_samples(device):
         ("gated_backward", (g, gcode, g, int(A.SILU), 3, levels, values)),
         ("pack_bits", (torch.randint(0, 8, (37,), dtype=torch.uint8, device=device), 3)),
         ("unpack_bits", (code, 3, x.numel())),
+    ] + compress_samples(x, g)
+
+
+def compress_samples(x, g):
+    seed = torch.tensor(7)
+    codes, stats = ops.quantize_groups(x, 4, 8, seed)
+    signs = ops.auxiliary_sign_forward(x, 0.01, False)[1]
+    return [
+        ("auxiliary_sign_forward", (x, 0.01, False)),
+        ("quantize_groups", (x.t(), 2, 16, seed)),
+        ("dequantize_groups", (codes, stats, x.shape[1], 4, 8, 0.0, 0.0, torch.bfloat16)),
+        ("dequantize_groups", (signs, None, x.shape[1], 1, 256, -1.0, 2.0, torch.float32)),
+        ("weight_grad_from_codes", (g, codes, stats, x.shape[1], 4, 8, 0.0, 0.0)),
+        ("weight_grad_from_codes", (g.t().contiguous().t(), signs, None, x.shape[1], 1, 256, 0.0, 1.0)),
     ]
 
 

@@ -10,6 +10,7 @@
 
 #include "activations.h"
 #include "cpu/activation_kernels.h"
+#include "cpu/checks.h"
 
 namespace memkernels::cpu {
 
@@ -22,21 +23,6 @@ const ActivationKernels& activation_kernels() {
 namespace {
 
 // ---- argument checks ----
-
-void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
-                  t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
-              name, " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
-}
-
-void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " must be on the device of ", ref_name, " (",
-              ref.device(), "), got ", t.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
-              ref.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ", ref.sizes(),
-              ", got ", t.sizes());
-}
 
 void check_bits(int64_t bits) {
   TORCH_CHECK(bits == 0 || valid_bits(bits), "bits must be 0 (exact) or one of 1, 2, 3, 4, 8, got ", bits);

@@ -87,6 +87,34 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return _op("unpack_bits")(packed, bits, numel)
 
 
+def auxiliary_sign_forward(x: torch.Tensor, eps: float,
+                           nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, cols] -> (x + eps * s(x) [rows, cols] in x's dtype, signs uint8 [rows, ceil(cols / 8)]):
+    s(x) = +1 / -1 for x > 0 / otherwise (0/1 if `nonnegative`), the bits of [x > 0] packed."""
+    return _op("auxiliary_sign_forward")(x, eps, nonnegative)
+
+
+def quantize_groups(x: torch.Tensor, bits: int, group_size: int,
+                    seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, cols] float -> (codes uint8 [rows, ceil(cols / 8) * bits],
+    stats bfloat16 [rows, ceil(cols / group_size), 2] of (min, scale)), stochastically rounded
+    with Philox keyed by `seed` (int64 scalar tensor on the CPU)."""
+    return _op("quantize_groups")(x, bits, group_size, seed)
+
+
+def dequantize_groups(codes: torch.Tensor, stats: torch.Tensor | None, cols: int, bits: int,
+                      group_size: int, lo: float, step: float, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, cols] of `dtype`: min + scale * code (stats given) or lo + step * code."""
+    return _op("dequantize_groups")(codes, stats, cols, bits, group_size, lo, step, dtype)
+
+
+def weight_grad_from_codes(grad_out: torch.Tensor, codes: torch.Tensor, stats: torch.Tensor | None,
+                           cols: int, bits: int, group_size: int, lo: float, step: float) -> torch.Tensor:
+    """grad_out [rows, out]^T @ x_hat [rows, cols] -> [out, cols] in grad_out's dtype, x_hat the
+    values the codes stand for (as dequantize_groups), dequantized tile by tile."""
+    return _op("weight_grad_from_codes")(grad_out, codes, stats, cols, bits, group_size, lo, step)
+
+
 def _packed(t: torch.Tensor, numel, bits: int) -> torch.Tensor:
     return t.new_empty((packed_nbytes(numel, bits),), dtype=torch.uint8)
 
@@ -120,5 +148,26 @@ if _C is not None:
     @torch.library.register_fake("memkernels::unpack_bits")
     def _(packed, bits, numel):
         return packed.new_empty((numel,), dtype=torch.uint8)
+
+    def _packed_rows(t, rows, cols, bits):
+        return t.new_empty((rows, packed_nbytes(cols, bits)), dtype=torch.uint8)
+
+    @torch.library.register_fake("memkernels::auxiliary_sign_forward")
+    def _(x, eps, nonnegative):
+        return _dense_like(x), _packed_rows(x, x.shape[0], x.shape[1], 1)
+
+    @torch.library.register_fake("memkernels::quantize_groups")
+    def _(x, bits, group_size, seed):
+        rows, cols = x.shape
+        groups = (cols + group_size - 1) // group_size
+        return _packed_rows(x, rows, cols, bits), x.new_empty((rows, groups, 2), dtype=torch.bfloat16)
+
+    @torch.library.register_fake("memkernels::dequantize_groups")
+    def _(codes, stats, cols, bits, group_size, lo, step, dtype):
+        return codes.new_empty((codes.shape[0], cols), dtype=dtype)
+
+    @torch.library.register_fake("memkernels::weight_grad_from_codes")
+    def _(grad_out, codes, stats, cols, bits, group_size, lo, step):
+        return grad_out.new_empty((grad_out.shape[1], cols))
 
     from memkernels.ops import _cuda  # noqa: E402,F401  (registers the CUDA kernels)

@@ -1,0 +1,283 @@
+// CPU kernels of the compressed saved inputs (schemas and contract in csrc/ops.cpp, reference in
+// memkernels/reference.py): auxiliary_sign_forward, quantize_groups, dequantize_groups and
+// weight_grad_from_codes. Every input is 2-D [rows, cols]; each row's codes are packed on their own.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/PhiloxRNGEngine.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "cpu/checks.h"
+#include "cpu/packing.h"
+
+// The AVX2 build of packing.h (the command line's), as pack_bits.cpp: these loops are not the
+// bottleneck next to the GEMMs of a Linear.
+namespace memkernels::cpu::CPU_CAPABILITY {
+namespace {
+
+// Rows a task takes: about 64K values, enough to amortise the task.
+int64_t row_grain(int64_t cols) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1));
+}
+
+// Calls f(std::integral_constant<int64_t, bits>{}) for bits in (1, 2, 4, 8): the group codes.
+template <typename F>
+void dispatch_code_bits(int64_t bits, const F& f) {
+  TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, "bits must be one of 1, 2, 4, 8, got ", bits);
+  dispatch_bits(bits, f);
+}
+
+void check_rows(const at::Tensor& t, const char* name) {
+  check_floating(t, name);
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D [rows, cols], got shape ", t.sizes());
+}
+
+void check_group_size(int64_t group_size) {
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "group_size must be a positive multiple of 8, got ",
+              group_size);
+}
+
+int64_t num_groups(int64_t cols, int64_t group_size) {
+  return (cols + group_size - 1) / group_size;
+}
+
+// codes [rows, packed_nbytes(cols, bits)] uint8 and, when given, stats [rows, groups, 2] bfloat16,
+// both on the CPU. Returns them contiguous.
+std::pair<at::Tensor, at::Tensor> check_codes_and_stats(const at::Tensor& codes,
+                                                        const std::optional<at::Tensor>& stats, int64_t cols,
+                                                        int64_t bits, int64_t group_size) {
+  TORCH_CHECK(cols >= 0, "cols must be >= 0, got ", cols);
+  check_group_size(group_size);
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK(codes.dim() == 2 && codes.size(1) == packed_nbytes(cols, bits), "codes must be [rows, ",
+              packed_nbytes(cols, bits), "] (ceil(cols / 8) * bits bytes a row for cols = ", cols,
+              ", bits = ", bits, "), got shape ", codes.sizes());
+  if (!stats.has_value()) {
+    return {codes.contiguous(), at::Tensor()};
+  }
+  TORCH_CHECK(stats->scalar_type() == at::kBFloat16, "stats must be bfloat16, got ", stats->scalar_type());
+  TORCH_CHECK(stats->device() == codes.device(), "stats must be on the device of codes (", codes.device(),
+              "), got ", stats->device());
+  const int64_t groups = num_groups(cols, group_size);
+  TORCH_CHECK(stats->dim() == 3 && stats->size(0) == codes.size(0) && stats->size(1) == groups &&
+                  stats->size(2) == 2,
+              "stats must be [rows, ceil(cols / group_size), 2] = [", codes.size(0), ", ", groups,
+              ", 2], got shape ", stats->sizes());
+  return {codes.contiguous(), stats->contiguous()};
+}
+
+// float32 v rounded to a bfloat16 value toward +inf (up) or -inf: truncating the low 16 bits
+// rounds toward zero, so step one bfloat16 ulp away from zero where that went the wrong way.
+float round_bfloat16(float v, bool up) {
+  uint32_t word;
+  std::memcpy(&word, &v, sizeof word);
+  word &= 0xFFFF0000u;
+  float truncated;
+  std::memcpy(&truncated, &word, sizeof word);
+  if (up ? truncated < v : truncated > v) {
+    word += 0x10000u;
+    std::memcpy(&truncated, &word, sizeof word);
+  }
+  return truncated;
+}
+
+// ---- auxiliary_sign_forward ----
+
+template <typename T>
+void auxiliary_sign_rows(const T* x, int64_t rows, int64_t cols, double eps, bool nonnegative, T* x_aux,
+                         uint8_t* signs) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t row_bytes = packed_nbytes(cols, 1);
+  const acc_t up = static_cast<acc_t>(eps), down = nonnegative ? acc_t(0) : -up;  // eps * s(x)
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * cols;
+      T* ar = x_aux + r * cols;
+      for (int64_t byte = 0; byte < row_bytes; ++byte) {
+        const int64_t c0 = byte * 8, n = std::min<int64_t>(8, cols - c0);
+        uint8_t packed = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t v = static_cast<acc_t>(xr[c0 + j]);
+          const bool positive = v > 0;
+          packed |= static_cast<uint8_t>(positive) << j;
+          ar[c0 + j] = static_cast<T>(v + (positive ? up : down));
+        }
+        signs[r * row_bytes + byte] = packed;
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> auxiliary_sign_forward(const at::Tensor& x_in, double eps, bool nonnegative) {
+  check_rows(x_in, "x");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), cols = x.size(1);
+  at::Tensor x_aux = at::empty_like(x);
+  at::Tensor signs = at::empty({rows, packed_nbytes(cols, 1)}, x.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "auxiliary_sign_forward", [&] {
+    auxiliary_sign_rows<scalar_t>(x.const_data_ptr<scalar_t>(), rows, cols, eps, nonnegative,
+                                  x_aux.mutable_data_ptr<scalar_t>(), signs.mutable_data_ptr<uint8_t>());
+  });
+  return {x_aux, signs};
+}
+
+// ---- quantize_groups ----
+
+// Codes and (min, scale) of every group of row `row` (cols values at x).
+template <int64_t kBits, typename T>
+void quantize_row(const T* x, int64_t row, int64_t cols, int64_t group_size, uint64_t seed, uint8_t* codes,
+                  at::BFloat16* stats, uint8_t* q) {
+  constexpr float kTop = static_cast<float>((1 << kBits) - 1);
+  constexpr float kNoiseScale = 1.0f / (1 << 24);
+  for (int64_t c0 = 0, g = 0; c0 < cols; c0 += group_size, ++g) {
+    const int64_t n = std::min(group_size, cols - c0);
+    float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+    bool finite = true;
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = static_cast<float>(x[c0 + j]);
+      finite &= std::isfinite(v);
+      lo = std::min(lo, v);
+      hi = std::max(hi, v);
+    }
+    float mn = std::numeric_limits<float>::quiet_NaN(), scale = mn;
+    if (finite) {
+      mn = round_bfloat16(lo, /*up=*/false);
+      scale = round_bfloat16((hi - mn) / kTop, /*up=*/true);
+    }
+    stats[2 * g] = mn;  // exact: both are bfloat16 values
+    stats[2 * g + 1] = scale;
+    // Value (row, c) takes output c % 4 of Philox at counter (c / 4, 0, row, 0); c0 % 8 == 0.
+    at::Philox4_32 philox(seed, static_cast<uint64_t>(row), static_cast<uint64_t>(c0 / 4));
+    for (int64_t j = 0; j < n; ++j) {
+      const float u = static_cast<float>(philox() >> 8) * kNoiseScale;
+      const float level = std::floor((static_cast<float>(x[c0 + j]) - mn) / scale + u);
+      q[j] = std::isnan(level) ? 0 : static_cast<uint8_t>(std::clamp(level, 0.0f, kTop));
+    }
+    const int64_t whole = (n + 7) / 8;
+    std::fill(q + n, q + whole * 8, 0);
+    pack_groups<kBits>(q, whole, codes + c0 / 8 * kBits);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_groups(const at::Tensor& x_in, int64_t bits, int64_t group_size,
+                                                   const at::Tensor& seed) {
+  check_rows(x_in, "x");
+  check_group_size(group_size);
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1 && seed.device().is_cpu(),
+              "seed must be an int64 scalar tensor on the CPU, got ", seed.scalar_type(), " of shape ",
+              seed.sizes(), " on ", seed.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const auto key = static_cast<uint64_t>(seed.item<int64_t>());
+  at::Tensor codes = at::empty({rows, packed_nbytes(cols, bits)}, x.options().dtype(at::kByte));
+  at::Tensor stats = at::empty({rows, num_groups(cols, group_size), 2}, x.options().dtype(at::kBFloat16));
+  dispatch_code_bits(bits, [&](auto k) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_groups", [&] {
+      const scalar_t* xs = x.const_data_ptr<scalar_t>();
+      uint8_t* cs = codes.mutable_data_ptr<uint8_t>();
+      at::BFloat16* ss = stats.mutable_data_ptr<at::BFloat16>();
+      const int64_t row_bytes = codes.size(1), row_stats = stats.size(1) * 2;
+      at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+        std::vector<uint8_t> q((group_size + 7) / 8 * 8);
+        for (int64_t r = begin; r < end; ++r) {
+          quantize_row<k.value>(xs + r * cols, r, cols, group_size, key, cs + r * row_bytes, ss + r * row_stats,
+                                q.data());
+        }
+      });
+    });
+  });
+  return {codes, stats};
+}
+
+// ---- dequantize_groups, weight_grad_from_codes ----
+
+// out[c] = min + scale * code (from stats, or lo and step when stats is null) for the cols codes of
+// one row.
+template <int64_t kBits, typename out_t>
+void dequantize_row(const uint8_t* codes, const at::BFloat16* stats, int64_t cols, int64_t group_size, float lo,
+                    float step, out_t* out) {
+  uint8_t q[8];
+  for (int64_t c0 = 0; c0 < cols; c0 += 8) {
+    const int64_t g = c0 / group_size;
+    const float mn = stats ? static_cast<float>(stats[2 * g]) : lo;
+    const float scale = stats ? static_cast<float>(stats[2 * g + 1]) : step;
+    unpack_groups<kBits>(codes + c0 / 8 * kBits, 1, q);
+    for (int64_t j = 0; j < std::min<int64_t>(8, cols - c0); ++j) {
+      out[c0 + j] = static_cast<out_t>(mn + scale * static_cast<float>(q[j]));
+    }
+  }
+}
+
+// Rows [begin, end) of the coded tensor dequantized into out [end - begin, cols].
+template <typename out_t>
+void dequantize_rows(const at::Tensor& codes, const at::Tensor& stats, int64_t begin, int64_t end, int64_t cols,
+                     int64_t bits, int64_t group_size, double lo, double step, out_t* out) {
+  const uint8_t* cs = codes.const_data_ptr<uint8_t>();
+  const at::BFloat16* ss = stats.defined() ? stats.const_data_ptr<at::BFloat16>() : nullptr;
+  const int64_t row_bytes = codes.size(1), row_stats = num_groups(cols, group_size) * 2;
+  dispatch_code_bits(bits, [&](auto k) {
+    at::parallel_for(begin, end, row_grain(cols), [&](int64_t first, int64_t last) {
+      for (int64_t r = first; r < last; ++r) {
+        dequantize_row<k.value>(cs + r * row_bytes, ss ? ss + r * row_stats : nullptr, cols, group_size,
+                                static_cast<float>(lo), static_cast<float>(step), out + (r - begin) * cols);
+      }
+    });
+  });
+}
+
+at::Tensor dequantize_groups(const at::Tensor& codes_in, const std::optional<at::Tensor>& stats_in, int64_t cols,
+                             int64_t bits, int64_t group_size, double lo, double step, at::ScalarType dtype) {
+  const auto [codes, stats] = check_codes_and_stats(codes_in, stats_in, cols, bits, group_size);
+  at::Tensor out = at::empty({codes.size(0), cols}, codes.options().dtype(dtype));
+  check_floating(out, "dtype");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "dequantize_groups", [&] {
+    dequantize_rows<scalar_t>(codes, stats, 0, codes.size(0), cols, bits, group_size, lo, step,
+                              out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor weight_grad_from_codes(const at::Tensor& grad_out, const at::Tensor& codes_in,
+                                  const std::optional<at::Tensor>& stats_in, int64_t cols, int64_t bits,
+                                  int64_t group_size, double lo, double step) {
+  check_rows(grad_out, "grad_out");
+  const auto [codes, stats] = check_codes_and_stats(codes_in, stats_in, cols, bits, group_size);
+  TORCH_CHECK(codes.device() == grad_out.device(), "codes must be on the device of grad_out (",
+              grad_out.device(), "), got ", codes.device());
+  const int64_t rows = grad_out.size(0);
+  TORCH_CHECK(codes.size(0) == rows, "codes must have a row for each of the ", rows, " rows of grad_out, got ",
+              codes.size(0));
+  // Blocks of rows dequantized into one buffer and accumulated by the BLAS: x_hat never exists whole.
+  constexpr int64_t kBlockRows = 256;
+  const at::ScalarType acc_type = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor grad_weight = at::zeros({grad_out.size(1), cols}, grad_out.options().dtype(acc_type));
+  at::Tensor x_hat = at::empty({std::min(kBlockRows, rows), cols}, grad_weight.options());
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows) {
+    const int64_t n = std::min(kBlockRows, rows - r0);
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "weight_grad_from_codes", [&] {
+      dequantize_rows<scalar_t>(codes, stats, r0, r0 + n, cols, bits, group_size, lo, step,
+                                x_hat.mutable_data_ptr<scalar_t>());
+    });
+    grad_weight.addmm_(grad_out.narrow(0, r0, n).t().to(acc_type), x_hat.narrow(0, 0, n));
+  }
+  return grad_weight.to(grad_out.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memkernels, CPU, m) {
+  m.impl("auxiliary_sign_forward", &auxiliary_sign_forward);
+  m.impl("quantize_groups", &quantize_groups);
+  m.impl("dequantize_groups", &dequantize_groups);
+  m.impl("weight_grad_from_codes", &weight_grad_from_codes);
+}
+
+}  // namespace memkernels::cpu::CPU_CAPABILITY

@@ -1,0 +1,177 @@
+"""linear and conv2d whose autograd keeps only a code of the input (see memkernels.compress)."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from memkernels import ops
+
+MODES = ("asa", "int8", "int4", "int2")
+_INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class _CodeFormat:
+    """How to read the codes [rows, packed bytes] and stats (None for the sign code) that backward
+    keeps of an input [rows, cols]: the arguments of the op dequantize_groups."""
+
+    cols: int
+    bits: int
+    group_size: int
+    lo: float = 0.0
+    step: float = 0.0
+
+    def weight_grad(self, grad_out: torch.Tensor, codes: torch.Tensor, stats) -> torch.Tensor:
+        """grad_out [rows, out]^T @ x_hat -> [out, cols]."""
+        return ops.weight_grad_from_codes(grad_out, codes, stats, self.cols, self.bits, self.group_size,
+                                          self.lo, self.step)
+
+    def dequantize(self, codes: torch.Tensor, stats, dtype: torch.dtype) -> torch.Tensor:
+        return ops.dequantize_groups(codes, stats, self.cols, self.bits, self.group_size, self.lo,
+                                     self.step, dtype)
+
+
+def check_save(save, eps: float, nonnegative, group_size: int) -> None:
+    """Raise ValueError / TypeError naming the bad argument of a compressed layer."""
+    if save is not None and save not in MODES:
+        raise ValueError(f"save must be None or one of {MODES}, got {save!r}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if nonnegative not in (None, True, False):
+        raise TypeError(f"nonnegative must be None (detect), True or False, got {nonnegative!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
+        raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
+
+
+def _encode(x: torch.Tensor, save: str, eps: float, nonnegative, group_size: int):
+    """(what forward computes with, codes, stats, _CodeFormat) for x [rows, cols]."""
+    if save == "asa":
+        if nonnegative is None:  # one reduction; give nonnegative to skip it
+            nonnegative = bool((x >= 0).all())
+        x_aux, signs = ops.auxiliary_sign_forward(x, float(eps), nonnegative)
+        lo, step = (0.0, 1.0) if nonnegative else (-1.0, 2.0)  # s(x) from the bit [x > 0]
+        return x_aux, signs, None, _CodeFormat(x.shape[1], 1, group_size, lo, step)
+    bits = _INT_BITS[save]
+    seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64)  # torch's default CPU generator
+    codes, stats = ops.quantize_groups(x, bits, group_size, seed)
+    return x, codes, stats, _CodeFormat(x.shape[1], bits, group_size)
+
+
+def _check_layer_inputs(input: torch.Tensor, weight: torch.Tensor, bias) -> None:
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.device != input.device:
+            raise ValueError(f"{name} must be on the device of input ({input.device}), got {t.device}")
+        if t.dtype != input.dtype:
+            raise TypeError(f"{name} must have the dtype of input ({input.dtype}), got {t.dtype}")
+
+
+def _under_autocast(input, weight, bias):
+    """torch's autocast rule for linear and conv2d (cast to the autocast dtype), then autocast off
+    so that the autograd function runs in that one dtype."""
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return (input, weight, bias), contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = [t if t is None or not t.is_floating_point() else t.to(dtype) for t in (input, weight, bias)]
+    return tuple(cast), torch.autocast(device_type, enabled=False)
+
+
+class _CodedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, save, eps, nonnegative, group_size):
+        x = input.reshape(-1, input.shape[-1])
+        x_forward, codes, stats, ctx.code_format = _encode(x, save, eps, nonnegative, group_size)
+        y = F.linear(x_forward, weight, bias)
+        ctx.save_for_backward(weight, codes, stats)
+        ctx.input_shape, ctx.has_bias = input.shape, bias is not None
+        return y.reshape(*input.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        weight, codes, stats = ctx.saved_tensors
+        g = grad_y.reshape(-1, weight.shape[0])
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = (g @ weight).reshape(ctx.input_shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = ctx.code_format.weight_grad(g, codes, stats).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0).to(weight.dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+class _CodedConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups, save, eps, nonnegative,
+                group_size):
+        x = input.contiguous()
+        x_forward, codes, stats, ctx.code_format = _encode(x.reshape(x.shape[0], -1), save, eps, nonnegative,
+                                                           group_size)
+        y = F.conv2d(x_forward.view(x.shape), weight, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(weight, codes, stats)
+        ctx.conv = (input.shape, bias is not None, stride, padding, dilation, groups)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        weight, codes, stats = ctx.saved_tensors
+        input_shape, has_bias, stride, padding, dilation, groups = ctx.conv
+        # The input's values matter only for the weight gradient: dequantized whole, for the
+        # duration of this call (convolution_backward has no tile-wise form to hook into).
+        x_hat = ctx.code_format.dequantize(codes, stats, weight.dtype)
+        needs = ctx.needs_input_grad
+        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_y, x_hat.view(input_shape), weight, [weight.shape[0]] if has_bias else None, stride,
+            padding, dilation, False, [0, 0], groups, [needs[0], needs[1], has_bias and needs[2]])
+        return (grad_input, grad_weight, grad_bias) + (None,) * 8
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, save: str | None = None,
+           *, eps: float = 0.01, nonnegative: bool | None = None, group_size: int = 256) -> torch.Tensor:
+    """torch.nn.functional.linear that keeps ``save``'s code of ``input`` for backward.
+
+    input (..., in_features) float32/bfloat16/float16, weight (out_features, in_features), bias
+    (out_features,) of input's dtype and device -> (..., out_features). ``save``: None | "asa" |
+    "int8" | "int4" | "int2" (see memkernels.compress); ``eps`` and ``nonnegative`` (None: detect
+    with one reduction over input) apply to "asa", ``group_size`` (a multiple of 8) to "intk".
+    """
+    check_save(save, eps, nonnegative, group_size)
+    if save is None:
+        return F.linear(input, weight, bias)
+    (input, weight, bias), mode = _under_autocast(input, weight, bias)
+    _check_layer_inputs(input, weight, bias)
+    if input.dim() == 0 or input.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"input must be (..., {weight.shape[-1]}) for weight {tuple(weight.shape)}, "
+                         f"got {tuple(input.shape)}")
+    with mode:
+        return _CodedLinear.apply(input, weight, bias, save, eps, nonnegative, group_size)
+
+
+def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+           dilation=1, groups: int = 1, save: str | None = None, *, eps: float = 0.01,
+           nonnegative: bool | None = None, group_size: int = 256) -> torch.Tensor:
+    """torch.nn.functional.conv2d (integer padding) that keeps ``save``'s code of ``input`` for
+    backward; input (N, C, H, W) or (C, H, W), arguments as in :func:`linear`."""
+    check_save(save, eps, nonnegative, group_size)
+    if save is None:
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    if isinstance(padding, str):
+        raise ValueError("conv2d with save needs integer padding; mk.nn.Conv2d turns 'same' / 'valid' "
+                         "into explicit padding")
+    (input, weight, bias), mode = _under_autocast(input, weight, bias)
+    _check_layer_inputs(input, weight, bias)
+    if input.dim() not in (3, 4):
+        raise ValueError(f"input must be (N, C, H, W) or (C, H, W), got shape {tuple(input.shape)}")
+    pair = torch.nn.modules.utils._pair
+    batched = input if input.dim() == 4 else input.unsqueeze(0)
+    with mode:
+        y = _CodedConv2d.apply(batched, weight, bias, pair(stride), pair(padding), pair(dilation), groups, save,
+                               eps, nonnegative, group_size)
+    return y if input.dim() == 4 else y.squeeze(0)

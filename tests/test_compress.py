@@ -1,0 +1,379 @@
+"""Compressed saved inputs (memkernels.compress): the ops against memkernels/reference.py, and
+mk.nn.Linear / Conv2d against their own rules, torch's layers, and the bytes they keep."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import memkernels as mk
+from memkernels import ops, reference as R
+from memkernels.activations.spec import packed_nbytes
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 1), (3, 7), (5, 300), (2, 1023), (1, 4097), (0, 9), (9, 0)]
+
+
+def same_values(a, b):
+    """Equal, NaN where the other is NaN (NaN payloads may differ)."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(torch.nan_to_num(a.float()), torch.nan_to_num(b.float()))
+
+
+def awkward(rows, cols, dtype, device="cpu"):
+    """Random values with a constant row, a NaN and an Inf where the shape allows."""
+    x = torch.randn(rows, cols, device=device) * 3
+    if rows > 2 and cols > 0:
+        x[2] = 0.37
+    if rows > 1 and cols > 3:
+        x[1, 3] = float("nan")
+        x[0, cols - 1] = float("inf")
+    return x.to(dtype)
+
+
+# ---- ops ----
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_groups_matches_reference(shape, dtype):
+    x = awkward(*shape, dtype)
+    for bits in (1, 2, 4, 8):
+        for group_size in (8, 64, 256):
+            seed = torch.tensor(bits * 1000 + group_size)
+            codes, stats = ops.quantize_groups(x, bits, group_size, seed)
+            want_codes, want_stats = R.quantize_groups(x, bits, group_size, seed)
+            assert codes.shape == (shape[0], packed_nbytes(shape[1], bits))
+            assert torch.equal(codes, want_codes), (bits, group_size)
+            assert stats.dtype == torch.bfloat16 and same_values(stats, want_stats), (bits, group_size)
+            x_hat = ops.dequantize_groups(codes, stats, shape[1], bits, group_size, 0.0, 0.0, dtype)
+            want = R.dequantize_groups(codes, stats, shape[1], bits, group_size, 0.0, 0.0, dtype)
+            torch.testing.assert_close(x_hat, want, equal_nan=True)
+
+
+def test_quantize_groups_bounds_and_stats():
+    x = torch.randn(64, 1000) * torch.logspace(-3, 3, 64)[:, None]
+    for bits in (2, 4, 8):
+        codes, stats = ops.quantize_groups(x, bits, 256, torch.tensor(5))
+        x_hat = ops.dequantize_groups(codes, stats, 1000, bits, 256, 0.0, 0.0, torch.float32)
+        scale = stats[..., 1].float().repeat_interleave(256, dim=1)[:, :1000]
+        # Every value is within one step of its code, and the stats bracket the group.
+        assert ((x_hat - x).abs() <= scale * 1.0001).all()
+        mn = stats[..., 0].float().repeat_interleave(256, dim=1)[:, :1000]
+        assert (mn <= x).all() and (x <= mn + scale * (2 ** bits - 1)).all()
+
+
+def test_stochastic_rounding_is_unbiased():
+    # One row repeated: every copy gets its own noise (the counter holds the row), so the mean
+    # over copies estimates the expectation of the dequantized value.
+    torch.manual_seed(0)
+    row = torch.randn(1, 300)
+    x = row.expand(8192, 300).contiguous()
+    for bits in (2, 4):
+        codes, stats = ops.quantize_groups(x, bits, 256, torch.tensor(11))
+        x_hat = ops.dequantize_groups(codes, stats, 300, bits, 256, 0.0, 0.0, torch.float32)
+        scale = stats[0, :, 1].float().repeat_interleave(256)[:300]
+        # The error of one value is within [-scale, scale], variance <= scale^2 / 4: 6 sigma.
+        assert ((x_hat.mean(0) - row[0]).abs() <= 6 * scale / (2 * math.sqrt(8192))).all()
+        # Deterministic rounding would be biased: the mean error is not ~0 for a fixed code.
+        assert (x_hat[0] != x_hat[1]).any()
+
+
+def test_seed_decides_codes():
+    x = torch.randn(4, 64)
+    a = ops.quantize_groups(x, 2, 64, torch.tensor(1))[0]
+    assert torch.equal(a, ops.quantize_groups(x, 2, 64, torch.tensor(1))[0])
+    assert not torch.equal(a, ops.quantize_groups(x, 2, 64, torch.tensor(2))[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_auxiliary_sign_forward_matches_reference(shape, dtype):
+    x = awkward(*shape, dtype)
+    x[..., :1] = 0.0  # sign(0): the bit is 0 (s = -1, or 0 when nonnegative)
+    for nonnegative in (False, True):
+        x_aux, signs = ops.auxiliary_sign_forward(x, 0.05, nonnegative)
+        want_aux, want_signs = R.auxiliary_sign_forward(x, 0.05, nonnegative)
+        assert signs.shape == (shape[0], packed_nbytes(shape[1], 1))
+        assert torch.equal(signs, want_signs)
+        assert x_aux.dtype == dtype and same_values(x_aux, want_aux)
+
+
+def test_auxiliary_sign_forward_non_contiguous():
+    x = torch.randn(40, 30).t()
+    x_aux, signs = ops.auxiliary_sign_forward(x, 0.01, False)
+    want_aux, want_signs = R.auxiliary_sign_forward(x.contiguous(), 0.01, False)
+    assert torch.equal(signs, want_signs) and torch.equal(x_aux, want_aux)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_weight_grad_from_codes_matches_reference(dtype):
+    torch.manual_seed(1)
+    for rows, cols, out in [(1, 1, 1), (7, 13, 5), (600, 300, 17), (0, 8, 3)]:
+        x = torch.randn(rows, cols, dtype=dtype)
+        g = torch.randn(out, rows, dtype=dtype).t()  # non-contiguous grad_out
+        codes, stats = ops.quantize_groups(x, 4, 64, torch.tensor(3))
+        got = ops.weight_grad_from_codes(g, codes, stats, cols, 4, 64, 0.0, 0.0)
+        want = R.weight_grad_from_codes(g, codes, stats, cols, 4, 64, 0.0, 0.0)
+        assert got.dtype == dtype and got.shape == (out, cols)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(rows, 1))
+        signs = ops.auxiliary_sign_forward(x, 0.01, False)[1]
+        got = ops.weight_grad_from_codes(g, signs, None, cols, 1, 256, -1.0, 2.0)
+        want = g.to(torch.float64).t() @ torch.where(x > 0, 1.0, -1.0).to(torch.float64)
+        torch.testing.assert_close(got.to(torch.float64), want, rtol=tol, atol=tol * max(rows, 1))
+
+
+def test_weight_grad_nan_stays_in_its_group():
+    x = torch.randn(4, 32)
+    x[1, 20] = float("nan")
+    codes, stats = ops.quantize_groups(x, 8, 16, torch.tensor(0))
+    gw = ops.weight_grad_from_codes(torch.ones(4, 2), codes, stats, 32, 8, 16, 0.0, 0.0)
+    assert gw[:, 16:].isnan().all() and not gw[:, :16].isnan().any()
+
+
+def test_op_errors():
+    x = torch.randn(4, 16)
+    seed = torch.tensor(0)
+    with pytest.raises(RuntimeError, match="bits must be one of 1, 2, 4, 8"):
+        ops.quantize_groups(x, 3, 8, seed)
+    with pytest.raises(RuntimeError, match="group_size must be a positive multiple of 8"):
+        ops.quantize_groups(x, 2, 12, seed)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        ops.quantize_groups(x.to(torch.int32), 2, 8, seed)
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        ops.quantize_groups(x[0], 2, 8, seed)
+    with pytest.raises(RuntimeError, match="seed must be an int64 scalar tensor on the CPU"):
+        ops.quantize_groups(x, 2, 8, torch.tensor(0.5))
+    codes, stats = ops.quantize_groups(x, 2, 8, seed)
+    with pytest.raises(RuntimeError, match="codes must be \\[rows, 6\\]"):
+        ops.dequantize_groups(codes, stats, 15 + 9, 2, 8, 0.0, 0.0, torch.float32)
+    with pytest.raises(RuntimeError, match="stats must be \\[rows, ceil"):
+        ops.dequantize_groups(codes, stats[:, :1], 16, 2, 8, 0.0, 0.0, torch.float32)
+    with pytest.raises(RuntimeError, match="stats must be bfloat16"):
+        ops.dequantize_groups(codes, stats.float(), 16, 2, 8, 0.0, 0.0, torch.float32)
+    with pytest.raises(RuntimeError, match="codes must have a row for each of the 3 rows"):
+        ops.weight_grad_from_codes(torch.randn(3, 2), codes, stats, 16, 2, 8, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        ops.auxiliary_sign_forward(x.to(torch.int64), 0.01, False)
+
+
+# ---- layers ----
+
+def drawn_seed(seed):
+    """The seed a coded layer draws after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    return torch.randint(0, 2 ** 62, (), dtype=torch.int64)
+
+
+def run_layer(layer, x, seed=0):
+    """(y, grad_x, grad_weight, grad_bias) of layer(x) under torch.manual_seed(seed), for a fixed
+    upstream gradient."""
+    x = x.detach().requires_grad_()
+    torch.manual_seed(seed)
+    y = layer(x)
+    g = torch.linspace(-1, 1, y.numel(), dtype=torch.float32).reshape(y.shape).to(y.dtype)
+    y.backward(g)
+    bias_grad = layer.bias.grad if layer.bias is not None else None
+    return y, x.grad, layer.weight.grad, bias_grad, g
+
+
+@pytest.mark.parametrize("save", ["int8", "int4", "int2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 40), (2, 3, 7), (40,), (0, 16)])
+def test_linear_int_codes(save, dtype, shape):
+    torch.manual_seed(0)
+    torch_layer = torch.nn.Linear(shape[-1], 6, dtype=dtype)
+    layer = mk.nn.Linear.from_torch(torch_layer, save, group_size=8)
+    x = torch.randn(shape, dtype=dtype)
+    y_want, gx_want, _, gb_want, g = run_layer(torch_layer, x)
+    torch_layer.weight.grad = torch_layer.bias.grad = None
+    y, gx, gw, gb, _ = run_layer(layer, x, seed=3)
+    # Forward and input gradient are torch's exactly; the weight gradient is g^T @ x_hat.
+    assert torch.equal(y, y_want) and torch.equal(gx, gx_want) and torch.equal(gb, gb_want)
+    bits = int(save[3:])
+    codes, stats = R.quantize_groups(x.reshape(-1, shape[-1]), bits, 8, drawn_seed(3))
+    want = R.weight_grad_from_codes(g.reshape(-1, 6), codes, stats, shape[-1], bits, 8, 0.0, 0.0)
+    torch.testing.assert_close(gw, want, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("nonnegative", [None, True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_asa_rule(nonnegative, dtype):
+    torch.manual_seed(0)
+    layer = mk.nn.Linear(24, 5, dtype=dtype, save="asa", eps=0.1, nonnegative=nonnegative)
+    x = torch.randn(3, 4, 24, dtype=dtype)
+    if nonnegative:
+        x = x.relu()
+    y, gx, gw, gb, g = run_layer(layer, x)
+    positive = (x > 0).to(torch.float32)
+    detected = nonnegative if nonnegative is not None else bool((x >= 0).all())
+    s = positive if detected else 2 * positive - 1
+    w = layer.weight.float()
+    y_want = TF.linear((x.float() + 0.1 * s).to(dtype).float(), w, layer.bias.float())
+    torch.testing.assert_close(y.float(), y_want, rtol=1e-2, atol=1e-2)
+    g2 = g.reshape(-1, 5).float()
+    torch.testing.assert_close(gw.float(), g2.t() @ s.reshape(-1, 24), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gx.float(), (g2 @ w).reshape(x.shape), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gb.float(), g2.sum(0), rtol=1e-2, atol=1e-2)
+
+
+def test_linear_asa_detects_nonnegative_inputs():
+    layer = mk.nn.Linear(8, 2, bias=False, save="asa")
+    x = torch.rand(4, 8)
+    x[0, 0] = 0.0
+    _, _, gw, _, g = run_layer(layer, x)
+    torch.testing.assert_close(gw, g.t() @ (x > 0).float())  # 0/1, not +-1
+
+
+@pytest.mark.parametrize("save", ["asa", "int4"])
+def test_linear_without_bias_and_frozen_parts(save):
+    layer = mk.nn.Linear(16, 4, bias=False, save=save)
+    x = torch.randn(3, 16)
+    layer.weight.requires_grad_(False)
+    x.requires_grad_()
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is None
+    layer.weight.requires_grad_(True)
+    layer(x.detach()).sum().backward()
+    assert layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("save", ["asa", "int8", "int4", "int2"])
+def test_linear_bytes_kept(save):
+    rows, cols = 32, 1024
+    x = torch.randn(rows, cols, dtype=torch.bfloat16, requires_grad=True)
+    torch_layer = torch.nn.Linear(cols, 64, dtype=torch.bfloat16)
+    layer = mk.nn.Linear.from_torch(torch_layer, save)
+    kept = mk.profile.saved_bytes(layer, x)
+    torch_kept = mk.profile.saved_bytes(torch_layer, x)
+    assert torch_kept == rows * cols * 2
+    if save == "asa":
+        assert kept == rows * cols // 8 and kept * 16 == torch_kept
+    else:
+        bits = int(save[3:])
+        assert kept == rows * cols * bits // 8 + rows * (cols // 256) * 4
+        assert kept * 16 == torch_kept * (bits + 0.125)
+
+
+@pytest.mark.parametrize("save", ["asa", "int4"])
+def test_linear_under_autocast(save):
+    torch.manual_seed(0)
+    torch_layer = torch.nn.Linear(32, 8)
+    layer = mk.nn.Linear.from_torch(torch.nn.Linear(32, 8), save, nonnegative=False)
+    layer.load_state_dict(torch_layer.state_dict())
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_want = torch_layer(x)
+        y = layer(x)
+    assert y.dtype == y_want.dtype == torch.bfloat16
+    if save == "int4":
+        assert torch.equal(y, y_want)
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("save", ["asa", "int2"])
+def test_linear_compiles_without_graph_breaks(save):
+    layer = mk.nn.Linear(16, 8, save=save, nonnegative=False)
+    x = torch.randn(4, 16, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    assert y.shape == (4, 8) and layer.weight.grad is not None and x.grad is not None
+
+
+def test_linear_state_dict_and_repr():
+    torch_layer = torch.nn.Linear(8, 3)
+    layer = mk.nn.Linear(8, 3, save="int2", group_size=64)
+    layer.load_state_dict(torch_layer.state_dict())
+    assert list(layer.state_dict()) == list(torch_layer.state_dict())
+    assert "save='int2', group_size=64" in repr(layer)
+    assert isinstance(layer, torch.nn.Linear)
+
+
+def test_linear_save_none_is_torch():
+    torch.manual_seed(0)
+    torch_layer = torch.nn.Linear(8, 3)
+    layer = mk.nn.Linear.from_torch(torch_layer, None)
+    x = torch.randn(2, 8)
+    assert torch.equal(layer(x), torch_layer(x))
+    assert mk.profile.saved_bytes(layer, x.requires_grad_()) == x.nbytes
+
+
+def test_layer_argument_errors():
+    with pytest.raises(ValueError, match="save must be None or one of"):
+        mk.nn.Linear(4, 4, save="int3")
+    with pytest.raises(ValueError, match="group_size must be a positive multiple of 8"):
+        mk.nn.Linear(4, 4, save="int4", group_size=100)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        mk.nn.Linear(4, 4, save="asa", eps=0)
+    layer = mk.nn.Linear(4, 4, save="int4")
+    with pytest.raises(TypeError, match="input must be a floating-point tensor"):
+        layer(torch.ones(2, 4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="weight must have the dtype of input"):
+        layer(torch.ones(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"input must be \(\.\.\., 4\)"):
+        layer(torch.ones(2, 5))
+    with pytest.raises(ValueError, match="linear must be None or one of"):
+        mk.convert(torch.nn.Linear(2, 2), linear="int16")
+
+
+@pytest.mark.parametrize("save", ["asa", "int8", "int2"])
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, stride=2, dilation=2, groups=2),
+    dict(kernel_size=(3, 1), padding="same", padding_mode="reflect", bias=False),
+])
+def test_conv2d_against_its_rule(save, conv):
+    torch.manual_seed(0)
+    torch_layer = torch.nn.Conv2d(4, 6, **conv)
+    layer = mk.nn.Conv2d.from_torch(torch_layer, save, group_size=16, nonnegative=False)
+    x = torch.randn(2, 4, 9, 7)
+    y_want, gx_want, _, gb_want, g = run_layer(torch_layer, x)
+    torch_layer.zero_grad(set_to_none=True)  # the layers share parameters
+    y, gx, gw, gb, _ = run_layer(layer, x, seed=5)
+    torch.testing.assert_close(gx, gx_want)  # the input gradient needs only W, in every mode
+    if save != "asa":
+        assert torch.equal(y, y_want)
+    if conv.get("bias", True):
+        torch.testing.assert_close(gb, gb_want)
+    # The weight gradient of the padded input's code, as the rule says.
+    padded = x
+    if conv.get("padding") == "same":
+        padded = TF.pad(x, torch_layer._reversed_padding_repeated_twice, mode="reflect")
+        conv_padding = 0
+    else:
+        conv_padding = torch_layer.padding
+    flat = padded.reshape(2, -1)
+    if save == "asa":
+        x_hat = torch.where(flat > 0, 1.0, -1.0)
+    else:
+        bits = int(save[3:])
+        codes, stats = R.quantize_groups(flat, bits, 16, drawn_seed(5))
+        x_hat = R.dequantize_groups(codes, stats, flat.shape[1], bits, 16, 0.0, 0.0, torch.float32)
+    want = torch.nn.grad.conv2d_weight(x_hat.view(padded.shape), torch_layer.weight.shape, g,
+                                       torch_layer.stride, conv_padding, torch_layer.dilation, torch_layer.groups)
+    torch.testing.assert_close(gw, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_unbatched_and_bytes():
+    layer = mk.nn.Conv2d(3, 4, 3, save="int4", group_size=64)
+    x = torch.randn(3, 8, 8, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (4, 6, 6)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert mk.profile.saved_bytes(layer, x) == 3 * 64 * 4 // 8 + 3 * 4
+
+
+def test_convert_swaps_layers_and_keeps_parameters():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 10))
+    keys, params = list(model.state_dict()), list(model.parameters())
+    model, report = mk.convert(model, bits=None, linear="int4", conv2d="asa", return_report=True)
+    assert isinstance(model[0], mk.nn.Conv2d) and model[0].save == "asa"
+    assert isinstance(model[3], mk.nn.Linear) and model[3].save == "int4"
+    assert list(model.state_dict()) == keys
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert len(report.swapped) == 3
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    assert all(p.grad is not None for p in params)
