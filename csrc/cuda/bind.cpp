@@ -1,6 +1,6 @@
-// Python bindings of the CUDA C++ activation kernels, compiled by the host compiler (pybind11 and
-// torch/extension.h are slow to parse under nvcc). memkernels/ops/_cuda.py registers these
-// functions as the CUDA kernels of the ops when the CUDA C++ backend is chosen.
+// Python bindings of the CUDA C++ kernels (activations, auxiliary sign), compiled by the host
+// compiler (pybind11 and torch/extension.h are slow to parse under nvcc). memkernels/ops/_cuda.py
+// registers these functions as the CUDA kernels of the ops when the CUDA C++ backend is chosen.
 #include <torch/extension.h>
 
 #include "cuda/kernels.h"
@@ -20,6 +20,9 @@ void bind(pybind11::module_& m) {
   m.def("gated_backward", &gated_backward, arg("grad_out"), arg("saved_a"), arg("b"),
         arg("activation"), arg("bits"), arg("levels"), arg("value_levels"),
         "(g * b * f'(a), g * f(a)); f', f = levels[code], value_levels[code] when bits > 0.");
+  m.def("auxiliary_sign_forward", &auxiliary_sign_forward, arg("x"), arg("eps"),
+        arg("nonnegative"),
+        "(x + eps * s(x), signs [x > 0] packed 1 bit a value, ceil(cols / 8) bytes a row) of 2-D x.");
 }
 
 }  // namespace memkernels::cuda

@@ -1,7 +1,8 @@
-// CUDA C++ kernels of the fused activation ops (csrc/cuda/activations.cu) and their Python
-// bindings (csrc/cuda/bind.cpp). They cover GELU, GELU-tanh and SiLU in activation_forward, every
-// activation in activation_backward (which only multiplies by f'), and every gate in the gated
-// ops; signatures and results are those of the ops in csrc/ops.cpp (memkernels/reference.py).
+// CUDA C++ kernels of the fused activation ops (csrc/cuda/activations.cu) and of the auxiliary
+// sign activation (csrc/cuda/compress.cu), and their Python bindings (csrc/cuda/bind.cpp). They
+// cover GELU, GELU-tanh and SiLU in activation_forward, every activation in activation_backward
+// (which only multiplies by f'), every gate in the gated ops, and auxiliary_sign_forward;
+// signatures and results are those of the ops in csrc/ops.cpp (memkernels/reference.py).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -34,7 +35,12 @@ std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& grad_out,
                                                   const std::optional<at::Tensor>& levels,
                                                   const std::optional<at::Tensor>& value_levels);
 
-// Adds the four functions above to the module memkernels._C (called from csrc/bindings.cpp).
+// (x + eps * s(x), signs packed 1 bit a value, ceil(cols / 8) bytes a row) of x [rows, cols]:
+// s(x) = +1 / -1 for x > 0 / otherwise (1 / 0 when nonnegative).
+std::tuple<at::Tensor, at::Tensor> auxiliary_sign_forward(const at::Tensor& x, double eps,
+                                                          bool nonnegative);
+
+// Adds the five functions above to the module memkernels._C (called from csrc/bindings.cpp).
 void bind(pybind11::module_& m);
 
 }  // namespace memkernels::cuda

@@ -1,0 +1,281 @@
+"""The Triton kernels of the compressed saved inputs (memkernels/triton/compress.py) held against
+memkernels/reference.py: codes, stats, signs and dequantized values bit for bit, the weight
+gradient to a tolerance (it sums in another order, and 16-bit dtypes multiply x_hat rounded).
+
+On a GPU they run on CUDA tensors; without one, on CPU tensors under TRITON_INTERPRET=1 (small
+shapes: rows <= 64, and tl.dot is slow there).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Before memkernels.triton decorates its kernels (tests/conftest.py sets it too).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+from memkernels import reference as ref  # noqa: E402
+from memkernels.triton import activations as tk  # noqa: E402
+from memkernels.triton import compress as tc  # noqa: E402
+from memkernels.triton import pack as tk_pack  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not tk._interpreted():
+    # Something imported the kernels before TRITON_INTERPRET was set: decorate them again.
+    os.environ["TRITON_INTERPRET"] = "1"
+    importlib.reload(tk_pack)
+    importlib.reload(tk)
+    importlib.reload(tc)
+
+# The interpreter evaluates with numpy, which warns on the overflows that inf inputs cause.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+BITS = (1, 2, 4, 8)
+COLS = (1, 7, 77, 1023)
+SEEDS = (0, -1, 2**40 + 5)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def assert_exact(actual, expected):
+    """Equal values, NaN where NaN, same dtype and shape (-0.0 == 0.0)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0, equal_nan=True)
+
+
+def make_rows(rows, cols, dtype, specials=True):
+    """Normal values times 3 [rows, cols]; with `specials`, row 0 holds NaN, row 1 +-Inf, row 2 a
+    constant run and row 3 values near the float32 range, where they exist."""
+    x = torch.randn(rows, cols, dtype=torch.float64) * 3
+    if specials and cols:
+        if rows > 0:
+            x[0, cols // 2] = float("nan")
+        if rows > 1:
+            x[1, 0] = float("inf")
+            x[1, -1] = -float("inf")
+        if rows > 2:
+            x[2, :40] = 1.3
+        if rows > 3 and dtype in (torch.float32, torch.float64):
+            x[3, ::2] = 3e38
+            x[3, 1::2] = -3e38
+        if rows > 4:
+            x[4, :8] = -0.0
+    return x.to(dtype).to(DEVICE)
+
+
+def seed_tensor(seed):
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("nonnegative", (False, True))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cols", COLS)
+def test_auxiliary_sign_forward(cols, dtype, nonnegative):
+    x = make_rows(6, cols, dtype)
+    x_aux, signs = tc.auxiliary_sign_forward(x, 0.01, nonnegative)
+    x_aux_ref, signs_ref = ref.auxiliary_sign_forward(x.cpu(), 0.01, nonnegative)
+    assert_exact(x_aux.cpu(), x_aux_ref)
+    assert signs.dtype == torch.uint8 and torch.equal(signs.cpu(), signs_ref)
+
+
+@pytest.mark.parametrize("group_size", (8, 24, 256))
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("cols", COLS)
+def test_quantize_groups(cols, bits, group_size):
+    x = make_rows(6, cols, torch.float32)
+    for seed in SEEDS:
+        codes, stats = tc.quantize_groups(x, bits, group_size, seed_tensor(seed))
+        codes_ref, stats_ref = ref.quantize_groups(x.cpu(), bits, group_size, seed_tensor(seed))
+        assert codes.dtype == torch.uint8 and codes.shape == codes_ref.shape
+        assert torch.equal(codes.cpu(), codes_ref), (codes.cpu() != codes_ref).nonzero()[:8].tolist()
+        assert_exact(stats.cpu(), stats_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_groups_dtypes(dtype):
+    x = make_rows(7, 300, dtype)
+    codes, stats = tc.quantize_groups(x, 4, 64, seed_tensor(123))
+    codes_ref, stats_ref = ref.quantize_groups(x.cpu(), 4, 64, seed_tensor(123))
+    assert torch.equal(codes.cpu(), codes_ref)
+    assert_exact(stats.cpu(), stats_ref)
+
+
+def test_quantize_groups_noise_and_special_groups():
+    # Constant groups code 0 (0 / 0), groups with NaN or Inf get NaN stats and code 0, and the
+    # noise is reference.rounding_noise: a stride-2 view checks the kernel reads x by its strides.
+    x = torch.linspace(-1, 1, 2 * 64 * 40, device=DEVICE).view(64, 80)[:, ::2]
+    x[0] = 0.25
+    x[1, 5] = float("nan")
+    x[2, 33] = -float("inf")
+    assert not x.is_contiguous()
+    codes, stats = tc.quantize_groups(x, 2, 8, seed_tensor(7))
+    codes_ref, stats_ref = ref.quantize_groups(x.cpu(), 2, 8, seed_tensor(7))
+    assert torch.equal(codes.cpu(), codes_ref)
+    assert_exact(stats.cpu(), stats_ref)
+    values = tc.dequantize_groups(codes, stats, 40, 2, 8, 0.0, 0.0, torch.float32).cpu()
+    assert torch.equal(values[0], torch.full((40,), 0.25))
+    assert values[1, :8].isnan().all() and not values[1, 8:].isnan().any()
+    assert values[2, 32:40].isnan().all()
+
+
+def test_quantize_groups_is_unbiased():
+    x = torch.rand(16, 64, device=DEVICE) * 4 - 2
+    mean = torch.zeros_like(x, dtype=torch.float64)
+    seeds = 64
+    for seed in range(seeds):
+        codes, stats = tc.quantize_groups(x, 2, 32, seed_tensor(seed))
+        mean += tc.dequantize_groups(codes, stats, 64, 2, 32, 0.0, 0.0, torch.float64)
+    # Each estimate is within one step (<= 4 / 3) of x: the mean of 64 has std <= 0.09.
+    assert (mean / seeds - x.double()).abs().mean() < 0.05
+
+
+def random_codes(rows, cols, bits, group_size, with_nan=True):
+    codes = torch.randint(0, 256, (rows, (cols + 7) // 8 * bits), dtype=torch.uint8, device=DEVICE)
+    groups = -(-cols // group_size)
+    stats = (torch.randn(rows, groups, 2, device=DEVICE) * 3).to(torch.bfloat16)
+    if with_nan and rows and groups:
+        stats[0, 0] = float("nan")
+    return codes, stats
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("cols", COLS)
+def test_dequantize_groups(cols, bits, dtype):
+    codes, stats = random_codes(5, cols, bits, 24)
+    got = tc.dequantize_groups(codes, stats, cols, bits, 24, 0.0, 0.0, dtype)
+    want = ref.dequantize_groups(codes.cpu(), stats.cpu(), cols, bits, 24, 0.0, 0.0, dtype)
+    assert_exact(got.cpu(), want)
+    # Without stats (the sign code): lo + step * code, lo and step rounded to float32.
+    got = tc.dequantize_groups(codes, None, cols, bits, 24, -0.1, 0.2, dtype)
+    want = ref.dequantize_groups(codes.cpu(), None, cols, bits, 24, -0.1, 0.2, dtype)
+    assert_exact(got.cpu(), want)
+
+
+# (atol, rtol) of the weight gradient, relative to max |result|: float32 and float64 multiply
+# exactly and only sum in another order; 16-bit grad_out multiplies x_hat rounded to its dtype.
+WEIGHT_GRAD_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2,
+                         torch.float16: 4e-3}
+
+
+def assert_weight_grad_close(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = WEIGHT_GRAD_TOLERANCE[want.dtype] * max(1.0, want.double().abs().max().item())
+    torch.testing.assert_close(got.cpu().double(), want.double(), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weight_grad_from_codes(dtype, bits):
+    rows, out, cols = 50, 20, 77
+    x = make_rows(rows, cols, torch.float32, specials=False)
+    codes, stats = tc.quantize_groups(x, bits, 24, seed_tensor(1))
+    grad = torch.randn(rows, out, device=DEVICE).to(dtype)
+    got = tc.weight_grad_from_codes(grad, codes, stats, cols, bits, 24, 0.0, 0.0)
+    want = ref.weight_grad_from_codes(grad.cpu(), codes.cpu(), stats.cpu(), cols, bits, 24, 0.0, 0.0)
+    assert_weight_grad_close(got, want)
+
+
+@pytest.mark.parametrize("cols", COLS)
+def test_weight_grad_from_signs(cols):
+    # The sign code: x_hat = lo + step * bit, here -1 / +1; grad_out a transposed view.
+    x = make_rows(64, cols, torch.float32, specials=False)
+    _, signs = tc.auxiliary_sign_forward(x, 0.01, False)
+    grad = torch.randn(33, 64, device=DEVICE).t()
+    assert not grad.is_contiguous()
+    got = tc.weight_grad_from_codes(grad, signs, None, cols, 1, 8, -1.0, 2.0)
+    want = ref.weight_grad_from_codes(grad.cpu(), signs.cpu(), None, cols, 1, 8, -1.0, 2.0)
+    assert_weight_grad_close(got, want)
+    assert torch.allclose(want, grad.cpu().t() @ torch.where(x.cpu() > 0, 1.0, -1.0), atol=1e-4)
+
+
+def test_weight_grad_strided_grad_and_nan_group():
+    rows, cols = 40, 100
+    codes, stats = random_codes(rows, cols, 4, 32, with_nan=True)
+    grad = torch.randn(rows, 2 * 24, device=DEVICE, dtype=torch.bfloat16)[:, ::2]
+    got = tc.weight_grad_from_codes(grad, codes, stats, cols, 4, 32, 0.0, 0.0)
+    want = ref.weight_grad_from_codes(grad.cpu(), codes.cpu(), stats.cpu(), cols, 4, 32, 0.0, 0.0)
+    assert got[:, :32].isnan().all() and not got[:, 32:].isnan().any()
+    assert_weight_grad_close(got[:, 32:], want[:, 32:])
+
+
+def test_empty():
+    for rows, cols in ((0, 13), (3, 0), (0, 0)):
+        x = torch.empty(rows, cols, device=DEVICE)
+        x_aux, signs = tc.auxiliary_sign_forward(x, 0.01, False)
+        assert x_aux.shape == (rows, cols) and signs.shape == (rows, (cols + 7) // 8)
+        codes, stats = tc.quantize_groups(x, 4, 16, seed_tensor(0))
+        assert codes.shape == (rows, (cols + 7) // 8 * 4) and stats.shape == (rows, -(-cols // 16), 2)
+        assert stats.dtype == torch.bfloat16
+        values = tc.dequantize_groups(codes, stats, cols, 4, 16, 0.0, 0.0, torch.bfloat16)
+        assert values.shape == (rows, cols) and values.dtype == torch.bfloat16
+        grad = torch.randn(rows, 5, device=DEVICE)
+        grad_weight = tc.weight_grad_from_codes(grad, codes, stats, cols, 4, 16, 0.0, 0.0)
+        assert torch.equal(grad_weight.cpu(), torch.zeros(5, cols))
+
+
+def _validation_cases():
+    x = torch.zeros(4, 20, device=DEVICE)
+    seed = seed_tensor(0)
+    codes = torch.zeros(4, 12, dtype=torch.uint8, device=DEVICE)  # 4 bits, 20 columns
+    stats = torch.zeros(4, 2, 2, dtype=torch.bfloat16, device=DEVICE)  # group_size 16
+    grad = torch.zeros(4, 3, device=DEVICE)
+    return [
+        (lambda: tc.auxiliary_sign_forward(x.long(), 0.01, False), TypeError, "x must be float"),
+        (lambda: tc.auxiliary_sign_forward(x[0], 0.01, False), ValueError, "x must be 2-D"),
+        (lambda: tc.quantize_groups(x, 3, 16, seed), ValueError, r"bits must be one of \(1, 2, 4, 8\)"),
+        (lambda: tc.quantize_groups(x, 4.0, 16, seed), TypeError, "bits must be an int"),
+        (lambda: tc.quantize_groups(x, 4, 12, seed), ValueError, "group_size must be a positive multiple of 8"),
+        (lambda: tc.quantize_groups(x, 4, 0, seed), ValueError, "group_size must be >= 8"),
+        (lambda: tc.quantize_groups(x, 4, 16, 0), ValueError, "seed must be an int64 scalar tensor"),
+        (lambda: tc.quantize_groups(x, 4, 16, seed.int()), ValueError, "seed must be an int64 scalar"),
+        (lambda: tc.quantize_groups(x, 4, 16, torch.zeros(2, dtype=torch.int64)), ValueError,
+         "seed must be an int64 scalar"),
+        (lambda: tc.quantize_groups(x.view(2, 2, 20), 4, 16, seed), ValueError, "x must be 2-D"),
+        (lambda: tc.dequantize_groups(codes.float(), stats, 20, 4, 16, 0, 0, torch.float32), TypeError,
+         "codes must be uint8"),
+        (lambda: tc.dequantize_groups(codes[:, :8], stats, 20, 4, 16, 0, 0, torch.float32), ValueError,
+         r"codes must be \[rows, ceil\(cols / 8\) \* bits\] = \[rows, 12\]"),
+        (lambda: tc.dequantize_groups(codes, stats.float(), 20, 4, 16, 0, 0, torch.float32), TypeError,
+         "stats must be bfloat16"),
+        (lambda: tc.dequantize_groups(codes, stats[:, :1], 20, 4, 16, 0, 0, torch.float32), ValueError,
+         r"stats must be \[rows, ceil\(cols / group_size\), 2\] = \[4, 2, 2\]"),
+        (lambda: tc.dequantize_groups(codes, stats, 20, 4, 16, 0, 0, torch.int32), TypeError,
+         "dtype must be float"),
+        (lambda: tc.dequantize_groups(codes, stats, -1, 4, 16, 0, 0, torch.float32), ValueError,
+         "cols must be >= 0"),
+        (lambda: tc.weight_grad_from_codes(grad[:3], codes, stats, 20, 4, 16, 0, 0), ValueError,
+         "codes must have a row for each of the 3 rows of grad_out"),
+        (lambda: tc.weight_grad_from_codes(grad.int(), codes, stats, 20, 4, 16, 0, 0), TypeError,
+         "grad_out must be float"),
+        (lambda: tc.weight_grad_from_codes(grad[0], codes, stats, 20, 4, 16, 0, 0), ValueError,
+         "grad_out must be 2-D"),
+        (lambda: tc.weight_grad_from_codes(grad, codes, stats, 20, 8, 16, 0, 0), ValueError,
+         r"codes must be \[rows, ceil\(cols / 8\) \* bits\] = \[rows, 24\]"),
+        (lambda: tc.auxiliary_sign_forward(x.to("meta"), 0.01, False), ValueError,
+         "must be a CUDA tensor"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_validation_cases())))
+def test_validation(case):
+    call, error, message = _validation_cases()[case]
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs two devices")
+def test_validation_devices():
+    codes = torch.zeros(4, 12, dtype=torch.uint8, device=DEVICE)
+    stats = torch.zeros(4, 2, 2, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="stats is on cpu"):
+        tc.dequantize_groups(codes, stats, 20, 4, 16, 0, 0, torch.float32)
+    with pytest.raises(ValueError, match="codes is on cpu"):
+        tc.weight_grad_from_codes(torch.zeros(4, 3, device=DEVICE), codes.cpu(), None, 20, 4, 16, 0, 0)
