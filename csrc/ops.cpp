@@ -22,4 +22,8 @@ TORCH_LIBRARY(memkernels, m) {
   // Pack uint8 codes (< 2**bits) k bits an element; the layout is in memkernels/reference.py.
   m.def("pack_bits(Tensor codes, int bits) -> Tensor");
   m.def("unpack_bits(Tensor packed, int bits, int numel) -> Tensor");
+  // (e @ B) * derivative: e (N, K), B (K, out_features) the random feedback matrix of (seed, layer)
+  // with entries uniform in [-scale, scale], generated from Philox and never stored (the rule is
+  // in memkernels/reference.py); derivative (N, out_features) in e's dtype, or None.
+  m.def("feedback_project(Tensor e, int seed, int layer, int out_features, float scale, Tensor? derivative) -> Tensor");
 }

@@ -164,3 +164,4 @@ class GeGLU(_GLU):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         return F.geglu(*self._halves(a, b), self.approximate, bits=self.bits)
+from memkernels.feedback.layers import FAConv2d, FALinear  # noqa: E402,F401  (random feedback layers)

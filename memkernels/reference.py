@@ -196,3 +196,79 @@ def gated_backward(grad_out, saved_a, b, act, bits, levels, value_levels):
         d = levels.to(g.device, cd)[c].view(g.shape)
         v = value_levels.to(g.device, cd)[c].view(g.shape)
     return (g * b.to(cd) * d).to(grad_out.dtype), (g * v).to(grad_out.dtype)
+
+
+# ---- random feedback matrices ----------------------------------------------------------------
+#
+# B (rows, cols) of layer `layer` is never stored: every kernel regenerates it from Philox4x32-10
+# exactly as Triton's tl.randint4x(key, offset) does, so CPU, Triton and CUDA give the same bits:
+#
+#   key     = (seed, layer) as two uint32 words: Triton's 64-bit seed (layer << 32) | seed
+#   counter = (offset mod 2**32, offset >> 32, 0, 0),  offset = (row // 4) * cols + col
+#   r       = word (row % 4) of Philox4x32-10(counter, key)   (one call gives 4 rows of a column)
+#   B[row, col] = float32(int32(r)) * float32(scale * 2**-31)
+#
+# so B is uniform in [-scale, scale] (mean 0, variance scale**2 / 3). Both factors of the last
+# product are exact float32 numbers (an int32 rounds to float32 the same way everywhere, and
+# scale * 2**-31 only shifts the exponent), so the one rounding of the product is the same on
+# every device. B depends on nothing else: not on the tiling, the batch size or the device.
+
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_UINT32 = 0xFFFFFFFF
+PHILOX_ROUNDS = 10  # tl.randint's default
+
+
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 as triton.language.random.philox_impl computes it, on int64 tensors holding
+    uint32 values (products of two uint32 fit in 64 bits only unsigned, so they are split)."""
+    def mul_hi_lo(a: int, x: torch.Tensor):
+        # a * x = a * (x_hi * 2**16 + x_lo): each part < 2**48, no int64 overflow.
+        lo_part = a * (x & 0xFFFF)
+        hi_part = a * (x >> 16)
+        low = (lo_part + ((hi_part & 0xFFFF) << 16))
+        high = (hi_part >> 16) + (low >> 32)
+        return high & _UINT32, low & _UINT32
+
+    for _ in range(rounds):
+        hi_b, lo_b = mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _UINT32
+        k1 = (k1 + _PHILOX_KEY_B) & _UINT32
+    return c0, c1, c2, c3
+
+
+def check_feedback_key(seed: int, layer: int) -> None:
+    """The key words must be uint32; layer < 2**31 keeps Triton's 64-bit seed positive."""
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    if not 0 <= layer < 2**31:
+        raise ValueError(f"layer must be in [0, 2**31), got {layer}")
+
+
+def feedback_matrix(seed: int, layer: int, rows: int, cols: int, scale: float,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """The feedback matrix B (rows, cols), float32, materialised (see the comment above)."""
+    check_feedback_key(seed, layer)
+    row = torch.arange(rows, device=device, dtype=torch.int64)[:, None]
+    col = torch.arange(cols, device=device, dtype=torch.int64)[None, :]
+    offset = (row // 4) * cols + col
+    zero = torch.zeros_like(offset)
+    words = philox4x32(offset & _UINT32, offset >> 32, zero, zero, seed, layer)
+    r = torch.stack(words).gather(0, (row % 4).expand(rows, cols)[None])[0]
+    r = torch.where(r >= 2**31, r - 2**32, r)  # the int32 of the same bits
+    step = torch.tensor(scale, dtype=torch.float32) * 2.0**-31
+    return r.to(torch.float32) * step.to(device)
+
+
+def feedback_project(e, seed, layer, out_features, scale, derivative):
+    """Reference of ``memkernels::feedback_project``: (e @ B) * derivative, B = feedback_matrix(
+    seed, layer, e.shape[1], out_features, scale); derivative (N, out_features) or None.
+    Computed in float32 (float64 for float64) and cast to e's dtype once."""
+    cd = _compute_dtype(e)
+    b = feedback_matrix(seed, layer, e.shape[1], out_features, scale, e.device).to(cd)
+    out = e.to(cd) @ b
+    if derivative is not None:
+        out = out * derivative.to(cd)
+    return out.to(e.dtype)
