@@ -174,12 +174,12 @@ def test_dfa_update_is_the_projected_output_error():
 
 
 def test_fused_path_equals_autograd_through_the_activation():
-    """A lone Tanh takes the fused kernel; Tanh + Identity goes through autograd: same update."""
+    """In MEM-DFA a lone Tanh takes the fused kernel; Tanh + Identity goes through autograd."""
     torch.manual_seed(0)
     fused = mlp(2)
     unfused = nn.Sequential(*[nn.Sequential(m, nn.Identity()) if isinstance(m, nn.Tanh) else m for m in fused])
     x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
-    for g1, g2 in zip(grads_of_step(fused, "dfa", x, y), grads_of_step(unfused, "dfa", x, y)):
+    for g1, g2 in zip(grads_of_step(fused, "memdfa", x, y), grads_of_step(unfused, "memdfa", x, y)):
         torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
 
 

@@ -20,8 +20,8 @@ output, and the loss's gradient with respect to the last a is the output error e
   output was computed with the old weights, so every update equals DFA's.
 
 B_l is never stored: memkernels.ops.feedback_project generates it from Philox keyed by (seed, l).
-When post_l is a single ReLU, Tanh, Sigmoid, SiLU or GELU, DFA and MEM-DFA take the fused path:
-the activation op keeps f'(a_l) and one kernel computes delta_l = (e B_l) * f'(a_l).
+When post_l is a single ReLU, Tanh, Sigmoid, SiLU or GELU, MEM-DFA takes the fused path: the
+activation op gives f'(a_l) and one kernel computes delta_l = (e B_l) * f'(a_l).
 """
 from __future__ import annotations
 
@@ -188,14 +188,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             h = self.prefix(x)
-        kept = []
+        pending = []
         for block in self.blocks[:-1]:
-            a, out = self._block_forward(block, h)
-            kept.append((a, out))
-            h = (out[0] if isinstance(out, tuple) else out).detach()
+            h, kept = self._block_forward(block, h, fused=False)
+            pending.append(kept)
         loss, e = self._output_error(self.blocks[-1], h, y)
-        for layer, (block, (a, h)) in enumerate(zip(self.blocks, kept)):
-            self._block_backward(block, layer, a, h, e)
+        for layer, kept in enumerate(pending):
+            self._block_backward(layer, kept, e)
         self.optimizer.step()
         return loss
 
@@ -209,10 +208,9 @@ class Trainer:
         with torch.no_grad():
             h = self.prefix(x)
         for layer, block in enumerate(self.blocks[:-1]):  # pass 2: one block's graph at a time
-            a, out = self._block_forward(block, h)
-            self._block_backward(block, layer, a, out, e)
-            h = (out[0] if isinstance(out, tuple) else out).detach()
-            del a, out
+            h, kept = self._block_forward(block, h, fused=True)
+            self._block_backward(layer, kept, e)
+            del kept
             self._apply(block)  # after h was computed with the old weights: DFA's update
         loss, _ = self._output_error(self.blocks[-1], h, y)
         self._apply(self.blocks[-1])
@@ -227,26 +225,28 @@ class Trainer:
             h = block.post(block.weight(h))
         return h
 
-    def _block_forward(self, block: Block, x: torch.Tensor):
-        """(a, h) of a hidden block with its graph; on the fused path h comes from the activation op
-        and a carries f'(a) as `a.feedback_derivative`, with no graph through the activation."""
+    def _block_forward(self, block: Block, x: torch.Tensor, fused: bool):
+        """(h, pending) of a hidden block: h detached for the next block; pending what _block_backward
+        needs: (h with its graph, None), or with `fused` where post is a lone activation, (a with its
+        graph, f'(a)) from the activation op, with no graph through the activation. DFA does not
+        fuse: holding a and f'(a) of every block until e is known would keep more than autograd
+        keeps through the activation (its output, which is the next block's saved input)."""
         a = block.weight(x)
-        act = _fused_activation(block.post[0]) if len(block.post) == 1 else None
+        act = _fused_activation(block.post[0]) if fused and len(block.post) == 1 else None
         if act is None:
-            return a, block.post(a)
+            h = block.post(a)
+            return h.detach(), (h, None)
         h, derivative = ops.activation_forward(a.detach(), int(act), 0.0, 0.0, 0, None)
-        return a, (h, derivative)
+        return h, (a, derivative)
 
-    def _block_backward(self, block: Block, layer: int, a, h, e: torch.Tensor) -> None:
-        """Gradients of block `layer` from dL/dh := e B_l."""
-        if isinstance(h, tuple):  # fused: delta = (e B) * f'(a) in one kernel
-            derivative = h[1]
-            delta = ops.feedback_project(e, self.seed, layer, derivative[0].numel(), self._dfa_scale(e),
-                                         derivative.reshape(len(e), -1))
-            a.backward(delta.view_as(a))
-            return
-        g = ops.feedback_project(e, self.seed, layer, h[0].numel(), self._dfa_scale(e))
-        h.backward(g.view_as(h))
+    def _block_backward(self, layer: int, pending, e: torch.Tensor) -> None:
+        """Gradients of hidden block `layer` from dL/dh := e B_l."""
+        root, derivative = pending
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(max(1, e.shape[1]))
+        if derivative is not None:  # fused: delta = (e B) * f'(a) in one kernel
+            derivative = derivative.reshape(len(e), -1)
+        grad = ops.feedback_project(e, self.seed, layer, root[0].numel(), scale, derivative)
+        root.backward(grad.view_as(root))
 
     def _output_error(self, block: Block, x: torch.Tensor, y, update: bool = True):
         """(loss, e (N, K)) of the last block on input x; with `update` its parameter gradients too."""
@@ -264,9 +264,6 @@ class Trainer:
             else:
                 (e,) = torch.autograd.grad(loss, a)
         return loss.detach(), e.reshape(len(e), -1)
-
-    def _dfa_scale(self, e: torch.Tensor) -> float:
-        return self.scale if self.scale is not None else 1.0 / math.sqrt(max(1, e.shape[1]))
 
     def _apply(self, block: Block) -> None:
         """Step the optimizer on this block's gradients alone, then drop them."""
