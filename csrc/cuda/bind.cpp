@@ -1,5 +1,5 @@
-// Python bindings of the CUDA C++ activation kernels, compiled by the host compiler (pybind11 and
-// torch/extension.h are slow to parse under nvcc). memkernels/ops/_cuda.py registers these
+// Python bindings of the CUDA C++ kernels (activations, feedback_project), compiled by the host
+// compiler (pybind11 and torch/extension.h are slow to parse under nvcc). memkernels/ops/_cuda.py registers these
 // functions as the CUDA kernels of the ops when the CUDA C++ backend is chosen.
 #include <torch/extension.h>
 
@@ -20,6 +20,9 @@ void bind(pybind11::module_& m) {
   m.def("gated_backward", &gated_backward, arg("grad_out"), arg("saved_a"), arg("b"),
         arg("activation"), arg("bits"), arg("levels"), arg("value_levels"),
         "(g * b * f'(a), g * f(a)); f', f = levels[code], value_levels[code] when bits > 0.");
+  m.def("feedback_project", &feedback_project, arg("e"), arg("seed"), arg("layer"), arg("out_features"),
+        arg("scale"), arg("derivative"),
+        "(e @ B) * derivative, B of (seed, layer) generated from Philox in the kernel, never stored.");
 }
 
 }  // namespace memkernels::cuda

@@ -1,5 +1,6 @@
-// CUDA C++ kernels of the fused activation ops (csrc/cuda/activations.cu) and their Python
-// bindings (csrc/cuda/bind.cpp). They cover GELU, GELU-tanh and SiLU in activation_forward, every
+// CUDA C++ kernels of the fused activation ops (csrc/cuda/activations.cu), of feedback_project
+// (csrc/cuda/feedback.cu), and their Python bindings (csrc/cuda/bind.cpp). The activation kernels
+// cover GELU, GELU-tanh and SiLU in activation_forward, every
 // activation in activation_backward (which only multiplies by f'), and every gate in the gated
 // ops; signatures and results are those of the ops in csrc/ops.cpp (memkernels/reference.py).
 #pragma once
@@ -34,7 +35,11 @@ std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& grad_out,
                                                   const std::optional<at::Tensor>& levels,
                                                   const std::optional<at::Tensor>& value_levels);
 
-// Adds the four functions above to the module memkernels._C (called from csrc/bindings.cpp).
+// (e @ B) * derivative, B (K, out_features) of (seed, layer) generated from Philox in the kernel.
+at::Tensor feedback_project(const at::Tensor& e, int64_t seed, int64_t layer, int64_t out_features,
+                            double scale, const std::optional<at::Tensor>& derivative);
+
+// Adds the five functions above to the module memkernels._C (called from csrc/bindings.cpp).
 void bind(pybind11::module_& m);
 
 }  // namespace memkernels::cuda
