@@ -42,4 +42,8 @@ TORCH_LIBRARY(memkernels, m) {
   // The weight gradient of a Linear from its coded input: grad_out^T [out, rows] @ x_hat [rows, cols],
   // x_hat dequantized tile by tile as in dequantize_groups and never whole; grad_out's dtype.
   m.def("weight_grad_from_codes(Tensor grad_out, Tensor codes, Tensor? stats, int cols, int bits, int group_size, float lo, float step) -> Tensor");
+  // (e @ B) * derivative: e (N, K), B (K, out_features) the random feedback matrix of (seed, layer)
+  // with entries uniform in [-scale, scale], generated from Philox and never stored (the rule is
+  // in memkernels/reference.py); derivative (N, out_features) in e's dtype, or None.
+  m.def("feedback_project(Tensor e, int seed, int layer, int out_features, float scale, Tensor? derivative) -> Tensor");
 }

@@ -5,11 +5,12 @@
     model = mk.convert(model, bits=3)     # swap a model's torch activations in place
     mk.profile.saved_bytes(model, x)      # bytes autograd keeps for backward
     plan = mk.checkpoint.plan(model, (x,), budget="2GB")   # recompute under a memory budget
+    trainer = mk.feedback.Trainer(model, rule="memdfa", loss=F.cross_entropy, optimizer=opt)
 """
-from memkernels import checkpoint, functional, nn, ops, profile
+from memkernels import checkpoint, feedback, functional, nn, ops, profile
 from memkernels.activations.elementwise import Elementwise, elementwise
 from memkernels.convert import ConversionReport, convert
 
 __version__ = "0.1.0"
-__all__ = ["checkpoint", "functional", "nn", "ops", "profile", "convert", "ConversionReport", "elementwise",
+__all__ = ["checkpoint", "feedback", "functional", "nn", "ops", "profile", "convert", "ConversionReport", "elementwise",
            "Elementwise", "__version__"]

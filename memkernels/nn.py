@@ -18,7 +18,8 @@ from memkernels.activations.spec import check_bits
 from memkernels.compress import coded_input
 
 __all__ = ["GELU", "SiLU", "Mish", "Softplus", "ELU", "SELU", "CELU", "LeakyReLU", "ReLU",
-           "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "SwiGLU", "GeGLU", "Linear", "Conv2d"]
+           "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "SwiGLU", "GeGLU", "Linear", "Conv2d", "FALinear",
+           "FAConv2d"]
 
 
 class _FusedActivation(nn.Module):
@@ -255,3 +256,6 @@ class Conv2d(_CodedInput, nn.Conv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._save_repr()}"
+
+
+from memkernels.feedback.layers import FAConv2d, FALinear  # noqa: E402,F401  (random feedback layers)

@@ -84,3 +84,50 @@ def peak_memory(fn, *args, backward: bool = True, device: torch.device | str | N
         level += e.nbytes()
         peak = max(peak, level)
     return peak
+
+
+def peak_saved_bytes(fn, *args, **kwargs) -> int:
+    """The most bytes autograd holds for backward at one moment while ``fn(*args, **kwargs)`` runs.
+
+    A storage counts from when a tensor of it is saved until the last of its saved tensors is
+    released (its graph freed by backward, or dropped), at its full size, parameters excluded as in
+    saved_bytes. saved_bytes sums everything saved over the call; this is the high-water mark, which
+    is what falls when a method frees one part of the graph before building the next.
+    """
+    skip = _parameter_storages(fn, args)
+    live: dict[int, list[int]] = {}  # storage pointer -> [saved tensors holding it, bytes]
+    level = peak = 0
+
+    class Saved:
+        __slots__ = ("tensor", "key", "__weakref__")
+
+        def __init__(self, tensor: torch.Tensor, key: int | None):
+            self.tensor, self.key = tensor, key
+
+        def __del__(self):
+            nonlocal level
+            if self.key is not None:
+                entry = live[self.key]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    level -= entry[1]
+                    del live[self.key]
+
+    def pack(t: torch.Tensor):
+        nonlocal level, peak
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if isinstance(t, nn.Parameter) or key in skip:
+            return Saved(t, None)
+        entry = live.setdefault(key, [0, 0])
+        entry[0] += 1
+        if storage.nbytes() > entry[1]:
+            level += storage.nbytes() - entry[1]
+            entry[1] = storage.nbytes()
+            peak = max(peak, level)
+        return Saved(t, key)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved.tensor):
+        out = fn(*args, **kwargs)
+    del out
+    return peak

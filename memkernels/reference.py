@@ -201,45 +201,21 @@ def gated_backward(grad_out, saved_a, b, act, bits, levels, value_levels):
 # Compressed saved inputs (memkernels/compress). Inputs are 2-D [rows, cols]; each row's codes are
 # packed on their own into packed_nbytes(cols, bits) bytes (see csrc/ops.cpp).
 
-_MASK32 = 0xFFFFFFFF
-
-
-def _mul32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit halves of a * b for a (int64 tensor < 2**32) and b (< 2**32), exactly:
-    the 64-bit product overflows int64, so multiply by b's 16-bit halves."""
-    lo_part, hi_part = a * (b & 0xFFFF), a * (b >> 16)  # each < 2**48
-    low = lo_part + ((hi_part & 0xFFFF) << 16)
-    return ((hi_part >> 16) + (low >> 32)) & _MASK32, low & _MASK32
-
-
-def philox4x32(seed: int, counter: tuple) -> tuple[torch.Tensor, ...]:
-    """Philox4x32-10 (Salmon et al. 2011) of key = seed (uint64) and counter (c0, c1, c2, c3), each
-    an int64 tensor or int < 2**32: the same function as ATen's at::Philox4_32 and Triton's
-    tl.philox. Returns the 4 outputs as int64 tensors < 2**32."""
-    c = [torch.as_tensor(v, dtype=torch.int64) for v in counter]
-    c = [v.expand(torch.broadcast_shapes(*(u.shape for u in c))) for v in c]
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for _ in range(10):
-        hi_a, lo_a = _mul32(c[0], 0xD2511F53)
-        hi_b, lo_b = _mul32(c[2], 0xCD9E8D57)
-        c = [hi_b ^ c[1] ^ k0, lo_b, hi_a ^ c[3] ^ k1, lo_a]
-        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
-    return tuple(c)
-
-
 def rounding_noise(seed: int, rows: int, cols: int) -> torch.Tensor:
     """u [rows, cols] float32 in [0, 1) of quantize_groups: value (r, c) takes output c % 4 of
-    Philox with key `seed` and counter (c // 4, 0, r, 0), its top 24 bits scaled by 2**-24."""
-    r = torch.arange(rows, dtype=torch.int64)[:, None]
-    c = torch.arange(cols, dtype=torch.int64)[None, :]
-    outputs = torch.stack(philox4x32(seed, (c // 4, 0, r, 0)))  # [4, rows, cols]
+    Philox4x32-10 with key `seed` (low word first) and counter (c // 4, 0, r, 0), as ATen's
+    at::Philox4_32(seed, subsequence=r, offset=c // 4) gives it; its top 24 bits scaled by 2**-24."""
+    r = torch.arange(rows, dtype=torch.int64)[:, None].expand(rows, cols)
+    c = torch.arange(cols, dtype=torch.int64)[None, :].expand(rows, cols)
+    zero = torch.zeros_like(c)
+    outputs = torch.stack(philox4x32(c // 4, zero, r & _UINT32, r >> 32, seed & _UINT32, (seed >> 32) & _UINT32))
     chosen = outputs.gather(0, (c % 4).expand(rows, cols)[None])[0]
     return (chosen >> 8).to(torch.float32) * 2.0 ** -24
 
 
 def _round_bfloat16(v: torch.Tensor, up: bool) -> torch.Tensor:
     """float32 v rounded to a bfloat16 value toward +inf (up) or -inf, returned as float32."""
-    bits = v.view(torch.int32).to(torch.int64) & _MASK32
+    bits = v.view(torch.int32).to(torch.int64) & _UINT32
     trunc = ((bits & 0xFFFF0000) - ((bits & 0x80000000) << 1)).to(torch.int32).view(torch.float32)
     # Truncation rounds toward zero; step one bf16 ulp away from zero where that went the wrong way.
     wrong = (trunc < v) if up else (trunc > v)
@@ -313,3 +289,79 @@ def weight_grad_from_codes(grad_out, codes, stats, cols, bits, group_size, lo, s
     cd = _compute_dtype(grad_out)
     x_hat = dequantize_groups(codes, stats, cols, bits, group_size, lo, step, cd)
     return (grad_out.to(cd).t() @ x_hat).to(grad_out.dtype)
+
+
+# ---- random feedback matrices ----------------------------------------------------------------
+#
+# B (rows, cols) of layer `layer` is never stored: every kernel regenerates it from Philox4x32-10
+# exactly as Triton's tl.randint4x(key, offset) does, so CPU, Triton and CUDA give the same bits:
+#
+#   key     = (seed, layer) as two uint32 words: Triton's 64-bit seed (layer << 32) | seed
+#   counter = (offset mod 2**32, offset >> 32, 0, 0),  offset = (row // 4) * cols + col
+#   r       = word (row % 4) of Philox4x32-10(counter, key)   (one call gives 4 rows of a column)
+#   B[row, col] = float32(int32(r)) * float32(scale * 2**-31)
+#
+# so B is uniform in [-scale, scale] (mean 0, variance scale**2 / 3). Both factors of the last
+# product are exact float32 numbers (an int32 rounds to float32 the same way everywhere, and
+# scale * 2**-31 only shifts the exponent), so the one rounding of the product is the same on
+# every device. B depends on nothing else: not on the tiling, the batch size or the device.
+
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_UINT32 = 0xFFFFFFFF
+PHILOX_ROUNDS = 10  # tl.randint's default
+
+
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 as triton.language.random.philox_impl computes it, on int64 tensors holding
+    uint32 values (products of two uint32 fit in 64 bits only unsigned, so they are split)."""
+    def mul_hi_lo(a: int, x: torch.Tensor):
+        # a * x = a * (x_hi * 2**16 + x_lo): each part < 2**48, no int64 overflow.
+        lo_part = a * (x & 0xFFFF)
+        hi_part = a * (x >> 16)
+        low = (lo_part + ((hi_part & 0xFFFF) << 16))
+        high = (hi_part >> 16) + (low >> 32)
+        return high & _UINT32, low & _UINT32
+
+    for _ in range(rounds):
+        hi_b, lo_b = mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _UINT32
+        k1 = (k1 + _PHILOX_KEY_B) & _UINT32
+    return c0, c1, c2, c3
+
+
+def check_feedback_key(seed: int, layer: int) -> None:
+    """The key words must be uint32; layer < 2**31 keeps Triton's 64-bit seed positive."""
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    if not 0 <= layer < 2**31:
+        raise ValueError(f"layer must be in [0, 2**31), got {layer}")
+
+
+def feedback_matrix(seed: int, layer: int, rows: int, cols: int, scale: float,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """The feedback matrix B (rows, cols), float32, materialised (see the comment above)."""
+    check_feedback_key(seed, layer)
+    row = torch.arange(rows, device=device, dtype=torch.int64)[:, None]
+    col = torch.arange(cols, device=device, dtype=torch.int64)[None, :]
+    offset = (row // 4) * cols + col
+    zero = torch.zeros_like(offset)
+    words = philox4x32(offset & _UINT32, offset >> 32, zero, zero, seed, layer)
+    r = torch.stack(words).gather(0, (row % 4).expand(rows, cols)[None])[0]
+    r = torch.where(r >= 2**31, r - 2**32, r)  # the int32 of the same bits
+    step = torch.tensor(scale, dtype=torch.float32) * 2.0**-31
+    return r.to(torch.float32) * step.to(device)
+
+
+def feedback_project(e, seed, layer, out_features, scale, derivative):
+    """Reference of ``memkernels::feedback_project``: (e @ B) * derivative, B = feedback_matrix(
+    seed, layer, e.shape[1], out_features, scale); derivative (N, out_features) or None.
+    Computed in float32 (float64 for float64) and cast to e's dtype once."""
+    cd = _compute_dtype(e)
+    b = feedback_matrix(seed, layer, e.shape[1], out_features, scale, e.device).to(cd)
+    out = e.to(cd) @ b
+    if derivative is not None:
+        out = out * derivative.to(cd)
+    return out.to(e.dtype)

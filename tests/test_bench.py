@@ -180,3 +180,28 @@ def test_saved_input_bytes_splits_inputs_from_new_tensors(bench_module):
     # mul keeps both inputs; sigmoid keeps its (new) output
     assert h.saved_input_bytes(lambda a, b: a * b, a, b) == 800
     assert h.saved_input_bytes(lambda a, b: torch.sigmoid(a) + b, a, b) == 0
+
+
+def test_feedback_quick_reports_every_section(tmp_path):
+    out = tmp_path / "results"
+    command = [sys.executable, "bench/feedback.py", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
+    (csv_path,) = out.glob("feedback_cpu_*.csv")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rules = ("bp", "fa", "dfa", "memdfa")
+    accuracy = [r for r in rows if r["section"] == "accuracy"]
+    assert {(r["model"], r["rule"]) for r in accuracy} == {(m, r) for m in ("mlp 1x256 tanh", "mlp 3x256 tanh",
+                                                                          "cnn 2 conv") for r in rules}
+    assert all(0 <= float(r["test_accuracy"]) <= 100 for r in accuracy)
+    memory = {(r["rule"], int(r["depth"])): r for r in rows if r["section"] == "memory"}
+    assert set(memory) == {(r, d) for r in rules for d in (2, 4, 8)}
+    assert all(int(r["feedback_bytes_kept"]) == 0 for r in memory.values())
+    assert int(memory["memdfa", 8]["kept_bytes"]) == int(memory["memdfa", 4]["kept_bytes"])
+    assert int(memory["bp", 8]["kept_bytes"]) > 1.5 * int(memory["bp", 4]["kept_bytes"])
+    speed = [r for r in rows if r["section"] == "speed"]
+    assert len(speed) == 2 and all(float(r["fused_ms"]) > 0 and r["speedup_vs_materialise"] for r in speed)
+    markdown = csv_path.with_suffix(".md").read_text()
+    for header in ("- device: ", "- date: ", "- command: `python", "## Accuracy", "## Memory", "## Speed"):
+        assert header in markdown, header
+    assert csv_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,7 @@
-// Python bindings of the CUDA C++ kernels (activations, auxiliary sign), compiled by the host
-// compiler (pybind11 and torch/extension.h are slow to parse under nvcc). memkernels/ops/_cuda.py
-// registers these functions as the CUDA kernels of the ops when the CUDA C++ backend is chosen.
+// Python bindings of the CUDA C++ kernels (activations, auxiliary sign, feedback_project), compiled
+// by the host compiler (pybind11 and torch/extension.h are slow to parse under nvcc).
+// memkernels/ops/_cuda.py registers these functions as the CUDA kernels of the ops when the CUDA
+// C++ backend is chosen.
 #include <torch/extension.h>
 
 #include "cuda/kernels.h"
@@ -23,6 +24,9 @@ void bind(pybind11::module_& m) {
   m.def("auxiliary_sign_forward", &auxiliary_sign_forward, arg("x"), arg("eps"),
         arg("nonnegative"),
         "(x + eps * s(x), signs [x > 0] packed 1 bit a value, ceil(cols / 8) bytes a row) of 2-D x.");
+  m.def("feedback_project", &feedback_project, arg("e"), arg("seed"), arg("layer"), arg("out_features"),
+        arg("scale"), arg("derivative"),
+        "(e @ B) * derivative, B of (seed, layer) generated from Philox in the kernel, never stored.");
 }
 
 }  // namespace memkernels::cuda

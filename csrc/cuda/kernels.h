@@ -1,8 +1,9 @@
-// CUDA C++ kernels of the fused activation ops (csrc/cuda/activations.cu) and of the auxiliary
-// sign activation (csrc/cuda/compress.cu), and their Python bindings (csrc/cuda/bind.cpp). They
-// cover GELU, GELU-tanh and SiLU in activation_forward, every activation in activation_backward
-// (which only multiplies by f'), every gate in the gated ops, and auxiliary_sign_forward;
-// signatures and results are those of the ops in csrc/ops.cpp (memkernels/reference.py).
+// CUDA C++ kernels of the fused activation ops (csrc/cuda/activations.cu), of the auxiliary sign
+// activation (csrc/cuda/compress.cu) and of feedback_project (csrc/cuda/feedback.cu), and their
+// Python bindings (csrc/cuda/bind.cpp). They cover GELU, GELU-tanh and SiLU in activation_forward,
+// every activation in activation_backward (which only multiplies by f'), every gate in the gated
+// ops, auxiliary_sign_forward and feedback_project; signatures and results are those of the ops in
+// csrc/ops.cpp (memkernels/reference.py).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -39,8 +40,11 @@ std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& grad_out,
 // s(x) = +1 / -1 for x > 0 / otherwise (1 / 0 when nonnegative).
 std::tuple<at::Tensor, at::Tensor> auxiliary_sign_forward(const at::Tensor& x, double eps,
                                                           bool nonnegative);
+// (e @ B) * derivative, B (K, out_features) of (seed, layer) generated from Philox in the kernel.
+at::Tensor feedback_project(const at::Tensor& e, int64_t seed, int64_t layer, int64_t out_features,
+                            double scale, const std::optional<at::Tensor>& derivative);
 
-// Adds the five functions above to the module memkernels._C (called from csrc/bindings.cpp).
+// Adds the functions above to the module memkernels._C (called from csrc/bindings.cpp).
 void bind(pybind11::module_& m);
 
 }  // namespace memkernels::cuda

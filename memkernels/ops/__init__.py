@@ -115,6 +115,14 @@ def weight_grad_from_codes(grad_out: torch.Tensor, codes: torch.Tensor, stats: t
     return _op("weight_grad_from_codes")(grad_out, codes, stats, cols, bits, group_size, lo, step)
 
 
+def feedback_project(e: torch.Tensor, seed: int, layer: int, out_features: int, scale: float,
+                     derivative: torch.Tensor | None = None) -> torch.Tensor:
+    """(e @ B) * derivative, (N, out_features) in e's dtype: e (N, K) float; B (K, out_features) the
+    feedback matrix of (seed, layer), uniform in [-scale, scale], generated from Philox tile by tile
+    and never stored (memkernels.reference.feedback_matrix); derivative (N, out_features) or None."""
+    return _op("feedback_project")(e, seed, layer, out_features, scale, derivative)
+
+
 def _packed(t: torch.Tensor, numel, bits: int) -> torch.Tensor:
     return t.new_empty((packed_nbytes(numel, bits),), dtype=torch.uint8)
 
@@ -169,5 +177,10 @@ if _C is not None:
     @torch.library.register_fake("memkernels::weight_grad_from_codes")
     def _(grad_out, codes, stats, cols, bits, group_size, lo, step):
         return grad_out.new_empty((grad_out.shape[1], cols))
+
+    @torch.library.register_fake("memkernels::feedback_project")
+    def _(e, seed, layer, out_features, scale, derivative):
+        torch._check(e.dim() == 2, lambda: f"e must be 2-D (batch, K), got shape {tuple(e.shape)}")
+        return e.new_empty((e.shape[0], out_features))
 
     from memkernels.ops import _cuda  # noqa: E402,F401  (registers the CUDA kernels)

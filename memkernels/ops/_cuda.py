@@ -8,10 +8,12 @@ time over the measured sizes of 16M elements and more, with the device, versions
 totals it was picked from. A file that is not such a record fails the import, naming the file.
 A build without the CUDA C++ kernels (``memkernels._C.with_cuda`` false) runs Triton where the
 file says "cuda". Ops the CUDA C++ kernels do not cover (other activations, pack_bits) always run
-Triton.
+Triton, as do quantize_groups, dequantize_groups and weight_grad_from_codes. feedback_project and
+auxiliary_sign_forward have both backends but no measured default yet: Triton unless forced.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -28,8 +30,17 @@ BACKENDS_FILE = Path(__file__).with_name("cuda_backends.json")
 
 # The CUDA C++ kernels cover these activations (activation_* ops) and every gate (gated_* ops).
 CUDA_CPP_ACTIVATIONS = frozenset(int(a) for a in GATES)
-OPS = ("activation_forward", "activation_backward", "gated_forward", "gated_backward",
-       "pack_bits", "unpack_bits")
+# Ops with a CUDA C++ kernel that no benchmark has picked a default for: Triton unless forced.
+UNPICKED_OPS = ("feedback_project", "auxiliary_sign_forward")
+# The module of memkernels/triton that holds each op's Triton host function.
+TRITON_MODULES = {
+    **dict.fromkeys(("activation_forward", "activation_backward", "gated_forward", "gated_backward",
+                     "pack_bits", "unpack_bits"), "activations"),
+    **dict.fromkeys(("auxiliary_sign_forward", "quantize_groups", "dequantize_groups",
+                     "weight_grad_from_codes"), "compress"),
+    "feedback_project": "feedback",
+}
+OPS = tuple(TRITON_MODULES)
 
 
 def read_default_backends() -> dict[str, str]:
@@ -73,9 +84,9 @@ def backend_for(op: str) -> str:
     forced = os.environ.get("MEMKERNELS_BACKEND")
     if forced is not None and forced not in BACKENDS:
         raise ValueError(f"MEMKERNELS_BACKEND must be one of {BACKENDS}, got {forced!r}")
-    if op not in DEFAULT_BACKEND:
+    if op not in DEFAULT_BACKEND and op not in UNPICKED_OPS:
         return "triton"
-    backend = forced or DEFAULT_BACKEND[op]
+    backend = forced or DEFAULT_BACKEND.get(op, "triton")
     if backend == "cuda" and not _C.with_cuda:
         raise RuntimeError("MEMKERNELS_BACKEND=cuda, but memkernels._C was built without CUDA "
                            "kernels; rebuild with a CUDA build of torch and nvcc on PATH")
@@ -94,7 +105,7 @@ def _kernel(op: str):
     def run(*args):
         if backend_for(op) == "cuda" and _covered_by_cuda_cpp(op, args):
             return getattr(_C, op)(*args)
-        from memkernels.triton import activations as triton_kernels
+        triton_kernels = importlib.import_module(f"memkernels.triton.{TRITON_MODULES[op]}")
         return getattr(triton_kernels, op)(*args)
     run.__name__ = f"{op}_cuda"
     return run

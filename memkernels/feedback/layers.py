@@ -1,0 +1,146 @@
+"""Feedback alignment (FA, Lillicrap et al. 2016) for Linear and Conv2d: the backward to the input
+uses a fixed random matrix B of the weight's shape in place of W, so the input gradient is
+``grad_out @ B`` (Linear) or the transposed convolution of grad_out with B (Conv2d); the weight and
+bias gradients are exact. B is never stored: it is regenerated from Philox by ``seed`` and
+``layer`` (memkernels.reference.feedback_matrix) in every backward. Its entries are uniform in
+[-scale, scale]; the default scale 1 / sqrt(fan_in) is the bound of torch's default initialisation
+of W, so B is distributed as W was at initialisation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memkernels import ops
+from memkernels.reference import check_feedback_key
+
+
+def default_scale(weight: torch.Tensor) -> float:
+    """1 / sqrt(fan_in) of a Linear (out, in) or Conv2d (out, in / groups, kh, kw) weight."""
+    return 1.0 / math.sqrt(max(1, weight[0].numel()))
+
+
+def feedback_weight(weight: torch.Tensor, seed: int, layer: int, scale: float) -> torch.Tensor:
+    """B shaped like `weight` (out, fan_in...) in its dtype: rows of the identity projected onto B,
+    which is B itself (e = I). Used where B meets a convolution rather than a matmul; freed after."""
+    eye = torch.eye(weight.shape[0], dtype=torch.float32, device=weight.device)
+    b = ops.feedback_project(eye, seed, layer, weight[0].numel(), scale)
+    return b.view(weight.shape).to(weight.dtype)
+
+
+class _FALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, seed, layer, scale):
+        ctx.save_for_backward(x)  # W is not needed: B takes its place
+        ctx.feedback = (seed, layer, scale)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        seed, layer, scale = ctx.feedback
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ops.feedback_project(g.contiguous(), seed, layer, x.shape[-1], scale).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = g.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class _FAConv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, seed, layer, scale, stride, padding, dilation, groups):
+        ctx.save_for_backward(x)
+        ctx.weight_shape = weight.shape
+        ctx.feedback = (seed, layer, scale)
+        ctx.conv = (stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        seed, layer, scale = ctx.feedback
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            b = feedback_weight(grad_out.new_empty(ctx.weight_shape), seed, layer, scale)
+            grad_x = torch.nn.grad.conv2d_input(x.shape, b, grad_out, *ctx.conv)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.nn.grad.conv2d_weight(x, ctx.weight_shape, grad_out, *ctx.conv)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def fa_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seed: int, layer: int,
+              scale: float | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) whose backward sends grad_out @ B to x (B: (out, in), Philox).
+    Keeps x for backward, as F.linear does, but not W."""
+    check_feedback_key(seed, layer)
+    return _FALinearFunction.apply(x, weight, bias, seed, layer, default_scale(weight) if scale is None else scale)
+
+
+def _conv_padding(padding) -> tuple[int, int]:
+    if padding == "valid":
+        return (0, 0)
+    if isinstance(padding, str):
+        raise NotImplementedError(f"FA Conv2d takes padding as ints or 'valid', got {padding!r}")
+    return tuple(padding) if isinstance(padding, (tuple, list)) else (padding, padding)
+
+
+def fa_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seed: int, layer: int,
+              scale: float | None = None, stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """F.conv2d whose backward sends the transposed convolution of grad_out with B (weight's shape,
+    regenerated in backward) to x. Padding: ints or 'valid'."""
+    check_feedback_key(seed, layer)
+    pair = torch.nn.modules.utils._pair
+    return _FAConv2dFunction.apply(x, weight, bias, seed, layer, default_scale(weight) if scale is None else scale,
+                                   pair(stride), _conv_padding(padding), pair(dilation), groups)
+
+
+class FALinear(nn.Linear):
+    """nn.Linear trained by feedback alignment: backward sends grad_out @ B to the input.
+
+    Same parameters and state_dict as nn.Linear. ``seed`` and ``layer`` name B (give each layer of
+    a model its own ``layer``); ``scale`` bounds its entries (default 1 / sqrt(in_features)).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 seed: int = 0, layer: int = 0, scale: float | None = None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        check_feedback_key(seed, layer)
+        self.seed, self.layer, self.scale = seed, layer, scale
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return fa_linear(input, self.weight, self.bias, self.seed, self.layer, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, seed={self.seed}, layer={self.layer}, scale={self.scale}"
+
+
+class FAConv2d(nn.Conv2d):
+    """nn.Conv2d trained by feedback alignment: backward sends conv_transpose(grad_out, B) to the
+    input, B of the weight's shape regenerated from (seed, layer). padding_mode 'zeros' only."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 seed: int = 0, layer: int = 0, scale: float | None = None):
+        if padding_mode != "zeros":
+            raise NotImplementedError(f"FAConv2d supports padding_mode='zeros', got {padding_mode!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        _conv_padding(padding)  # reject 'same' now, not at the first call
+        check_feedback_key(seed, layer)
+        self.seed, self.layer, self.scale = seed, layer, scale
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return fa_conv2d(input, self.weight, self.bias, self.seed, self.layer, self.scale, self.stride,
+                         self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, seed={self.seed}, layer={self.layer}, scale={self.scale}"

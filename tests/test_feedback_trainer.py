@@ -1,0 +1,287 @@
+"""Random feedback training: FA layers against a materialised B, DFA's update against a hand-written
+reference, MEM-DFA's updates equal to DFA's (dropout included), memory constant in depth, and
+accuracy on scikit-learn's digits."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import memkernels as mk
+from memkernels import ops, reference as ref
+from memkernels.feedback.layers import default_scale
+
+pytestmark = pytest.mark.skipif(not ops.extension_loaded(), reason="memkernels._C not built")
+
+
+def mlp(hidden: int, width: int = 32, d_in: int = 12, classes: int = 5, act=nn.Tanh, dropout: float = 0.0):
+    layers, d = [], d_in
+    for _ in range(hidden):
+        layers += [nn.Linear(d, width), act()] + ([nn.Dropout(dropout)] if dropout else [])
+        d = width
+    return nn.Sequential(*layers, nn.Linear(d, classes))
+
+
+def cnn():
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Tanh(), nn.Dropout(0.2), nn.Flatten(),
+                         nn.Linear(24, 10))
+
+
+# ---- FA layers ----
+
+
+def test_fa_linear_sends_grad_out_times_b_to_its_input(device):
+    torch.manual_seed(0)
+    layer = mk.nn.FALinear(7, 5, seed=3, layer=2).to(device)
+    plain = nn.Linear(7, 5).to(device)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 6, 7, device=device, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_()
+    g = torch.randn(4, 6, 5, device=device)
+    y = layer(x)
+    torch.testing.assert_close(y, plain(x_plain))
+    y.backward(g)
+    plain(x_plain).backward(g)
+    b = ref.feedback_matrix(3, 2, 5, 7, 1 / 7**0.5, device)
+    torch.testing.assert_close(x.grad, g @ b)
+    torch.testing.assert_close(layer.weight.grad, plain.weight.grad)
+    torch.testing.assert_close(layer.bias.grad, plain.bias.grad)
+    assert mk.profile.saved_bytes(layer, x) == x.numel() * 4  # x, not W
+
+
+@pytest.mark.parametrize("stride, padding, groups", [(1, 1, 1), (2, 0, 2), (1, "valid", 1)])
+def test_fa_conv2d_sends_the_transposed_convolution_with_b_to_its_input(device, stride, padding, groups):
+    torch.manual_seed(0)
+    layer = mk.nn.FAConv2d(4, 6, 3, stride=stride, padding=padding, groups=groups, seed=1, layer=5).to(device)
+    plain = nn.Conv2d(4, 6, 3, stride=stride, padding=padding, groups=groups).to(device)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 4, 9, 9, device=device, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_()
+    y = layer(x)
+    torch.testing.assert_close(y, plain(x_plain))
+    g = torch.randn_like(y)
+    y.backward(g)
+    plain(x_plain).backward(g)
+    fan_in = 4 // groups * 9
+    b = ref.feedback_matrix(1, 5, 6, fan_in, 1 / fan_in**0.5, device).view(layer.weight.shape)
+    expected = torch.nn.grad.conv2d_input(x.shape, b, g, layer.stride, layer.padding if padding != "valid" else 0,
+                                          layer.dilation, groups)
+    torch.testing.assert_close(x.grad, expected)
+    torch.testing.assert_close(layer.weight.grad, plain.weight.grad)
+    torch.testing.assert_close(layer.bias.grad, plain.bias.grad)
+
+
+def test_fa_layers_reject_what_they_do_not_support():
+    with pytest.raises(NotImplementedError, match="padding"):
+        mk.nn.FAConv2d(2, 2, 3, padding="same")
+    with pytest.raises(NotImplementedError, match="padding_mode"):
+        mk.nn.FAConv2d(2, 2, 3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="layer"):
+        mk.nn.FALinear(2, 2, layer=-1)
+
+
+# ---- blocks ----
+
+
+def test_split_blocks_of_a_sequential_and_of_a_list():
+    model = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Dropout()), nn.Linear(3, 2),
+                          nn.LayerNorm(2), nn.Conv2d(1, 1, 1))
+    prefix, blocks = mk.feedback.split_blocks(model)
+    assert [type(m) for m in prefix] == [nn.Flatten]
+    assert [(type(b.weight), [type(m) for m in b.post]) for b in blocks] == [
+        (nn.Linear, [nn.ReLU, nn.Dropout]), (nn.Linear, [nn.LayerNorm]), (nn.Conv2d, [])]
+    _, blocks = mk.feedback.split_blocks([nn.Sequential(nn.Linear(4, 3), nn.Tanh()), nn.Linear(3, 2)])
+    assert len(blocks) == 2 and [type(m) for m in blocks[0].post] == [nn.Tanh]
+
+
+@pytest.mark.parametrize("model, message", [
+    (nn.Sequential(nn.ReLU()), "no Linear"),
+    (nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)), "parameter-free"),
+    (nn.Sequential(nn.Linear(4, 4), nn.TransformerEncoderLayer(4, 1)), "chain"),
+    ([nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))], "one Linear"),
+    ([nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Linear(4, 2))], "must start"),
+])
+def test_split_blocks_names_what_is_wrong(model, message):
+    with pytest.raises(ValueError, match=message):
+        mk.feedback.split_blocks(model)
+
+
+def test_trainer_checks_its_arguments():
+    model = mlp(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="rule"):
+        mk.feedback.Trainer(model, rule="backprop", loss=F.cross_entropy, optimizer=opt)
+    with pytest.raises(TypeError, match="model"):
+        mk.feedback.Trainer(nn.Linear(2, 2), rule="dfa", loss=F.cross_entropy, optimizer=opt)
+    with pytest.raises(ValueError, match="seed"):
+        mk.feedback.Trainer(model, rule="dfa", loss=F.cross_entropy, optimizer=opt, seed=-1)
+
+
+# ---- the rules ----
+
+
+def one_step(model, rule, x, y, lr=1.0, seed=0, optimizer=torch.optim.SGD):
+    """(updated copy of model, loss) after one step of `rule`."""
+    model = copy.deepcopy(model)
+    trainer = mk.feedback.Trainer(model, rule=rule, loss=F.cross_entropy, optimizer=optimizer(model.parameters(), lr=lr),
+                                  seed=seed)
+    torch.manual_seed(1234)  # dropout draws
+    loss = trainer.step(x, y)
+    return model, loss
+
+
+def grads_of_step(model, rule, x, y):
+    """-(change of each parameter) after one SGD step of lr 1: the gradients the rule computed."""
+    updated, _ = one_step(model, rule, x, y)
+    return [p0.detach() - p1.detach() for p0, p1 in zip(model.parameters(), updated.parameters())]
+
+
+def dfa_reference_grads(model, x, y, seed):
+    """DFA written out: delta_l = (e B_l) * tanh'(a_l), dW_l = delta_l^T x_l; e = softmax - onehot / N."""
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    xs, pre, h = [], [], x
+    for i, lin in enumerate(linears):
+        xs.append(h)
+        a = h @ lin.weight.T + lin.bias
+        pre.append(a)
+        h = torch.tanh(a) if i < len(linears) - 1 else a
+    e = (torch.softmax(h, 1) - F.one_hot(y, h.shape[1]).float()) / len(x)
+    grads = []
+    for i, lin in enumerate(linears):
+        if i == len(linears) - 1:
+            delta = e
+        else:
+            b = ref.feedback_matrix(seed, i, e.shape[1], lin.out_features, 1 / e.shape[1] ** 0.5)
+            delta = (e @ b) * (1 - torch.tanh(pre[i]) ** 2)
+        grads += [delta.T @ xs[i], delta.sum(0)]
+    return grads
+
+
+def test_dfa_update_is_the_projected_output_error():
+    torch.manual_seed(0)
+    model = mlp(3)
+    x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
+    expected = dfa_reference_grads(model, x, y, seed=7)
+    model_copy = copy.deepcopy(model)
+    trainer = mk.feedback.Trainer(model_copy, rule="dfa", loss=F.cross_entropy,
+                                  optimizer=torch.optim.SGD(model_copy.parameters(), lr=1.0), seed=7)
+    trainer.step(x, y)
+    got = [p0.detach() - p1.detach() for p0, p1 in zip(model.parameters(), model_copy.parameters())]
+    for g, r in zip(got, expected):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_path_equals_autograd_through_the_activation():
+    """In MEM-DFA a lone Tanh takes the fused kernel; Tanh + Identity goes through autograd."""
+    torch.manual_seed(0)
+    fused = mlp(2)
+    unfused = nn.Sequential(*[nn.Sequential(m, nn.Identity()) if isinstance(m, nn.Tanh) else m for m in fused])
+    x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
+    for g1, g2 in zip(grads_of_step(fused, "memdfa", x, y), grads_of_step(unfused, "memdfa", x, y)):
+        torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
+
+
+def test_bp_rule_is_backprop_and_fa_differs_from_it():
+    torch.manual_seed(0)
+    model = mlp(2)
+    x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
+    reference = copy.deepcopy(model)
+    F.cross_entropy(reference(x), y).backward()
+    bp = grads_of_step(model, "bp", x, y)
+    for g, p in zip(bp, reference.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    fa = grads_of_step(model, "fa", x, y)
+    torch.testing.assert_close(fa[-2:], bp[-2:])  # the output layer's own gradient is exact
+    assert not torch.allclose(fa[0], bp[0])  # the first layer's comes through B
+
+
+@pytest.mark.parametrize("make", [lambda: mlp(3, dropout=0.3, act=nn.GELU), lambda: mlp(2, act=nn.ReLU), cnn],
+                         ids=["mlp-dropout-gelu", "mlp-relu", "cnn-dropout"])
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
+def test_memdfa_updates_equal_dfa(make, optimizer):
+    torch.manual_seed(0)
+    model = make()
+    x, y = torch.rand(16, 64 if make is cnn else 12), torch.randint(0, 5, (16,))
+    models, losses = [], []
+    for rule in ("dfa", "memdfa"):
+        m = copy.deepcopy(model)
+        trainer = mk.feedback.Trainer(m, rule=rule, loss=F.cross_entropy, optimizer=optimizer(m.parameters(), lr=0.05),
+                                      seed=3)
+        torch.manual_seed(99)
+        losses.append([trainer.step(x, y) for _ in range(3)])  # three steps: later ones see earlier updates
+        models.append(m)
+    torch.testing.assert_close(losses[0], losses[1])
+    changed = 0
+    for p, p_dfa, p_mem in zip(model.parameters(), *(m.parameters() for m in models)):
+        torch.testing.assert_close(p_mem, p_dfa, atol=1e-6, rtol=1e-5)
+        changed += not torch.equal(p_dfa, p)
+    assert changed == len(list(model.parameters()))
+
+
+def test_memdfa_keeps_memory_constant_in_depth():
+    kept, peak = {}, {}
+    for rule in ("bp", "dfa", "memdfa"):
+        for depth in (4, 16):
+            torch.manual_seed(0)
+            model = mlp(depth - 1, width=64, d_in=64, classes=10)
+            trainer = mk.feedback.Trainer(model, rule=rule, loss=F.cross_entropy,
+                                          optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
+            x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+            trainer.step(x, y)
+            kept[rule, depth] = mk.profile.peak_saved_bytes(lambda m, x, y: trainer.step(x, y), model, x, y)
+            peak[rule, depth] = mk.profile.peak_memory(lambda: trainer.step(x, y), backward=False, device="cpu")
+    for rule in ("bp", "dfa"):
+        assert kept[rule, 16] > 3.5 * kept[rule, 4]
+        assert peak[rule, 16] > 2 * peak[rule, 4]
+    assert kept["memdfa", 16] <= 1.05 * kept["memdfa", 4]
+    assert peak["memdfa", 16] <= 1.05 * peak["memdfa", 4]
+
+
+def test_peak_saved_bytes_counts_what_is_alive_at_once():
+    x = torch.randn(1000, requires_grad=True)
+
+    def two_graphs(x):
+        (x.exp() * 2).sum().backward()  # exp keeps its 4000-byte output until this backward
+        return x.sigmoid()              # keeps another 4000 bytes
+
+    assert mk.profile.peak_saved_bytes(two_graphs, x) == 4000
+    assert mk.profile.peak_saved_bytes(lambda x: x.exp().sigmoid(), x) == 8000  # one graph, both kept
+
+
+# ---- accuracy on digits ----
+
+
+def digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0)
+    as_x = lambda a: torch.tensor(a, dtype=torch.float32) / 16  # noqa: E731
+    return as_x(x_train), torch.tensor(y_train), as_x(x_test), torch.tensor(y_test)
+
+
+def test_accuracy_on_digits_dfa_and_memdfa_within_two_points_of_bp():
+    x_train, y_train, x_test, y_test = digits()
+    accuracy = {}
+    for hidden in (1, 3):
+        for rule in mk.feedback.RULES:
+            torch.manual_seed(0)
+            model = mlp(hidden, width=128, d_in=64, classes=10)
+            trainer = mk.feedback.Trainer(model, rule=rule, loss=F.cross_entropy,
+                                          optimizer=torch.optim.Adam(model.parameters(), lr=2e-3))
+            order = torch.Generator().manual_seed(0)
+            for _ in range(4):
+                perm = torch.randperm(len(x_train), generator=order)
+                for i in range(0, len(x_train), 32):
+                    trainer.step(x_train[perm[i:i + 32]], y_train[perm[i:i + 32]])
+            with torch.no_grad():
+                accuracy[hidden, rule] = (model(x_test).argmax(1) == y_test).float().mean().item()
+    for hidden in (1, 3):
+        assert accuracy[hidden, "bp"] > 0.93, accuracy
+        assert accuracy[hidden, "fa"] > 0.90, accuracy
+        for rule in ("dfa", "memdfa"):
+            assert accuracy[hidden, rule] >= accuracy[hidden, "bp"] - 0.02, accuracy
+        assert accuracy[hidden, "memdfa"] == pytest.approx(accuracy[hidden, "dfa"], abs=0.005), accuracy
