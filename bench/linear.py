@@ -1,0 +1,205 @@
+"""Compressed saved inputs of Linear: step time, bytes kept, and accuracy on digits.
+
+    python bench/linear.py                # CPU here (float32), or a GPU (bfloat16) when present
+    python bench/linear.py --quick        # small shapes, short training, no files
+
+Part 1: one training step (forward + backward: input, weight and bias gradients) of a Linear at
+GPT-2 shapes (768 -> 3072 and 3072 -> 768, tokens 4096 to 16384), torch.nn.Linear against
+mk.nn.Linear in each save mode sharing its parameters, measured in the same run; the ratio is
+memkernels' time over torch's. Bytes kept: what autograd keeps for backward of the layer's input
+(memkernels.profile.saved_bytes; parameters are not counted).
+Part 2: a GPT-2 MLP block, Linear(768, 3072), GELU, Linear(3072, 768), against the same block with
+GELU(bits=3) and the second Linear save="int2": step time, and bits kept per hidden element
+(what the GELU and the second Linear keep of the [tokens, 3072] hidden tensor).
+Part 3: test accuracy on scikit-learn's digits of small models whose every Linear uses one save
+mode, same seed, steps and optimiser (Adam) as the torch.nn.Linear model.
+
+Writes bench/results/linear_<device>.{csv,md}.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+import _harness as H  # noqa: E402  (puts the repository root on sys.path)
+import memkernels as mk  # noqa: E402
+from _digits import train_digits  # noqa: E402
+
+MODES = (None, "asa", "int8", "int4", "int2")
+GPT2_LAYERS = ((768, 3072), (3072, 768))
+
+
+def mode_name(save) -> str:
+    return "torch" if save is None else save
+
+
+# ---- part 3: the models trained on digits ----
+
+def mlp(save, activation=nn.Tanh, width: int = 256, depth: int = 3):
+    """A builder of an MLP 64 -> width x depth -> 10 whose Linears keep `save`."""
+    def build():
+        layers, fan_in = [], 64
+        for _ in range(depth):
+            layers += [mk.nn.Linear(fan_in, width, save=save), activation()]
+            fan_in = width
+        return nn.Sequential(*layers, mk.nn.Linear(fan_in, 10, save=save))
+    return build
+
+
+class Mixer(nn.Module):
+    """An MLP-Mixer for 8x8 digits: 16 tokens (2x2 patches of 4 pixels), token- and channel-mixing
+    MLPs with GELU, pre-LayerNorm residual blocks, mean pooling. The Linears of the mixing MLPs keep
+    `save` (they hold most of a Mixer's activations); the patch embedding (whose input is raw
+    pixels) and the head stay torch.nn.Linear."""
+
+    def __init__(self, save, dim: int = 64, depth: int = 2):
+        super().__init__()
+        linear = lambda i, o: mk.nn.Linear(i, o, save=save)  # noqa: E731
+        self.embed = nn.Linear(4, dim)
+        self.token_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.token_mlps = nn.ModuleList(nn.Sequential(linear(16, 32), nn.GELU(), linear(32, 16)) for _ in range(depth))
+        self.channel_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.channel_mlps = nn.ModuleList(
+            nn.Sequential(linear(dim, 2 * dim), nn.GELU(), linear(2 * dim, dim)) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        patches = x.view(-1, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(-1, 16, 4)
+        h = self.embed(patches)
+        for token_norm, token_mlp, channel_norm, channel_mlp in zip(
+                self.token_norms, self.token_mlps, self.channel_norms, self.channel_mlps):
+            h = h + token_mlp(token_norm(h).transpose(1, 2)).transpose(1, 2)
+            h = h + channel_mlp(channel_norm(h))
+        return self.head(self.norm(h).mean(dim=1))
+
+
+DIGITS_MODELS = {
+    "mlp-tanh 3x256": lambda save: mlp(save, nn.Tanh),
+    "mlp-relu 3x256": lambda save: mlp(save, nn.ReLU),
+    "mixer 2x64": lambda save: (lambda: Mixer(save)),
+}
+
+
+def accuracy_rows(steps: int) -> list[dict]:
+    rows = []
+    for model, builder in DIGITS_MODELS.items():
+        baseline = train_digits(builder(None), steps)
+        for save in MODES:
+            acc = baseline if save is None else train_digits(builder(save), steps)
+            rows.append({"part": "accuracy", "model": model, "mode": mode_name(save), "steps": steps,
+                         "accuracy": acc, "vs_torch": acc - baseline})
+            print(f"{model:16s} {mode_name(save):6s} {acc:6.2f}%  ({acc - baseline:+.2f})", flush=True)
+    return rows
+
+
+# ---- parts 1 and 2: step time and bytes ----
+
+def step_timing(module, x, device, repeats: int) -> float:
+    """Median ms of forward + backward (grads of x and every parameter) of module(x)."""
+    wrt = [x, *module.parameters()]
+    grad_out = torch.randn_like(module(x))
+
+    def step():
+        torch.autograd.grad(module(x), wrt, grad_out)
+    return H.time_ms(step, device, warmup=1, repeats=repeats).median_ms
+
+
+def layer_rows(device, dtype, token_counts, repeats: int) -> list[dict]:
+    rows = []
+    for fan_in, fan_out in GPT2_LAYERS:
+        torch_layer = nn.Linear(fan_in, fan_out, device=device, dtype=dtype)
+        for tokens in token_counts:
+            x = torch.randn(tokens, fan_in, device=device, dtype=dtype, requires_grad=True)
+            torch_ms = step_timing(torch_layer, x, device, repeats)
+            torch_bytes = mk.profile.saved_bytes(torch_layer, x)
+            for save in MODES:
+                layer = torch_layer if save is None else mk.nn.Linear.from_torch(torch_layer, save)
+                ms = torch_ms if save is None else step_timing(layer, x, device, repeats)
+                kept = torch_bytes if save is None else mk.profile.saved_bytes(layer, x)
+                rows.append({"part": "layer", "layer": f"{fan_in}->{fan_out}", "tokens": tokens,
+                             "dtype": str(dtype).removeprefix("torch."), "mode": mode_name(save), "step_ms": ms,
+                             "time_over_torch": ms / torch_ms, "kept_bytes": kept,
+                             "kept_over_torch": kept / torch_bytes,
+                             "bits_per_input_element": 8 * kept / x.numel()})
+                print(f"{fan_in}->{fan_out} tokens {tokens:6d} {mode_name(save):6s} {ms:9.2f} ms "
+                      f"({ms / torch_ms:.3f}x)  kept {kept:,} B", flush=True)
+    return rows
+
+
+def mlp_block(fused: bool, device, dtype) -> nn.Sequential:
+    if not fused:
+        return nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)).to(device, dtype)
+    return nn.Sequential(nn.Linear(768, 3072), mk.nn.GELU(bits=3),
+                         mk.nn.Linear(3072, 768, save="int2")).to(device, dtype)
+
+
+def block_rows(device, dtype, token_counts, repeats: int) -> list[dict]:
+    rows = []
+    torch_block = mlp_block(False, device, dtype)
+    fused_block = mlp_block(True, device, dtype)
+    fused_block.load_state_dict(torch_block.state_dict())
+    for tokens in token_counts:
+        x = torch.randn(tokens, 768, device=device, dtype=dtype, requires_grad=True)
+        hidden = torch.randn(tokens, 3072, device=device, dtype=dtype, requires_grad=True)
+        torch_ms = step_timing(torch_block, x, device, repeats)
+        for name, block in (("torch", torch_block), ("gelu bits=3 + int2", fused_block)):
+            ms = torch_ms if block is torch_block else step_timing(block, x, device, repeats)
+            # What the block keeps of its hidden tensor: the GELU's and the second Linear's saves.
+            kept = mk.profile.saved_bytes(block[1:], hidden)
+            rows.append({"part": "block", "block": name, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."),
+                         "step_ms": ms, "time_over_torch": ms / torch_ms, "hidden_kept_bytes": kept,
+                         "bits_per_hidden_element": 8 * kept / hidden.numel()})
+            print(f"MLP block {name:20s} tokens {tokens:6d} {ms:9.2f} ms ({ms / torch_ms:.3f}x)  "
+                  f"{8 * kept / hidden.numel():.3f} bits per hidden element", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, short training, no result files")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, "
+                                                     "bfloat16 on GPU)")
+    parser.add_argument("--tokens", default=None, help="comma-separated token counts (default 4096,8192,16384)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="training steps of part 3 (default 1000)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else \
+        ([256, 512] if args.quick else [4096, 8192, 16384])
+    repeats = args.repeats or (2 if args.quick else (3 if device.type == "cpu" else 20))
+    steps = args.steps or (60 if args.quick else 1000)
+
+    rows = layer_rows(device, dtype, tokens, repeats) + block_rows(device, dtype, tokens, repeats) + \
+        accuracy_rows(steps)
+    layer_table = H.markdown_table([r for r in rows if r["part"] == "layer"], [
+        H.Column("layer", "layer"), H.Column("tokens", "tokens"), H.Column("dtype", "dtype"),
+        H.Column("mode", "save"), H.Column("step_ms", "step ms", "{:.2f}"),
+        H.Column("time_over_torch", "time / torch", "{:.3f}"), H.Column("kept_bytes", "kept B", "{:,}"),
+        H.Column("bits_per_input_element", "bits / element", "{:.3f}")])
+    block_table = H.markdown_table([r for r in rows if r["part"] == "block"], [
+        H.Column("block", "block"), H.Column("tokens", "tokens"), H.Column("dtype", "dtype"),
+        H.Column("step_ms", "step ms", "{:.2f}"), H.Column("time_over_torch", "time / torch", "{:.3f}"),
+        H.Column("bits_per_hidden_element", "bits kept / hidden element", "{:.3f}")])
+    accuracy_table = H.markdown_table([r for r in rows if r["part"] == "accuracy"], [
+        H.Column("model", "model"), H.Column("mode", "save"), H.Column("steps", "steps"),
+        H.Column("accuracy", "test accuracy %", "{:.2f}"), H.Column("vs_torch", "vs torch (points)", "{:+.2f}")])
+    print(layer_table, block_table, accuracy_table, sep="\n\n")
+    if args.quick:
+        return
+    stem = H.RESULTS_DIR / f"linear_{H.device_tag(device)}"
+    H.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    H.write_csv(rows, stem.with_suffix(".csv"))
+    H.write_markdown(stem.with_suffix(".md"), "Compressed saved inputs of Linear",
+                     H.environment_lines(device, [H.command_line()]),
+                     ["## One Linear at GPT-2 shapes: step time and bytes kept of the input", layer_table,
+                      "## GPT-2 MLP block: Linear, GELU, Linear", block_table,
+                      "## Test accuracy on digits (75/25 split), same seed, steps and Adam", accuracy_table])
+
+
+if __name__ == "__main__":
+    main()
