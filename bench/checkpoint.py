@@ -96,7 +96,8 @@ def model_rows(quick: bool, repeats: int) -> list[dict]:
 def random_graph(n: int, dag: bool, seed: int = 0) -> ck.Graph:
     rng = random.Random(seed)
     nodes = [ck.Node(str(v), rng.uniform(1e-4, 1e-3), rng.choice([1, 2, 4]) * 2**20,
-                     kept_bytes=rng.choice([0, 2**20]), output_saved=rng.random() < 0.5,
+                     kept_bytes=rng.choice([0, 2**20]),
+                     saved_by=rng.choice([(), (v,), (v + 1,)]) if v + 1 < n else (),
                      is_output=v == n - 1) for v in range(n)]
     edges = [(v - 1, v) for v in range(1, n)]
     if dag:
