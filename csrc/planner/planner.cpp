@@ -58,8 +58,10 @@ std::vector<int> members(const Bits& set, int n) {
 // What peak(S, L, recomputed) needs, for both choices: the largest forward step (F_v), the
 // largest backward step (B_v), the pending gradients at S's last node, and S's held bytes and time.
 struct SegmentStats {
-  int64_t max_forward = 0;
+  int64_t max_forward = 0;   // as recomputed: every boundary byte alive
   int64_t max_backward = 0;
+  int64_t max_forward_kept = 0;   // as kept: inputs only it reads and none of its nodes saves die
+  int64_t max_backward_kept = 0;  // after their last reader
   int64_t top_grads = 0;
   int64_t later_outputs = 0;  // graph outputs made after the segment (alive in its backward)
   int64_t kept = 0;           // internal buffers and storages its nodes save, when kept
@@ -70,7 +72,7 @@ struct SegmentStats {
   int64_t held(bool recomputed) const { return recomputed ? inputs + checkpoint : kept; }
 
   int64_t peak(bool recomputed) const {
-    if (!recomputed) return std::max(max_forward, max_backward);
+    if (!recomputed) return std::max(max_forward_kept, max_backward_kept);
     return std::max(max_forward + top_grads + later_outputs, max_backward) + checkpoint;
   }
 };
@@ -148,17 +150,38 @@ class Planner {
         live_change[stop] -= p_.storage_bytes[u];
       }
     }
-    int64_t live = 0, internal = 0, held = 0;
+    // Inputs that only this segment reads and none of its nodes saves (stamp_ still marks the
+    // saved ones): a kept segment frees them after their last reader.
+    std::vector<int64_t> dead_change(m + 1, 0);
+    int64_t dropped = 0;
+    ++epoch_;
+    const int saved_epoch = epoch_ - 1;
+    for (int v : nodes)
+      for (int o : p_.reads[v]) {
+        if (!test(lower, o) || stamp_[o] == epoch_ || stamp_[o] == saved_epoch || p_.is_output[o]) continue;
+        bool only_here = true;
+        for (int c : p_.users[o]) only_here = only_here && test(upper, c);
+        stamp_[o] = epoch_;
+        if (!only_here) continue;
+        dropped += p_.storage_bytes[o];
+        const size_t after = std::upper_bound(nodes.begin(), nodes.end(), last_use_[o],
+                                              [](int64_t e, int x) { return e < x; }) - nodes.begin();
+        dead_change[after] += p_.storage_bytes[o];
+      }
+    int64_t live = 0, internal = 0, held = 0, dead = 0;
     for (size_t i = 0; i < m; ++i) {
       const int v = nodes[i];
       live += live_change[i];
+      dead += dead_change[i];
       s.max_forward = std::max(s.max_forward, internal + live + p_.forward_peak[v]);
+      s.max_forward_kept = std::max(s.max_forward_kept, internal + live + p_.forward_peak[v] - dead);
       internal += p_.internal[v];
       held += freed_at[i];
       s.max_backward = std::max(s.max_backward, internal + held + p_.backward_peak[v] + p_.pending_grads[v]);
       s.time += p_.time[v];
     }
     s.max_backward += outputs + s.later_outputs;
+    s.max_backward_kept = s.max_backward - dropped;
     s.kept = internal + held + external;
     s.checkpoint = p_.checkpoint_bytes;
     s.top_grads = m ? p_.pending_grads[nodes.back()] : 0;
@@ -216,6 +239,9 @@ class Planner {
           expiring[last_use_[u] + 1].push_back(u);
       std::vector<int> counted_for(n_, -1);  // counted_for[o] == i: o is in s.inputs
       std::vector<int> saved_for(n_, -1);    // saved_for[o] == i: o is in s.kept
+      std::vector<std::vector<int>> last_read_at(n_);  // storages whose last reader is v
+      for (int u = 0; u < n_; ++u)
+        if (last_use_[u] != kNever && last_use_[u] > u) last_read_at[last_use_[u]].push_back(u);
       std::vector<int64_t> outputs_after(n_ + 1, 0);  // bytes of the graph outputs >= v
       for (int v = n_ - 1; v >= 0; --v)
         outputs_after[v] = outputs_after[v + 1] + (p_.is_output[v] ? p_.storage_bytes[v] : 0);
@@ -228,15 +254,19 @@ class Planner {
         SegmentStats s;
         s.checkpoint = p_.checkpoint_bytes;
         int64_t live = 0, internal = 0, held = 0, external = 0, outputs = 0, backward = 0;
+        int64_t dead = 0, dropped = 0;  // inputs read only up to here and not saved (kept case)
         for (int v = i; v < n_; ++v) {
           for (int o : p_.reads[v])
             if (o < i && counted_for[o] != i) {
               counted_for[o] = i;
               s.inputs += p_.storage_bytes[o];
             }
-          for (int u : expiring[v])
+          for (int u : expiring[v]) {
             if (u >= i && saved_for[u] != i) live -= p_.storage_bytes[u];
+            if (u < i && v > i && saved_for[u] != i) dead += p_.storage_bytes[u];
+          }
           s.max_forward = std::max(s.max_forward, internal + live + p_.forward_peak[v]);
+          s.max_forward_kept = std::max(s.max_forward_kept, internal + live + p_.forward_peak[v] - dead);
           internal += p_.internal[v];
           for (int o : p_.saves[v])
             if (saved_for[o] != i) {
@@ -244,11 +274,14 @@ class Planner {
               if (!p_.is_output[o]) (o >= i ? held : external) += p_.storage_bytes[o];
             }
           if (p_.is_output[v]) outputs += p_.storage_bytes[v];
+          for (int u : last_read_at[v])
+            if (u < i && saved_for[u] != i) dropped += p_.storage_bytes[u];
           // peak >= internal + held (the last backward step), and both only grow with v.
           if (internal + held > room) break;
           backward = std::max(backward, internal + held + p_.backward_peak[v] + p_.pending_grads[v]);
           s.later_outputs = outputs_after[v + 1];
           s.max_backward = backward + outputs + s.later_outputs;
+          s.max_backward_kept = s.max_backward - dropped;
           s.kept = internal + held + external;
           s.time += p_.time[v];
           s.top_grads = p_.pending_grads[v];

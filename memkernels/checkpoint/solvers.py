@@ -179,20 +179,28 @@ def segment_stats(arrays: dict, nodes: Sequence[int], upper: set[int], enclosing
     for u, s in first_saver.items():
         if u not in outputs:
             freed_at[s] = freed_at.get(s, 0) + storage[u]
-    inputs = sum(storage[o] for o in {o for v in nodes for o in arrays["reads"][v]}
-                 if o not in members and o not in enclosing)
+    read = {o for v in nodes for o in arrays["reads"][v] if o not in members and o not in enclosing}
+    inputs = sum(storage[o] for o in read)
+    # Boundary bytes that only this segment reads and none of its nodes saves: a kept segment
+    # frees them after their last reader (a recomputed one's checkpoint holds them).
+    dropped = {o for o in read if not is_output[o] and o not in external
+               and all(c in upper for c in users[o])}
     alive_in_backward = sum(storage[u] for u in outputs) + later_outputs
     internal_sum = held = 0
     time = 0.0
-    max_forward = max_backward = 0
+    max_forward = max_backward = max_forward_kept = 0
     for v in nodes:
         live = sum(storage[u] for u, end in ends.items() if u < v <= end)
         max_forward = max(max_forward, internal_sum + live + h[v])
+        dead = sum(storage[o] for o in dropped if max(users[o]) < v)
+        max_forward_kept = max(max_forward_kept, internal_sum + live + h[v] - dead)
         internal_sum += internal[v]
         held += freed_at.get(v, 0)
         max_backward = max(max_backward, internal_sum + held + alive_in_backward + w[v] + g[v])
         time += arrays["time"][v]
     return dict(max_forward=max_forward, max_backward=max_backward, later_outputs=later_outputs,
+                max_forward_kept=max_forward_kept,
+                max_backward_kept=max_backward - sum(storage[o] for o in dropped),
                 top_grads=g[nodes[-1]] if nodes else 0, kept=internal_sum + held + sum(storage[o] for o in external),
                 inputs=inputs, time=time,
                 checkpoint=arrays["checkpoint_bytes"] if checkpoint_bytes is None else checkpoint_bytes)
@@ -206,7 +214,7 @@ def segment_held(stats: dict, recomputed: bool) -> int:
 
 def segment_peak(stats: dict, recomputed: bool) -> int:
     if not recomputed:
-        return max(stats["max_forward"], stats["max_backward"])
+        return max(stats["max_forward_kept"], stats["max_backward_kept"])
     recomputation = stats["max_forward"] + stats["top_grads"] + stats["later_outputs"]
     return max(recomputation, stats["max_backward"]) + stats["checkpoint"]
 
@@ -252,7 +260,8 @@ def _evaluate(arrays: dict, segments: Segments, nested: dict, enclosing: frozens
             peak = max(peak, base + inner_peak + stats["checkpoint"])
             extra += inner_extra
         else:
-            peak = max(peak, base + segment_peak(stats, recomputed), base + stats["max_forward"] + forward_extra)
+            forward = stats["max_forward" if recomputed else "max_forward_kept"]
+            peak = max(peak, base + segment_peak(stats, recomputed), base + forward + forward_extra)
         lower |= set(nodes)
         kept_so_far += segment_held(stats, recomputed)
         if recomputed:
