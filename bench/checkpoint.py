@@ -32,7 +32,7 @@ import memkernels.checkpoint as ck  # noqa: E402
 sys.path.insert(0, str(H.REPO_ROOT / "tests"))
 from test_checkpoint_models import MODELS  # noqa: E402  (the tests' models, one definition)
 
-MODEL_METHODS = ("chain", "dp-approx", "chen-greedy", "sqrt", "all")
+MODEL_METHODS = ("chain", "dp-approx", "chen-greedy", "sqrt", "log", "all")
 SOLVER_METHODS = ("chain", "dp-approx", "chen-greedy", "sqrt", "dp")
 
 
@@ -76,7 +76,7 @@ def model_rows(quick: bool, repeats: int) -> list[dict]:
         for method in MODEL_METHODS:
             low = ck.least_budget(graph, method)
             budgets = sorted({int(low + f * (high - low)) for f in fractions}, reverse=True)
-            if method in ("sqrt", "all"):
+            if method in ck.solvers.BUDGET_BLIND:
                 budgets = [None]
             for budget in budgets:
                 row = dict(part="model", model=name, method=method, nodes=len(graph), budget=budget)
