@@ -32,7 +32,7 @@ import memkernels.checkpoint as ck  # noqa: E402
 sys.path.insert(0, str(H.REPO_ROOT / "tests"))
 from test_checkpoint_models import MODELS  # noqa: E402  (the tests' models, one definition)
 
-MODEL_METHODS = ("chain", "dp-approx", "chen-greedy", "sqrt", "all")
+MODEL_METHODS = ("chain", "dp-approx", "chen-greedy", "sqrt", "log", "all")
 SOLVER_METHODS = ("chain", "dp-approx", "chen-greedy", "sqrt", "dp")
 
 
@@ -76,7 +76,7 @@ def model_rows(quick: bool, repeats: int) -> list[dict]:
         for method in MODEL_METHODS:
             low = ck.least_budget(graph, method)
             budgets = sorted({int(low + f * (high - low)) for f in fractions}, reverse=True)
-            if method in ("sqrt", "all"):
+            if method in ck.solvers.BUDGET_BLIND:
                 budgets = [None]
             for budget in budgets:
                 row = dict(part="model", model=name, method=method, nodes=len(graph), budget=budget)
@@ -96,7 +96,8 @@ def model_rows(quick: bool, repeats: int) -> list[dict]:
 def random_graph(n: int, dag: bool, seed: int = 0) -> ck.Graph:
     rng = random.Random(seed)
     nodes = [ck.Node(str(v), rng.uniform(1e-4, 1e-3), rng.choice([1, 2, 4]) * 2**20,
-                     kept_bytes=rng.choice([0, 2**20]), output_saved=rng.random() < 0.5,
+                     kept_bytes=rng.choice([0, 2**20]),
+                     saved_by=rng.choice([(), (v,), (v + 1,)]) if v + 1 < n else (),
                      is_output=v == n - 1) for v in range(n)]
     edges = [(v - 1, v) for v in range(1, n)]
     if dag:

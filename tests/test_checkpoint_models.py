@@ -67,11 +67,8 @@ MODELS = {
     "resnet": (ResNet, lambda: torch.randn(8, 3, 32, 32)),
     "gpt": (GPT, lambda: torch.randn(4, 64, 64)),
 }
-# measured / predicted - 1 seen on CPU (README "Checkpoint planning"): exact without recomputation,
-# but with recomputed segments the cost model misses up to a few activations that non-reentrant
-# checkpointing keeps alive, so it under-counts by up to ~37% on the MLP, ~15% on the GPT stack and
-# 9-11% on the ResNet (it varies from run to run with the allocator: 10.3% was seen in CI).
-PREDICTION_TOLERANCE = {"mlp": 0.40, "resnet": 0.15, "gpt": 0.20}
+# |measured / predicted - 1| on CPU stays within 8% over these sweeps (README "Checkpoint planning").
+PREDICTION_TOLERANCE = 0.10
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +93,7 @@ def test_budget_holds_and_peak_falls_with_budget(name):
             assert error.least_budget > budget
             continue
         assert plan.measured_peak <= budget
-        assert -0.10 <= plan.measured_peak / plan.predicted_peak - 1 <= PREDICTION_TOLERANCE[name]
+        assert abs(plan.measured_peak / plan.predicted_peak - 1) <= PREDICTION_TOLERANCE, (budget, plan)
         measured.append(plan.measured_peak)
     assert len(measured) >= 3, measured
     # Falling budgets give falling measured peaks, up to 0.5%: the solver ranks schedules by the
@@ -165,3 +162,55 @@ def test_plan_reports_and_errors():
         ck.trace(ResNet(), (torch.randn(1, 3, 8, 8), torch.randn(1)))
     with pytest.raises(TypeError, match="nn.Module"):
         ck.trace(lambda x: x, torch.randn(2))
+
+
+def long_chain(depth: int = 24, width: int = 128) -> nn.Module:
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU(), nn.Dropout(0.1)]
+    return nn.Sequential(*layers)
+
+
+def test_log_recursion_runs_nested_and_beats_sqrt_on_a_long_chain():
+    model, x = long_chain().train(), torch.randn(64, 128)
+    graph = ck.trace(model, x)
+    log = ck.plan(model, x, None, "log", graph=graph)
+    sqrt = ck.plan(model, x, None, "sqrt", graph=graph)
+    assert log.solution.nested, "the log schedule should nest recomputations"
+    assert abs(log.measured_peak / log.predicted_peak - 1) <= PREDICTION_TOLERANCE
+    assert log.measured_peak < sqrt.measured_peak
+    assert log.extra_time > sqrt.extra_time  # each node recomputed up to log2(n) times
+    budget = int(1.05 * log.predicted_peak)
+    assert ck.plan(model, x, budget, "log", graph=graph).measured_peak <= budget
+    with pytest.raises(ck.InfeasibleBudget):
+        ck.plan(model, x, log.predicted_peak // 2, "log", graph=graph)
+    out, grads = _grads(model, x)
+    planned_out, planned_grads = _grads(ck.apply(model, log), x)
+    assert torch.equal(out, planned_out)
+    for g, h in zip(grads, planned_grads):
+        assert torch.equal(g, h)
+
+
+def test_autocast_plans_in_that_mode_and_gives_identical_gradients():
+    model, x = MODELS["gpt"][0]().train(), MODELS["gpt"][1]()
+    fp32 = ck.trace(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        graph = ck.trace(model, x)
+        qkv = next(v for v, node in enumerate(graph.nodes) if node.name == "blocks_0_qkv")
+        assert graph.nodes[qkv].output_bytes * 2 == fp32.nodes[qkv].output_bytes  # bf16 outputs
+        budget = (ck.least_budget(graph, "chain") + ck.solve(graph, None, "none").predicted_peak) // 2
+        plan = ck.plan(model, x, budget, "chain", graph=graph)
+        assert plan.recomputed and plan.measured_peak <= budget
+        assert abs(plan.measured_peak / plan.predicted_peak - 1) <= PREDICTION_TOLERANCE
+        out, grads = _grads(model, x)
+        planned_out, planned_grads = _grads(ck.apply(model, plan), x)
+    assert torch.equal(out, planned_out)
+    for g, h in zip(grads, planned_grads):
+        assert torch.equal(g, h)
+
+
+def test_least_budget_from_re_solving_is_called_an_estimate():
+    exact = ck.InfeasibleBudget("chain", 100, 120)
+    estimated = ck.InfeasibleBudget("chain", 100, 120, estimated=True)
+    assert "about" not in str(exact) and not exact.estimated
+    assert "about 120 B (120 bytes), an estimate from the measured peaks" in str(estimated)

@@ -20,14 +20,17 @@ def random_graph(rng: random.Random, n: int, chain: bool) -> ck.Graph:
     for v in range(n):
         out = rng.choice([0, 1, 2, 4]) * 8 if v and rng.random() < 0.15 else rng.randint(1, 8) * 8
         view_of = v - 1 if out == 0 and (v - 1, v) in edges else None
+        readers = [w for u, w in edges if u == v]
+        # Its own backward (ReLU), a reader's (Linear), both or none keep the output.
+        saved_by = [s for s in [v, *readers] if rng.random() < 0.35]
         nodes.append(ck.Node(name=f"n{v}", time=rng.choice([0.5, 1.0, 2.0, 3.0]),
                              output_bytes=out if view_of is None else 0,
-                             kept_bytes=rng.choice([0, 0, 8, 16]), output_saved=rng.random() < 0.5,
+                             kept_bytes=rng.choice([0, 0, 8, 16]), saved_by=tuple(saved_by),
                              forward_peak=out + rng.choice([0, 8]), backward_peak=rng.randint(1, 10) * 8,
                              grad_bytes=max(out, 8), view_of=view_of))
     sinks = {v for v in range(n) if not any(u == v for u, _ in edges)}
     nodes = [ck.Node(**{**node.__dict__, "is_output": v in sinks}) for v, node in enumerate(nodes)]
-    return ck.Graph(nodes, edges)
+    return ck.Graph(nodes, edges, checkpoint_bytes=rng.choice([0, 8]))
 
 
 def brute_force(graph: ck.Graph, budget: int):
@@ -141,8 +144,8 @@ def test_bad_inputs():
     graph = ck.Graph.chain([1.0] * 3, [8] * 3, [8] * 3)
     with pytest.raises(ValueError, match="method must be one of"):
         ck.solve(graph, 100, "magic")
-    with pytest.raises(NotImplementedError, match="nested"):
-        ck.solve(graph, 100, "log")
+    with pytest.raises(ValueError, match="saved_by"):
+        ck.Graph([ck.Node("a", 1.0, 8), ck.Node("b", 1.0, 8), ck.Node("c", 1.0, 8, saved_by=(0,))], [(0, 1), (1, 2)])
     with pytest.raises(ValueError, match="topological"):
         ck.Graph([ck.Node("a", 1.0, 8), ck.Node("b", 1.0, 8)], [(1, 0)])
     with pytest.raises(ValueError, match="one entry per node"):

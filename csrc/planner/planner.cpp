@@ -4,10 +4,10 @@
 // S_i = L_i \ L_{i-1} is kept (its saved tensors stay until its backward) or recomputed (run under
 // checkpoint, recomputed once when backward reaches it). It fits the budget B when, for every i,
 //   K_{i-1} + boundary(L_{i-1}) + peak(S_i, L_i, recomputed_i) <= B   and   K_k + boundary(V) <= B,
-// K_i being the kept bytes of the kept segments among S_1..S_i plus the input bytes of the
-// recomputed ones (the checkpoint holds its inputs until its backward). The solvers minimise the summed
-// forward time of the recomputed segments. Loop orders and tie rules are the reference's
-// (memkernels/checkpoint/reference.py), so both return the same schedule.
+// K_i being what S_1..S_i hold: for a kept segment its internal buffers and every storage one of its
+// nodes saves, for a recomputed one the storages it reads from before it (the checkpoint's inputs).
+// The solvers minimise the summed forward time of the recomputed segments. Loop orders and tie
+// rules are the reference's (memkernels/checkpoint/reference.py), so both return the same schedule.
 #include "planner/planner.h"
 
 #include <algorithm>
@@ -56,31 +56,42 @@ std::vector<int> members(const Bits& set, int n) {
 }
 
 // What peak(S, L, recomputed) needs, for both choices: the largest forward step (F_v), the
-// largest backward step (B_v), the pending gradients at S's last node, and S's kept bytes and time.
+// largest backward step (B_v), the pending gradients at S's last node, and S's held bytes and time.
 struct SegmentStats {
-  int64_t max_forward = 0;
+  int64_t max_forward = 0;   // as recomputed: every boundary byte alive
   int64_t max_backward = 0;
+  int64_t max_forward_kept = 0;   // as kept: inputs only it reads and none of its nodes saves die
+  int64_t max_backward_kept = 0;  // after their last reader
   int64_t top_grads = 0;
-  int64_t kept = 0;
-  int64_t inputs = 0;  // bytes of the storages made outside the segment that it reads
+  int64_t later_outputs = 0;  // graph outputs made after the segment (alive in its backward)
+  int64_t kept = 0;           // internal buffers and storages its nodes save, when kept
+  int64_t inputs = 0;         // bytes of the storages made outside the segment that it reads
+  int64_t checkpoint = 0;     // what its checkpoint keeps of its own, when recomputed
   double time = 0.0;
 
-  int64_t held(bool recomputed) const { return recomputed ? inputs : kept; }
+  int64_t held(bool recomputed) const { return recomputed ? inputs + checkpoint : kept; }
 
   int64_t peak(bool recomputed) const {
-    return std::max(max_forward + (recomputed ? top_grads : 0), max_backward);
+    if (!recomputed) return std::max(max_forward_kept, max_backward_kept);
+    return std::max(max_forward + top_grads + later_outputs, max_backward) + checkpoint;
   }
 };
 
 class Planner {
  public:
   explicit Planner(const Problem& p)
-      : p_(p), n_(p.size()), words_((n_ + 63) / 64 + 1), stamp_(p.size(), 0) {
+      : p_(p), n_(p.size()), words_((n_ + 63) / 64 + 1), stamp_(p.size(), 0), held_(p.size(), 0) {
     last_use_.resize(n_);
     for (int u = 0; u < n_; ++u) {
       int64_t last = -1;
       for (int c : p_.users[u]) last = std::max<int64_t>(last, c);
       last_use_[u] = p_.is_output[u] ? kNever : last;
+    }
+    least_kept_.assign(n_, 0);
+    for (int v = 0; v < n_; ++v) {
+      least_kept_[v] = p_.internal[v];
+      for (int o : p_.saves[v])
+        if (o == v) least_kept_[v] += p_.storage_bytes[v];
     }
   }
 
@@ -102,31 +113,77 @@ class Planner {
   SegmentStats segment(const std::vector<int>& nodes, const Bits& lower, const Bits& upper) const {
     SegmentStats s;
     const size_t m = nodes.size();
+    // A storage made in S is held by S from its forward until the backward of its first saver in
+    // S; storages made before S that S saves count in S's kept bytes only (they are boundary bytes
+    // while S runs).
+    // The graph's outputs are boundary bytes instead (the caller holds them), alive in the
+    // backward of their segment and of every earlier one.
+    ++epoch_;
+    std::vector<int64_t> freed_at(m, 0);
+    int64_t external = 0;
+    for (size_t i = 0; i < m; ++i)
+      for (int o : p_.saves[nodes[i]]) {
+        if (stamp_[o] == epoch_) continue;
+        stamp_[o] = epoch_;
+        if (test(upper, o) && !test(lower, o)) {
+          held_[o] = epoch_;
+          if (!p_.is_output[o]) freed_at[i] += p_.storage_bytes[o];
+        } else if (!p_.is_output[o]) {
+          external += p_.storage_bytes[o];
+        }
+      }
+    int64_t outputs = 0;
+    for (int u = 0; u < n_; ++u)
+      if (p_.is_output[u] && !test(lower, u)) (test(upper, u) ? outputs : s.later_outputs) += p_.storage_bytes[u];
     std::vector<int64_t> live_change(m + 1, 0);
     for (size_t i = 0; i < m; ++i) {
       const int u = nodes[i];
-      if (p_.live_output[u] == 0) continue;
-      int64_t end = last_use_[u];
+      if (p_.storage_bytes[u] == 0) continue;
+      int64_t end = held_[u] == epoch_ ? kNever : last_use_[u];
       for (int c : p_.users[u])
         if (!test(upper, c)) end = kNever;
-      // Live while the forward reaches nodes u < v <= end of this segment.
+      // Alive while the forward reaches nodes u < v <= end of this segment.
       const size_t stop = std::upper_bound(nodes.begin(), nodes.end(), end,
                                            [](int64_t e, int v) { return e < v; }) - nodes.begin();
       if (stop > i + 1) {
-        live_change[i + 1] += p_.live_output[u];
-        live_change[stop] -= p_.live_output[u];
+        live_change[i + 1] += p_.storage_bytes[u];
+        live_change[stop] -= p_.storage_bytes[u];
       }
     }
-    int64_t live = 0;
+    // Inputs that only this segment reads and none of its nodes saves (stamp_ still marks the
+    // saved ones): a kept segment frees them after their last reader.
+    std::vector<int64_t> dead_change(m + 1, 0);
+    int64_t dropped = 0;
+    ++epoch_;
+    const int saved_epoch = epoch_ - 1;
+    for (int v : nodes)
+      for (int o : p_.reads[v]) {
+        if (!test(lower, o) || stamp_[o] == epoch_ || stamp_[o] == saved_epoch || p_.is_output[o]) continue;
+        bool only_here = true;
+        for (int c : p_.users[o]) only_here = only_here && test(upper, c);
+        stamp_[o] = epoch_;
+        if (!only_here) continue;
+        dropped += p_.storage_bytes[o];
+        const size_t after = std::upper_bound(nodes.begin(), nodes.end(), last_use_[o],
+                                              [](int64_t e, int x) { return e < x; }) - nodes.begin();
+        dead_change[after] += p_.storage_bytes[o];
+      }
+    int64_t live = 0, internal = 0, held = 0, dead = 0;
     for (size_t i = 0; i < m; ++i) {
       const int v = nodes[i];
       live += live_change[i];
-      s.max_forward = std::max(s.max_forward, s.kept + live + p_.forward_peak[v]);
-      s.max_backward = std::max(s.max_backward,
-                                s.kept + p_.kept[v] + p_.backward_peak[v] + p_.pending_grads[v]);
-      s.kept += p_.kept[v];
+      dead += dead_change[i];
+      s.max_forward = std::max(s.max_forward, internal + live + p_.forward_peak[v]);
+      s.max_forward_kept = std::max(s.max_forward_kept, internal + live + p_.forward_peak[v] - dead);
+      internal += p_.internal[v];
+      held += freed_at[i];
+      s.max_backward = std::max(s.max_backward, internal + held + p_.backward_peak[v] + p_.pending_grads[v]);
       s.time += p_.time[v];
     }
+    s.max_backward += outputs + s.later_outputs;
+    s.max_backward_kept = s.max_backward - dropped;
+    s.kept = internal + held + external;
+    s.checkpoint = p_.checkpoint_bytes;
     s.top_grads = m ? p_.pending_grads[nodes.back()] : 0;
     // A storage the segment reads from outside lies in `lower` (reads are predecessors' owners).
     ++epoch_;
@@ -175,12 +232,19 @@ class Planner {
 
     if (contiguous) {
       // Family i = the first i nodes; segment stats grow node by node (the generic ones restricted
-      // to intervals, where a node's output is live at v iff v <= its last use).
+      // to intervals, where a node's output is alive at v iff v <= its last use, or it is held).
       std::vector<std::vector<int>> expiring(n_ + 1);
       for (int u = 0; u < n_; ++u)
         if (last_use_[u] != kNever && last_use_[u] + 1 <= n_ && last_use_[u] + 1 > u + 1)
           expiring[last_use_[u] + 1].push_back(u);
-      std::vector<int> counted_for(n_, -1);  // counted_for[o] == i: o is already in s.inputs
+      std::vector<int> counted_for(n_, -1);  // counted_for[o] == i: o is in s.inputs
+      std::vector<int> saved_for(n_, -1);    // saved_for[o] == i: o is in s.kept
+      std::vector<std::vector<int>> last_read_at(n_);  // storages whose last reader is v
+      for (int u = 0; u < n_; ++u)
+        if (last_use_[u] != kNever && last_use_[u] > u) last_read_at[last_use_[u]].push_back(u);
+      std::vector<int64_t> outputs_after(n_ + 1, 0);  // bytes of the graph outputs >= v
+      for (int v = n_ - 1; v >= 0; --v)
+        outputs_after[v] = outputs_after[v + 1] + (p_.is_output[v] ? p_.storage_bytes[v] : 0);
       for (int i = 0; i < n_; ++i) {
         int first = -1;
         for (int k = 0; k < width && first < 0; ++k)
@@ -188,31 +252,50 @@ class Planner {
         if (first < 0) continue;
         const int64_t room = budget - boundaries[i] - first * unit;
         SegmentStats s;
-        int64_t live = 0;
-        for (int v = i; v < n_ && s.kept + p_.kept[v] <= room; ++v) {
+        s.checkpoint = p_.checkpoint_bytes;
+        int64_t live = 0, internal = 0, held = 0, external = 0, outputs = 0, backward = 0;
+        int64_t dead = 0, dropped = 0;  // inputs read only up to here and not saved (kept case)
+        for (int v = i; v < n_; ++v) {
           for (int o : p_.reads[v])
             if (o < i && counted_for[o] != i) {
               counted_for[o] = i;
               s.inputs += p_.storage_bytes[o];
             }
-          for (int u : expiring[v])
-            if (u >= i) live -= p_.live_output[u];
-          s.max_forward = std::max(s.max_forward, s.kept + live + p_.forward_peak[v]);
-          s.max_backward = std::max(s.max_backward,
-                                    s.kept + p_.kept[v] + p_.backward_peak[v] + p_.pending_grads[v]);
-          s.kept += p_.kept[v];
+          for (int u : expiring[v]) {
+            if (u >= i && saved_for[u] != i) live -= p_.storage_bytes[u];
+            if (u < i && v > i && saved_for[u] != i) dead += p_.storage_bytes[u];
+          }
+          s.max_forward = std::max(s.max_forward, internal + live + p_.forward_peak[v]);
+          s.max_forward_kept = std::max(s.max_forward_kept, internal + live + p_.forward_peak[v] - dead);
+          internal += p_.internal[v];
+          for (int o : p_.saves[v])
+            if (saved_for[o] != i) {
+              saved_for[o] = i;
+              if (!p_.is_output[o]) (o >= i ? held : external) += p_.storage_bytes[o];
+            }
+          if (p_.is_output[v]) outputs += p_.storage_bytes[v];
+          for (int u : last_read_at[v])
+            if (u < i && saved_for[u] != i) dropped += p_.storage_bytes[u];
+          // peak >= internal + held (the last backward step), and both only grow with v.
+          if (internal + held > room) break;
+          backward = std::max(backward, internal + held + p_.backward_peak[v] + p_.pending_grads[v]);
+          s.later_outputs = outputs_after[v + 1];
+          s.max_backward = backward + outputs + s.later_outputs;
+          s.max_backward_kept = s.max_backward - dropped;
+          s.kept = internal + held + external;
           s.time += p_.time[v];
           s.top_grads = p_.pending_grads[v];
-          if (last_use_[v] > v) live += p_.live_output[v];
+          if (last_use_[v] > v || saved_for[v] == i) live += p_.storage_bytes[v];
           relax(i, v + 1, s);
         }
       }
     } else {
-      // peak(S) >= the kept bytes of S (its last backward step holds them all), so a segment
-      // whose kept bytes do not fit above the cheapest state of `from` is skipped unexamined.
+      // peak(S) >= the internal bytes of S and its self-saved outputs (its last backward step
+      // holds them), so a segment whose bound does not fit above the cheapest state of `from` is
+      // skipped unexamined.
       std::vector<int64_t> kept_in(f, 0);
       for (int i = 0; i < f; ++i)
-        for (int v : members(family[i], n_)) kept_in[i] += p_.kept[v];
+        for (int v : members(family[i], n_)) kept_in[i] += least_kept_[v];
       for (int from = 0; from < f; ++from) {
         int first = -1;
         for (int k = 0; k < width && first < 0; ++k)
@@ -358,7 +441,9 @@ class Planner {
   const int n_;
   const int words_;
   std::vector<int64_t> last_use_;
+  std::vector<int64_t> least_kept_;  // bytes any segment holding v keeps for it: internal, self-saved output
   mutable std::vector<int> stamp_;  // stamp_[o] == epoch_: storage o already counted
+  mutable std::vector<int> held_;   // held_[o] == epoch_: storage o is saved inside the segment
   mutable int epoch_ = 0;
 };
 
@@ -367,10 +452,10 @@ class Planner {
 void Problem::validate() const {
   const size_t n = time.size();
   const std::pair<const char*, size_t> sizes[] = {
-      {"kept", kept.size()}, {"forward_peak", forward_peak.size()},
+      {"internal", internal.size()}, {"forward_peak", forward_peak.size()},
       {"backward_peak", backward_peak.size()}, {"pending_grads", pending_grads.size()},
-      {"live_output", live_output.size()}, {"storage_bytes", storage_bytes.size()},
-      {"is_output", is_output.size()}, {"preds", preds.size()}, {"users", users.size()},
+      {"storage_bytes", storage_bytes.size()}, {"is_output", is_output.size()},
+      {"preds", preds.size()}, {"users", users.size()}, {"saves", saves.size()},
       {"reads", reads.size()}};
   for (const auto& [name, size] : sizes)
     if (size != n)
@@ -389,6 +474,10 @@ void Problem::validate() const {
       if (c <= static_cast<int>(v) || static_cast<size_t>(c) >= n)
         throw std::invalid_argument("planner: users[" + std::to_string(v) + "] holds " + std::to_string(c) +
                                     "; a user must come after the node");
+    for (int o : saves[v])
+      if (o < 0 || static_cast<size_t>(o) > v)
+        throw std::invalid_argument("planner: saves[" + std::to_string(v) + "] holds " + std::to_string(o) +
+                                    "; a node saves its own or earlier nodes' storages");
   }
 }
 
@@ -407,17 +496,17 @@ std::optional<Solution> solve(const std::string& method, const Problem& problem,
 void bind(pybind11::module_& m) {
   m.def(
       "planner_solve",
-      [](const std::string& method, std::vector<double> time, std::vector<int64_t> kept,
+      [](const std::string& method, std::vector<double> time, std::vector<int64_t> internal,
          std::vector<int64_t> forward_peak, std::vector<int64_t> backward_peak,
-         std::vector<int64_t> pending_grads, std::vector<int64_t> live_output,
-         std::vector<int64_t> storage_bytes, std::vector<uint8_t> is_output,
-         std::vector<std::vector<int>> preds, std::vector<std::vector<int>> users,
-         std::vector<std::vector<int>> reads, int64_t budget,
-         int buckets, int64_t max_lower_sets) -> pybind11::object {
-        Problem problem{std::move(time), std::move(kept), std::move(forward_peak),
-                        std::move(backward_peak), std::move(pending_grads), std::move(live_output),
-                        std::move(storage_bytes), std::move(is_output), std::move(preds),
-                        std::move(users), std::move(reads)};
+         std::vector<int64_t> pending_grads, std::vector<int64_t> storage_bytes,
+         std::vector<uint8_t> is_output, std::vector<std::vector<int>> preds,
+         std::vector<std::vector<int>> users, std::vector<std::vector<int>> saves,
+         std::vector<std::vector<int>> reads, int64_t checkpoint_bytes, int64_t budget, int buckets,
+         int64_t max_lower_sets) -> pybind11::object {
+        Problem problem{std::move(time), std::move(internal), std::move(forward_peak),
+                        std::move(backward_peak), std::move(pending_grads), std::move(storage_bytes),
+                        std::move(is_output), std::move(preds), std::move(users), std::move(saves),
+                        std::move(reads), checkpoint_bytes};
         std::optional<Solution> solution;
         {
           pybind11::gil_scoped_release release;
@@ -426,10 +515,11 @@ void bind(pybind11::module_& m) {
         if (!solution) return pybind11::none();
         return pybind11::make_tuple(solution->extra_time, solution->segments);
       },
-      pybind11::arg("method"), pybind11::arg("time"), pybind11::arg("kept"),
+      pybind11::arg("method"), pybind11::arg("time"), pybind11::arg("internal"),
       pybind11::arg("forward_peak"), pybind11::arg("backward_peak"), pybind11::arg("pending_grads"),
-      pybind11::arg("live_output"), pybind11::arg("storage_bytes"), pybind11::arg("is_output"),
-      pybind11::arg("preds"), pybind11::arg("users"), pybind11::arg("reads"), pybind11::arg("budget"),
+      pybind11::arg("storage_bytes"), pybind11::arg("is_output"), pybind11::arg("preds"),
+      pybind11::arg("users"), pybind11::arg("saves"), pybind11::arg("reads"), pybind11::arg("checkpoint_bytes"),
+      pybind11::arg("budget"),
       pybind11::arg("buckets"), pybind11::arg("max_lower_sets"),
       "Checkpoint schedule of least extra time under `budget` bytes, or None when none fits: "
       "(extra_time, [(nodes, recomputed), ...]). method: \"dp\" | \"dp-approx\" | \"chain\". "

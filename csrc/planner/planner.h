@@ -18,16 +18,17 @@ namespace memkernels::planner {
 // Per-node costs of a graph whose nodes are numbered in a topological order.
 struct Problem {
   std::vector<double> time;             // forward time of node v
-  std::vector<int64_t> kept;            // a_v: bytes kept for backward that v owns
+  std::vector<int64_t> internal;        // i_v: bytes of the buffers v's backward keeps that v allocates
   std::vector<int64_t> forward_peak;    // h_v: peak bytes of v's forward above its inputs
   std::vector<int64_t> backward_peak;   // w_v: peak bytes of v's backward above its saved tensors
   std::vector<int64_t> pending_grads;   // g_v: gradient bytes alive while v's backward runs
-  std::vector<int64_t> live_output;     // o_v if nothing keeps v's output storage, else 0
   std::vector<int64_t> storage_bytes;   // bytes of the output storage v allocates (0 for views)
   std::vector<uint8_t> is_output;       // v's storage is (part of) a graph output
   std::vector<std::vector<int>> preds;  // direct predecessors of v
   std::vector<std::vector<int>> users;  // nodes that read v's storage (through views too)
+  std::vector<std::vector<int>> saves;  // owners of the storages v's backward keeps (v itself too)
   std::vector<std::vector<int>> reads;  // nodes whose storages v reads (the storages' owners)
+  int64_t checkpoint_bytes = 0;         // what each checkpoint keeps of its own (the RNG state)
 
   int size() const { return static_cast<int>(time.size()); }
   void validate() const;

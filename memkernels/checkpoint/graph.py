@@ -7,7 +7,9 @@ higher number). Each node carries the costs of the model in memkernels/checkpoin
 - ``output_bytes``: bytes of the storage its output allocates (0 for a view of another node's).
 - ``kept_bytes``: bytes autograd keeps for its backward that it allocated itself (internal buffers:
   a dropout mask, a packed k-bit code), not counting its output storage.
-- ``output_saved``: some node's backward keeps this node's output storage; it then counts as kept.
+- ``saved_by``: the nodes whose backward keeps this node's output storage: itself (ReLU keeps its
+  result) or nodes that read it (Linear keeps its input). Which of them hold it depends on the
+  schedule: a recomputed segment keeps nothing until its backward.
 - ``forward_peak``: peak bytes its forward allocates above what exists before it (output included).
 - ``backward_peak``: peak bytes its backward allocates above its saved tensors and its output's
   gradient (the gradients it produces and its temporaries).
@@ -47,7 +49,7 @@ class Node:
     time: float
     output_bytes: int
     kept_bytes: int = 0
-    output_saved: bool = False
+    saved_by: tuple[int, ...] = ()
     forward_peak: int | None = None
     backward_peak: int | None = None
     grad_bytes: int | None = None
@@ -57,12 +59,17 @@ class Node:
 
 class Graph:
     """Nodes in a topological order and edges ``(u, v)``, u < v: v reads u's output.
+    ``checkpoint_bytes``: what each checkpoint keeps of its own on the measured device until its
+    backward (the CPU RNG state it stashes, when measuring on CPU).
 
     ``Graph.chain(times, output_bytes, saved_bytes)`` builds a chain; `trace` measures a model.
     """
 
-    def __init__(self, nodes: Sequence[Node], edges: Sequence[tuple[int, int]]):
+    def __init__(self, nodes: Sequence[Node], edges: Sequence[tuple[int, int]], checkpoint_bytes: int = 0):
         n = len(nodes)
+        if checkpoint_bytes < 0:
+            raise ValueError(f"checkpoint_bytes must be >= 0, got {checkpoint_bytes}")
+        self.checkpoint_bytes = checkpoint_bytes
         self.preds: list[list[int]] = [[] for _ in range(n)]
         self.succs: list[list[int]] = [[] for _ in range(n)]
         for u, v in edges:
@@ -83,15 +90,24 @@ class Graph:
             forward = node.output_bytes + node.kept_bytes if node.forward_peak is None else node.forward_peak
             backward = (sum(filled[u].grad_bytes for u in self.preds[v])
                         if node.backward_peak is None else node.backward_peak)
-            filled.append(replace(node, grad_bytes=grad, forward_peak=forward, backward_peak=backward))
+            filled.append(replace(node, grad_bytes=grad, forward_peak=forward, backward_peak=backward,
+                                  saved_by=tuple(sorted(set(node.saved_by)))))
         self.nodes: list[Node] = filled
         self.program: _Program | None = None
+        readers: dict[int, set[int]] = {}  # storage owner -> nodes that read it
+        for v in range(n):
+            readers.setdefault(self.storage_owner(v), set()).update(self.succs[v])
+        for v, node in enumerate(self.nodes):
+            for s in node.saved_by:
+                if s != v and s not in readers[self.storage_owner(v)]:
+                    raise ValueError(f"node {v} ({node.name}): saved_by holds {s}, which neither is "
+                                     "the node nor reads its output storage")
 
     @classmethod
     def chain(cls, times: Sequence[float], output_bytes: Sequence[int], saved_bytes: Sequence[int],
-              **per_node: Sequence) -> "Graph":
+              checkpoint_bytes: int = 0, **per_node: Sequence) -> "Graph":
         """Chain 0 -> 1 -> ... -> n-1; the last node is the output. ``per_node`` gives any other
-        `Node` field as a sequence (e.g. ``output_saved=[...]``)."""
+        `Node` field as a sequence (e.g. ``saved_by=[(0,), (2,), ...]``)."""
         n = len(times)
         if len(output_bytes) != n or len(saved_bytes) != n or any(len(s) != n for s in per_node.values()):
             raise ValueError("Graph.chain: times, output_bytes, saved_bytes (and any per-node field) "
@@ -99,7 +115,7 @@ class Graph:
         nodes = [Node(name=str(v), time=float(times[v]), output_bytes=int(output_bytes[v]),
                       kept_bytes=int(saved_bytes[v]), is_output=v == n - 1,
                       **{k: s[v] for k, s in per_node.items()}) for v in range(n)]
-        return cls(nodes, [(v, v + 1) for v in range(n - 1)])
+        return cls(nodes, [(v, v + 1) for v in range(n - 1)], checkpoint_bytes)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -118,29 +134,32 @@ class Graph:
         """The per-node arrays the solvers (C++ and reference) take."""
         n = len(self)
         owner = [self.storage_owner(v) for v in range(n)]
-        saved = [False] * n
         is_output = [False] * n
         users: list[set[int]] = [set() for _ in range(n)]
         for v, node in enumerate(self.nodes):
-            saved[owner[v]] |= node.output_saved
             is_output[owner[v]] |= node.is_output
             for s in self.succs[v]:
                 users[owner[v]].add(s)
         storage = [self.nodes[v].output_bytes if owner[v] == v else 0 for v in range(n)]
-        kept = [self.nodes[v].kept_bytes + (storage[v] if saved[v] else 0) for v in range(n)]
-        live = [0 if saved[v] else storage[v] for v in range(n)]
+        saves: list[set[int]] = [set() for _ in range(n)]  # saves[s]: storages s's backward keeps
+        for v, node in enumerate(self.nodes):
+            for s in node.saved_by:
+                if storage[owner[v]]:
+                    saves[s].add(owner[v])
         # Gradients alive while v's backward runs: v's own, and those of earlier nodes that a later
         # node (or the loss, for outputs) has already sent a gradient to.
         grads = [node.grad_bytes for node in self.nodes]
         last_reader = [max(self.succs[u], default=-1) if not self.nodes[u].is_output else n for u in range(n)]
         pending = [grads[v] + sum(grads[u] for u in range(v) if last_reader[u] > v) for v in range(n)]
-        return dict(time=[node.time for node in self.nodes], kept=kept,
+        return dict(time=[node.time for node in self.nodes],
+                    internal=[node.kept_bytes for node in self.nodes],
                     forward_peak=[node.forward_peak for node in self.nodes],
                     backward_peak=[node.backward_peak for node in self.nodes],
-                    pending_grads=pending, live_output=live, storage_bytes=storage,
+                    pending_grads=pending, storage_bytes=storage,
                     is_output=[int(b) for b in is_output], preds=[list(p) for p in self.preds],
-                    users=[sorted(u) for u in users],
-                    reads=[sorted({owner[q] for q in self.preds[v] if storage[owner[q]]}) for v in range(n)])
+                    users=[sorted(u) for u in users], saves=[sorted(s) for s in saves],
+                    reads=[sorted({owner[q] for q in self.preds[v] if storage[owner[q]]}) for v in range(n)],
+                    checkpoint_bytes=self.checkpoint_bytes)
 
 
 # ------------------------------------------------------------------------------------------ trace
@@ -316,7 +335,7 @@ def trace(model: nn.Module, example_inputs, *, repeats: int = 3) -> Graph:
     owner: dict[int, int] = {}          # storage pointer -> node that allocated it
     env: dict[int, Any] = {}
     nodes_info: list[dict] = []
-    saved_by_later: set[int] = set()
+    savers: list[set[int]] = []         # savers[u]: nodes whose backward keeps u's output storage
     try:
         for v, step in enumerate(program.steps):
             env_in = {u: _leaf_copy(env[u]) for u in program.refs[v]}
@@ -331,6 +350,7 @@ def trace(model: nn.Module, example_inputs, *, repeats: int = 3) -> Graph:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = program.run_step(v, model, inputs, env_in)
             info = dict(name=step.name, output_bytes=0, view_of=None, grad_bytes=0)
+            savers.append(set())
             for t in _tensors(out):
                 ptr, nbytes = _storage(t)
                 if ptr in owner and owner[ptr] != v:
@@ -341,15 +361,12 @@ def trace(model: nn.Module, example_inputs, *, repeats: int = 3) -> Graph:
                 if t.requires_grad:
                     info["grad_bytes"] += t.numel() * t.element_size()
             kept = 0
-            output_saved = False
             for ptr, nbytes in inside.items():
-                if ptr in owner and owner[ptr] != v:
-                    saved_by_later.add(owner[ptr])
-                elif ptr in owner:
-                    output_saved = True
+                if ptr in owner:
+                    savers[owner[ptr]].add(v)
                 else:
                     kept += nbytes
-            info.update(kept_bytes=kept, output_saved=output_saved)
+            info.update(kept_bytes=kept)
 
             def forward():
                 return program.run_step(v, model, inputs, env_in)
@@ -392,11 +409,12 @@ def trace(model: nn.Module, example_inputs, *, repeats: int = 3) -> Graph:
                 b.copy_(buffers[name])
 
     nodes = [Node(name=i["name"], time=i["time"], output_bytes=i["output_bytes"],
-                  kept_bytes=i["kept_bytes"], output_saved=i["output_saved"] or v in saved_by_later,
+                  kept_bytes=i["kept_bytes"], saved_by=tuple(savers[v]),
                   forward_peak=i["forward_peak"], backward_peak=i["backward_peak"],
                   grad_bytes=i["grad_bytes"], view_of=i["view_of"], is_output=v in output_refs)
              for v, i in enumerate(nodes_info)]
     edges = [(u, v) for v in range(len(nodes)) for u in program.refs[v]]
-    graph = Graph(nodes, edges)
+    # Non-reentrant checkpoints stash the CPU RNG state (preserve_rng_state) until their backward.
+    graph = Graph(nodes, edges, checkpoint_bytes=rng.nbytes if device.type == "cpu" else 0)
     graph.program = program
     return graph

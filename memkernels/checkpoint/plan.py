@@ -71,7 +71,9 @@ class Plan:
         for nodes, recomputed in self.solution.segments:
             names = [self.graph.nodes[v].name for v in nodes]
             shown = ", ".join(names if len(names) <= 6 else names[:3] + ["..."] + names[-2:])
-            lines.append(f"  {'recompute' if recomputed else 'keep     '} [{shown}]")
+            inner = self.solution.nested.get(tuple(nodes))
+            nested = f" (recomputation runs {len(inner)} inner segments)" if recomputed and inner else ""
+            lines.append(f"  {'recompute' if recomputed else 'keep     '} [{shown}]{nested}")
         return "\n".join(lines)
 
 
@@ -83,8 +85,12 @@ def plan(model: nn.Module, example_inputs, budget: int | str | None, method: str
     measured peak passes the budget (the cost model under-counts, e.g. allocator rounding or
     buffers the trace did not see), the solver is asked again with the budget scaled down by
     budget / measured, at most 4 times. Raises memkernels.checkpoint.InfeasibleBudget (a
-    ValueError) naming the least feasible budget when no schedule fits. `graph`: a `trace` of
-    this model and input shape to reuse.
+    ValueError) naming the least feasible budget when no schedule fits (an estimate, and said to
+    be, when it comes from re-solving). `graph`: a `trace` of this model and input shape to reuse.
+
+    Autocast: call `plan` inside the ``torch.autocast(...)`` context the model will train in, and
+    run the applied model there too; trace and measurement then run in that mode (bf16 outputs
+    and saved tensors are counted at their size), and recomputation replays it.
     """
     graph = trace(model, example_inputs) if graph is None else graph
     limit = None if budget is None else parse_budget(budget)
@@ -96,7 +102,8 @@ def plan(model: nn.Module, example_inputs, budget: int | str | None, method: str
             if target == limit:
                 raise
             # The model's least budget, scaled as the measurement said.
-            raise InfeasibleBudget(method, limit, error.least_budget * limit // target) from error
+            raise InfeasibleBudget(method, limit, error.least_budget * limit // target,
+                                   estimated=True) from error
         if not verify:
             return result
         measured = measure_peak(apply(model, result), example_inputs)
@@ -104,7 +111,7 @@ def plan(model: nn.Module, example_inputs, budget: int | str | None, method: str
         if limit is None or measured <= limit:
             return replace(result, solution=replace(result.solution, budget=limit))
         target = max(0, target * limit // measured - 1)
-    raise InfeasibleBudget(method, limit, measured)
+    raise InfeasibleBudget(method, limit, measured, estimated=True)
 
 
 class PlannedModule(nn.Module):
@@ -129,12 +136,22 @@ class PlannedModule(nn.Module):
         position = {v: i for i, v in enumerate(v for nodes, _ in plan.solution.segments for v in nodes)}
         position[n] = n
         self._last_reader = [max(readers, key=position.__getitem__, default=-1) for readers in needed_after]
-        self._segments = []
-        for nodes, recomputed in plan.solution.segments:
+        self._needed_after = needed_after
+        self._schedule = self._compile(plan.solution.segments)
+
+    def _compile(self, segments) -> list[tuple]:
+        """Per segment: nodes, recomputed, the nodes it reads from outside, the nodes read outside
+        it, and its compiled inner schedule when its recomputation runs one (nested, "log")."""
+        program: _Program = self.plan.graph.program
+        nested = self.plan.solution.nested
+        compiled = []
+        for nodes, recomputed in segments:
             members = set(nodes)
             reads = sorted({u for v in nodes for u in program.refs[v] if u not in members})
-            exports = [v for v in nodes if any(r not in members for r in needed_after[v])]
-            self._segments.append((list(nodes), recomputed, reads, exports))
+            exports = [v for v in nodes if any(r not in members for r in self._needed_after[v])]
+            inner = self._compile(nested[tuple(nodes)]) if recomputed and tuple(nodes) in nested else None
+            compiled.append((list(nodes), recomputed, reads, exports, inner))
+        return compiled
 
     def _run(self, nodes, inputs, env):
         program = self.plan.graph.program
@@ -147,23 +164,29 @@ class PlannedModule(nn.Module):
             if self._last_reader[u] in readers:
                 env.pop(u, None)
 
-    def forward(self, *inputs):
-        program: _Program = self.plan.graph.program
-        env: dict[int, Any] = {}
-        for nodes, recomputed, reads, exports in self._segments:
+    def _run_schedule(self, schedule, inputs, env):
+        for nodes, recomputed, reads, exports, inner in schedule:
             if not recomputed:
                 self._run(nodes, inputs, env)
                 continue
 
-            def segment(*values, _nodes=nodes, _reads=reads, _exports=exports):
+            def segment(*values, _nodes=nodes, _reads=reads, _exports=exports, _inner=inner):
                 local = dict(zip(_reads, values[len(inputs):]))
-                self._run(_nodes, values[:len(inputs)], local)
+                if _inner is None:
+                    self._run(_nodes, values[:len(inputs)], local)
+                else:  # nested: inner recomputed segments are checkpoints inside this one
+                    self._run_schedule(_inner, values[:len(inputs)], local)
                 return tuple(local[v] for v in _exports)
 
             outs = checkpoint(segment, *inputs, *(env[u] for u in reads),
                               use_reentrant=False, preserve_rng_state=True)
             env.update(zip(exports, outs))
             self._release(reads, set(nodes), env)
+
+    def forward(self, *inputs):
+        program: _Program = self.plan.graph.program
+        env: dict[int, Any] = {}
+        self._run_schedule(self._schedule, inputs, env)
         return program.resolve(program.output, self.model, inputs, env)
 
 
