@@ -171,7 +171,6 @@ def main(argv=None) -> None:
         return
     device = torch.device("cpu")
     stem = H.RESULTS_DIR / f"checkpoint_{H.device_tag(device)}"
-    H.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     H.write_csv(rows, stem.with_suffix(".csv"))
     H.write_markdown(stem.with_suffix(".md"), "Checkpoint planning",
                      H.environment_lines(device, [H.command_line()]),

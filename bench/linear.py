@@ -192,7 +192,6 @@ def main(argv=None) -> None:
     if args.quick:
         return
     stem = H.RESULTS_DIR / f"linear_{H.device_tag(device)}"
-    H.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     H.write_csv(rows, stem.with_suffix(".csv"))
     H.write_markdown(stem.with_suffix(".md"), "Compressed saved inputs of Linear",
                      H.environment_lines(device, [H.command_line()]),

@@ -2,27 +2,17 @@
 reference B of memkernels/reference.py, bit for bit where B itself is compared; statistics of B;
 opcheck. Triton runs on CPU tensors under TRITON_INTERPRET=1 when there is no GPU (small shapes).
 """
-import os
+from _triton_modules import DEVICE, triton_modules
 
+import pytest
 import torch
+import triton
+import triton.language as tl
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before memkernels.triton decorates its kernels
+import memkernels as mk
+from memkernels import ops, reference as ref
 
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-import memkernels as mk  # noqa: E402
-from memkernels import ops, reference as ref  # noqa: E402
-from memkernels.triton import feedback as tk  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not os.environ.get("TRITON_INTERPRET") == "1":
-    os.environ["TRITON_INTERPRET"] = "1"
-importlib.reload(tk)  # decorated under the interpreter whatever was imported first
+(tk,) = triton_modules("feedback")
 
 pytestmark = pytest.mark.skipif(not ops.extension_loaded(), reason="memkernels._C not built")
 

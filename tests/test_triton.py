@@ -3,29 +3,15 @@
 On a GPU they run on CUDA tensors; without one, on CPU tensors under TRITON_INTERPRET=1 (small
 shapes: the interpreter runs about a million elements a second).
 """
-import os
+from _triton_modules import DEVICE, triton_modules
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Before memkernels.triton decorates its kernels (tests/conftest.py sets it too).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from memkernels import reference as ref
+from memkernels.activations.spec import GATES, PARAMS, Activation, default_params
 
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-
-from memkernels import reference as ref  # noqa: E402
-from memkernels.activations.spec import GATES, PARAMS, Activation, default_params  # noqa: E402
-from memkernels.triton import activations as tk  # noqa: E402
-from memkernels.triton import pack as tk_pack  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not tk._interpreted():
-    # Something imported the kernels before TRITON_INTERPRET was set: decorate them again.
-    os.environ["TRITON_INTERPRET"] = "1"
-    importlib.reload(tk_pack)
-    importlib.reload(tk)
+_, tk = triton_modules("pack", "activations")
 
 # The interpreter evaluates with numpy, which warns on the overflows that inf inputs cause.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
