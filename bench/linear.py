@@ -19,6 +19,7 @@ Writes bench/results/linear_<device>.{csv,md}.
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 from torch import nn
@@ -147,11 +148,15 @@ def block_rows(device, dtype, token_counts, repeats: int) -> list[dict]:
         torch_ms = step_timing(torch_block, x, device, repeats)
         for name, block in (("torch", torch_block), ("gelu bits=3 + int2", fused_block)):
             ms = torch_ms if block is torch_block else step_timing(block, x, device, repeats)
-            # What the block keeps of its hidden tensor: the GELU's and the second Linear's saves.
+            # What the block keeps of its hidden tensor: the GELU's and the second Linear's saves,
+            # also in bfloat16 (bytes only) when the bench runs in another dtype.
             kept = mk.profile.saved_bytes(block[1:], hidden)
+            hidden_bf16 = hidden.detach()[:64].bfloat16().requires_grad_()
+            kept_bf16 = mk.profile.saved_bytes(copy.deepcopy(block[1:]).bfloat16(), hidden_bf16)
             rows.append({"part": "block", "block": name, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."),
                          "step_ms": ms, "time_over_torch": ms / torch_ms, "hidden_kept_bytes": kept,
-                         "bits_per_hidden_element": 8 * kept / hidden.numel()})
+                         "bits_per_hidden_element": 8 * kept / hidden.numel(),
+                         "bits_per_hidden_element_bf16": 8 * kept_bf16 / hidden_bf16.numel()})
             print(f"MLP block {name:20s} tokens {tokens:6d} {ms:9.2f} ms ({ms / torch_ms:.3f}x)  "
                   f"{8 * kept / hidden.numel():.3f} bits per hidden element", flush=True)
     return rows
@@ -184,7 +189,8 @@ def main(argv=None) -> None:
     block_table = H.markdown_table([r for r in rows if r["part"] == "block"], [
         H.Column("block", "block"), H.Column("tokens", "tokens"), H.Column("dtype", "dtype"),
         H.Column("step_ms", "step ms", "{:.2f}"), H.Column("time_over_torch", "time / torch", "{:.3f}"),
-        H.Column("bits_per_hidden_element", "bits kept / hidden element", "{:.3f}")])
+        H.Column("bits_per_hidden_element", "bits kept / hidden element", "{:.3f}"),
+        H.Column("bits_per_hidden_element_bf16", "same in bf16", "{:.3f}")])
     accuracy_table = H.markdown_table([r for r in rows if r["part"] == "accuracy"], [
         H.Column("model", "model"), H.Column("mode", "save"), H.Column("steps", "steps"),
         H.Column("accuracy", "test accuracy %", "{:.2f}"), H.Column("vs_torch", "vs torch (points)", "{:+.2f}")])

@@ -377,3 +377,9 @@ def test_convert_swaps_layers_and_keeps_parameters():
     assert len(report.swapped) == 3
     model(torch.randn(2, 1, 8, 8)).sum().backward()
     assert all(p.grad is not None for p in params)
+
+
+def test_device_mix_is_named():
+    layer = mk.nn.Linear(4, 2, save="int4", device="meta")
+    with pytest.raises(ValueError, match="weight must be on the device of input"):
+        layer(torch.ones(3, 4))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import memkernels as mk
-from memkernels import ops
+from memkernels import ops, reference
 from memkernels.activations.spec import Activation as A, packed_nbytes
 from memkernels.activations.tables import get_table
 
@@ -140,6 +140,20 @@ def test_more_than_2_31_elements():
     torch.testing.assert_close(y[tail], torch.nn.functional.gelu(x[tail]))
     del y
     grad = ops.activation_backward(x, code, 3, t.levels)  # grad_out = x
-    from memkernels import reference
     expect = (x[tail].float() * t.levels[reference.codes(x[tail], t.borders).long()]).bfloat16()
     torch.testing.assert_close(grad[tail], expect, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_auxiliary_sign_forward_past_2_31_elements():
+    cols = 4096
+    rows = N_LARGE // cols + 1
+    need = 4 * 2 * rows * cols  # x and x_aux in bf16, and headroom
+    if _available_bytes() < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB free memory")
+    x = torch.ones(rows, cols, dtype=torch.bfloat16)
+    x[-2:].normal_()
+    x_aux, signs = ops.auxiliary_sign_forward(x, 0.01, False)
+    assert signs.shape == (rows, cols // 8)
+    want_aux, want_signs = reference.auxiliary_sign_forward(x[-2:], 0.01, False)
+    assert torch.equal(signs[-2:], want_signs) and torch.equal(x_aux[-2:], want_aux)
