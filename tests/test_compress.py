@@ -34,19 +34,19 @@ def awkward(rows, cols, dtype, device="cpu"):
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_quantize_groups_matches_reference(shape, dtype):
-    x = awkward(*shape, dtype)
+def test_quantize_groups_matches_reference(shape, dtype, device):
+    x = awkward(*shape, dtype, device)
     for bits in (1, 2, 4, 8):
         for group_size in (8, 64, 256):
             seed = torch.tensor(bits * 1000 + group_size)
             codes, stats = ops.quantize_groups(x, bits, group_size, seed)
-            want_codes, want_stats = R.quantize_groups(x, bits, group_size, seed)
-            assert codes.shape == (shape[0], packed_nbytes(shape[1], bits))
-            assert torch.equal(codes, want_codes), (bits, group_size)
-            assert stats.dtype == torch.bfloat16 and same_values(stats, want_stats), (bits, group_size)
+            want_codes, want_stats = R.quantize_groups(x.cpu(), bits, group_size, seed)
+            assert codes.shape == (shape[0], packed_nbytes(shape[1], bits)) and codes.device == x.device
+            assert torch.equal(codes.cpu(), want_codes), (bits, group_size)
+            assert stats.dtype == torch.bfloat16 and same_values(stats.cpu(), want_stats), (bits, group_size)
             x_hat = ops.dequantize_groups(codes, stats, shape[1], bits, group_size, 0.0, 0.0, dtype)
-            want = R.dequantize_groups(codes, stats, shape[1], bits, group_size, 0.0, 0.0, dtype)
-            torch.testing.assert_close(x_hat, want, equal_nan=True)
+            want = R.dequantize_groups(want_codes, want_stats, shape[1], bits, group_size, 0.0, 0.0, dtype)
+            torch.testing.assert_close(x_hat.cpu(), want, equal_nan=True)
 
 
 def test_quantize_groups_bounds_and_stats():
@@ -86,15 +86,15 @@ def test_seed_decides_codes():
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_auxiliary_sign_forward_matches_reference(shape, dtype):
-    x = awkward(*shape, dtype)
+def test_auxiliary_sign_forward_matches_reference(shape, dtype, device):
+    x = awkward(*shape, dtype, device)
     x[..., :1] = 0.0  # sign(0): the bit is 0 (s = -1, or 0 when nonnegative)
     for nonnegative in (False, True):
         x_aux, signs = ops.auxiliary_sign_forward(x, 0.05, nonnegative)
-        want_aux, want_signs = R.auxiliary_sign_forward(x, 0.05, nonnegative)
-        assert signs.shape == (shape[0], packed_nbytes(shape[1], 1))
-        assert torch.equal(signs, want_signs)
-        assert x_aux.dtype == dtype and same_values(x_aux, want_aux)
+        want_aux, want_signs = R.auxiliary_sign_forward(x.cpu(), 0.05, nonnegative)
+        assert signs.shape == (shape[0], packed_nbytes(shape[1], 1)) and signs.device == x.device
+        assert torch.equal(signs.cpu(), want_signs)
+        assert x_aux.dtype == dtype and same_values(x_aux.cpu(), want_aux)
 
 
 def test_auxiliary_sign_forward_non_contiguous():
@@ -105,21 +105,21 @@ def test_auxiliary_sign_forward_non_contiguous():
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
-def test_weight_grad_from_codes_matches_reference(dtype):
+def test_weight_grad_from_codes_matches_reference(dtype, device):
     torch.manual_seed(1)
     for rows, cols, out in [(1, 1, 1), (7, 13, 5), (600, 300, 17), (0, 8, 3)]:
-        x = torch.randn(rows, cols, dtype=dtype)
-        g = torch.randn(out, rows, dtype=dtype).t()  # non-contiguous grad_out
+        x = torch.randn(rows, cols, dtype=dtype, device=device)
+        g = torch.randn(out, rows, dtype=dtype, device=device).t()  # non-contiguous grad_out
         codes, stats = ops.quantize_groups(x, 4, 64, torch.tensor(3))
         got = ops.weight_grad_from_codes(g, codes, stats, cols, 4, 64, 0.0, 0.0)
-        want = R.weight_grad_from_codes(g, codes, stats, cols, 4, 64, 0.0, 0.0)
-        assert got.dtype == dtype and got.shape == (out, cols)
+        want = R.weight_grad_from_codes(g.cpu(), codes.cpu(), stats.cpu(), cols, 4, 64, 0.0, 0.0)
+        assert got.dtype == dtype and got.shape == (out, cols) and got.device == x.device
         tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(rows, 1))
+        torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol * max(rows, 1))
         signs = ops.auxiliary_sign_forward(x, 0.01, False)[1]
         got = ops.weight_grad_from_codes(g, signs, None, cols, 1, 256, -1.0, 2.0)
-        want = g.to(torch.float64).t() @ torch.where(x > 0, 1.0, -1.0).to(torch.float64)
-        torch.testing.assert_close(got.to(torch.float64), want, rtol=tol, atol=tol * max(rows, 1))
+        want = g.cpu().to(torch.float64).t() @ torch.where(x.cpu() > 0, 1.0, -1.0).to(torch.float64)
+        torch.testing.assert_close(got.cpu().to(torch.float64), want, rtol=tol, atol=tol * max(rows, 1))
 
 
 def test_weight_grad_nan_stays_in_its_group():
@@ -170,7 +170,7 @@ def run_layer(layer, x, seed=0):
     x = x.detach().requires_grad_()
     torch.manual_seed(seed)
     y = layer(x)
-    g = torch.linspace(-1, 1, y.numel(), dtype=torch.float32).reshape(y.shape).to(y.dtype)
+    g = torch.linspace(-1, 1, y.numel(), dtype=torch.float32, device=y.device).reshape(y.shape).to(y.dtype)
     y.backward(g)
     bias_grad = layer.bias.grad if layer.bias is not None else None
     return y, x.grad, layer.weight.grad, bias_grad, g
@@ -179,28 +179,28 @@ def run_layer(layer, x, seed=0):
 @pytest.mark.parametrize("save", ["int8", "int4", "int2"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(5, 40), (2, 3, 7), (40,), (0, 16)])
-def test_linear_int_codes(save, dtype, shape):
+def test_linear_int_codes(save, dtype, shape, device):
     torch.manual_seed(0)
-    torch_layer = torch.nn.Linear(shape[-1], 6, dtype=dtype)
+    torch_layer = torch.nn.Linear(shape[-1], 6, dtype=dtype, device=device)
     layer = mk.nn.Linear.from_torch(torch_layer, save, group_size=8)
-    x = torch.randn(shape, dtype=dtype)
+    x = torch.randn(shape, dtype=dtype, device=device)
     y_want, gx_want, _, gb_want, g = run_layer(torch_layer, x)
     torch_layer.weight.grad = torch_layer.bias.grad = None
     y, gx, gw, gb, _ = run_layer(layer, x, seed=3)
     # Forward and input gradient are torch's exactly; the weight gradient is g^T @ x_hat.
     assert torch.equal(y, y_want) and torch.equal(gx, gx_want) and torch.equal(gb, gb_want)
     bits = int(save[3:])
-    codes, stats = R.quantize_groups(x.reshape(-1, shape[-1]), bits, 8, drawn_seed(3))
-    want = R.weight_grad_from_codes(g.reshape(-1, 6), codes, stats, shape[-1], bits, 8, 0.0, 0.0)
-    torch.testing.assert_close(gw, want, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-2)
+    codes, stats = R.quantize_groups(x.cpu().reshape(-1, shape[-1]), bits, 8, drawn_seed(3))
+    want = R.weight_grad_from_codes(g.cpu().reshape(-1, 6), codes, stats, shape[-1], bits, 8, 0.0, 0.0)
+    torch.testing.assert_close(gw.cpu(), want, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-2)
 
 
 @pytest.mark.parametrize("nonnegative", [None, True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_asa_rule(nonnegative, dtype):
+def test_linear_asa_rule(nonnegative, dtype, device):
     torch.manual_seed(0)
-    layer = mk.nn.Linear(24, 5, dtype=dtype, save="asa", eps=0.1, nonnegative=nonnegative)
-    x = torch.randn(3, 4, 24, dtype=dtype)
+    layer = mk.nn.Linear(24, 5, dtype=dtype, device=device, save="asa", eps=0.1, nonnegative=nonnegative)
+    x = torch.randn(3, 4, 24, dtype=dtype, device=device)
     if nonnegative:
         x = x.relu()
     y, gx, gw, gb, g = run_layer(layer, x)
@@ -238,10 +238,10 @@ def test_linear_without_bias_and_frozen_parts(save):
 
 
 @pytest.mark.parametrize("save", ["asa", "int8", "int4", "int2"])
-def test_linear_bytes_kept(save):
+def test_linear_bytes_kept(save, device):
     rows, cols = 32, 1024
-    x = torch.randn(rows, cols, dtype=torch.bfloat16, requires_grad=True)
-    torch_layer = torch.nn.Linear(cols, 64, dtype=torch.bfloat16)
+    x = torch.randn(rows, cols, dtype=torch.bfloat16, device=device, requires_grad=True)
+    torch_layer = torch.nn.Linear(cols, 64, dtype=torch.bfloat16, device=device)
     layer = mk.nn.Linear.from_torch(torch_layer, save)
     kept = mk.profile.saved_bytes(layer, x)
     torch_kept = mk.profile.saved_bytes(torch_layer, x)
@@ -255,13 +255,13 @@ def test_linear_bytes_kept(save):
 
 
 @pytest.mark.parametrize("save", ["asa", "int4"])
-def test_linear_under_autocast(save):
+def test_linear_under_autocast(save, device):
     torch.manual_seed(0)
-    torch_layer = torch.nn.Linear(32, 8)
-    layer = mk.nn.Linear.from_torch(torch.nn.Linear(32, 8), save, nonnegative=False)
+    torch_layer = torch.nn.Linear(32, 8, device=device)
+    layer = mk.nn.Linear.from_torch(torch.nn.Linear(32, 8, device=device), save, nonnegative=False)
     layer.load_state_dict(torch_layer.state_dict())
-    x = torch.randn(4, 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(4, 32, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         y_want = torch_layer(x)
         y = layer(x)
     assert y.dtype == y_want.dtype == torch.bfloat16
