@@ -109,6 +109,16 @@ def _grads(model, x):
     return out, grads
 
 
+def assert_plan_trains_identically(model, plan, x):
+    """The planned model's output and parameter gradients equal the model's bit for bit (same
+    RNG seed, so dropout draws the same masks)."""
+    out, grads = _grads(model, x)
+    planned_out, planned_grads = _grads(ck.apply(model, plan), x)
+    assert torch.equal(out, planned_out)
+    for g, h in zip(grads, planned_grads):
+        assert torch.equal(g, h)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("method", ["all", "sqrt", "dp-approx"])
 def test_apply_gives_identical_gradients(name, method):
@@ -118,12 +128,7 @@ def test_apply_gives_identical_gradients(name, method):
     budget = None if method in ("all", "sqrt") else (ck.least_budget(graph, method) + ck.solve(graph, None, "none").predicted_peak) // 2
     plan = ck.plan(model, x, budget, method, graph=graph, verify=False)
     assert plan.recomputed, "the plan should recompute something"
-    planned = ck.apply(model, plan)
-    out, grads = _grads(model, x)
-    planned_out, planned_grads = _grads(planned, x)
-    assert torch.equal(out, planned_out)
-    for g, h in zip(grads, planned_grads):
-        assert torch.equal(g, h)
+    assert_plan_trains_identically(model, plan, x)
 
 
 def test_dropout_is_active_so_the_gradient_check_means_something():
@@ -184,11 +189,7 @@ def test_log_recursion_runs_nested_and_beats_sqrt_on_a_long_chain():
     assert ck.plan(model, x, budget, "log", graph=graph).measured_peak <= budget
     with pytest.raises(ck.InfeasibleBudget):
         ck.plan(model, x, log.predicted_peak // 2, "log", graph=graph)
-    out, grads = _grads(model, x)
-    planned_out, planned_grads = _grads(ck.apply(model, log), x)
-    assert torch.equal(out, planned_out)
-    for g, h in zip(grads, planned_grads):
-        assert torch.equal(g, h)
+    assert_plan_trains_identically(model, log, x)
 
 
 def test_autocast_plans_in_that_mode_and_gives_identical_gradients():
@@ -202,11 +203,7 @@ def test_autocast_plans_in_that_mode_and_gives_identical_gradients():
         plan = ck.plan(model, x, budget, "chain", graph=graph)
         assert plan.recomputed and plan.measured_peak <= budget
         assert abs(plan.measured_peak / plan.predicted_peak - 1) <= PREDICTION_TOLERANCE
-        out, grads = _grads(model, x)
-        planned_out, planned_grads = _grads(ck.apply(model, plan), x)
-    assert torch.equal(out, planned_out)
-    for g, h in zip(grads, planned_grads):
-        assert torch.equal(g, h)
+        assert_plan_trains_identically(model, plan, x)
 
 
 def test_least_budget_from_re_solving_is_called_an_estimate():
