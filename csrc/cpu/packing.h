@@ -93,6 +93,19 @@ inline __m128i code_bytes(const float* x, const at::vec::Vectorized<float>* bord
 #endif
 }
 
+// 1-bit codes of x[0, 16): bit i is borders[0] < x[i] (NaN: 0), so the 16 comparison bits are
+// already the two packed groups, with no byte-wise counting.
+inline uint64_t sign_words(const float* x, float border) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(x), _mm512_set1_ps(border), _CMP_GT_OQ);
+#else
+  const __m256 b = _mm256_set1_ps(border);
+  const int lo = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x), b, _CMP_GT_OQ));
+  const int hi = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + 8), b, _CMP_GT_OQ));
+  return static_cast<uint64_t>(lo | hi << 8);
+#endif
+}
+
 // The two groups of code bytes packed: group 0 in bytes [0, kBits), group 1 in [kBits, 2 kBits).
 template <int64_t kBits>
 inline uint64_t swar_words(__m128i b) {
@@ -141,12 +154,28 @@ struct LevelVectors {
   void lookup(__m128i code_bytes, float* out) const {
     _mm512_storeu_ps(out, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(code_bytes), levels));
   }
+  // out[0, 16) = levels[bit i of bits]: 1-bit codes, two packed groups.
+  void lookup_bits(uint64_t bits, float* out) const {
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(
+                              _mm512_maskz_set1_epi32(static_cast<__mmask16>(bits), 1), levels));
+  }
 #else
   __m256 low, high;  // levels [0, 8) and [8, 16)
-  explicit LevelVectors(const float* table) : low(_mm256_loadu_ps(table)), high(_mm256_loadu_ps(table + 8)) {}
+  float first, second;  // levels 0 and 1, for lookup_bits
+  explicit LevelVectors(const float* table)
+      : low(_mm256_loadu_ps(table)), high(_mm256_loadu_ps(table + 8)), first(table[0]), second(table[1]) {}
   void lookup(__m128i code_bytes, float* out) const {
     _mm256_storeu_ps(out, lookup8(_mm256_cvtepu8_epi32(code_bytes)));
     _mm256_storeu_ps(out + 8, lookup8(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(code_bytes, code_bytes))));
+  }
+  void lookup_bits(uint64_t bits, float* out) const {
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (int half = 0; half < 2; ++half) {
+      const __m256i byte = _mm256_set1_epi32(static_cast<int>((bits >> (8 * half)) & 0xff));
+      const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit);
+      _mm256_storeu_ps(out + 8 * half, _mm256_blendv_ps(_mm256_set1_ps(first), _mm256_set1_ps(second),
+                                                        _mm256_castsi256_ps(set)));
+    }
   }
   __m256 lookup8(__m256i codes) const {
     // Bit 3 of the code, moved to the sign bit, picks the high half.
@@ -177,7 +206,12 @@ inline void pack_codes(const float* x, int64_t n, const float* borders, uint8_t*
         std::fill(std::copy(xs, xs + count, tail), tail + kSwarCodes, std::numeric_limits<float>::quiet_NaN());
         xs = tail;
       }
-      const uint64_t words = swar_words<kBits>(code_bytes<kBits>(xs, border_vecs));
+      uint64_t words;
+      if constexpr (kBits == 1) {
+        words = sign_words(xs, borders[0]);
+      } else {
+        words = swar_words<kBits>(code_bytes<kBits>(xs, border_vecs));
+      }
       if (count == kSwarCodes) {
         std::memcpy(out, &words, 2 * kBits);  // a constant size: plain stores
       } else {
@@ -213,13 +247,20 @@ inline void lookup_codes(const uint8_t* packed, int64_t n, const T* table, T* ou
     const LevelVectors levels(table);
     for (int64_t i = 0; i < n; i += kSwarCodes, packed += 2 * kBits) {
       const int64_t count = std::min(kSwarCodes, n - i);
+      const auto lookup = [&](uint64_t words, float* dst) {
+        if constexpr (kBits == 1) {
+          levels.lookup_bits(words, dst);
+        } else {
+          levels.lookup(unswar_words<kBits>(words), dst);
+        }
+      };
       if (count == kSwarCodes) {
-        levels.lookup(unswar_words<kBits>(load_bytes<2 * kBits>(packed)), out + i);
+        lookup(load_bytes<2 * kBits>(packed), out + i);
       } else {
         uint64_t words = 0;
         std::memcpy(&words, packed, (count + 7) / 8 * kBits);
         alignas(64) float tail[kSwarCodes];
-        levels.lookup(unswar_words<kBits>(words), tail);
+        lookup(words, tail);
         std::copy(tail, tail + count, out + i);
       }
     }

@@ -103,8 +103,10 @@ void store_vec(const Vectorized<T>& v, T* p, int64_t count) {
 }
 
 // Applies fn(i, count) to the vectors of a tile of n elements: i steps by the vector width.
+// Always inlined: as a call per tile, the loop reloads every pointer the kernel's lambdas captured
+// by reference on each vector, and cannot keep the kernel's constants in registers.
 template <typename T, typename F>
-void for_each_vec(int64_t n, const F& fn) {
+__attribute__((always_inline)) inline void for_each_vec(int64_t n, const F& fn) {
   constexpr int64_t width = Vectorized<T>::size();
   for (int64_t i = 0; i < n; i += width) {
     fn(i, std::min(width, n - i));
