@@ -25,9 +25,10 @@ MEMKERNELS_HOST_DEVICE uint32_t mul_hi(uint32_t a, uint32_t b) {
 #endif
 }
 
-// The four words for 64-bit counter `offset` under key (k0, k1): triton.language.random.philox_impl.
-MEMKERNELS_HOST_DEVICE PhiloxWords philox4x32_10(uint64_t offset, uint32_t k0, uint32_t k1) {
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
+// The four words for counter (c0, c1, c2, c3) under key (k0, k1): triton.language.random.philox_impl,
+// and ATen's at::Philox4_32 (offset in c0, c1; subsequence in c2, c3), which quantize_groups keys.
+MEMKERNELS_HOST_DEVICE PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                                 uint32_t k1) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -42,6 +43,11 @@ MEMKERNELS_HOST_DEVICE PhiloxWords philox4x32_10(uint64_t offset, uint32_t k0, u
     k1 += 0xBB67AE85u;
   }
   return {{c0, c1, c2, c3}};
+}
+
+// The four words for 64-bit counter `offset` (c2 = c3 = 0): the feedback matrices' generator.
+MEMKERNELS_HOST_DEVICE PhiloxWords philox4x32_10(uint64_t offset, uint32_t k0, uint32_t k1) {
+  return philox4x32_10(static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), 0u, 0u, k0, k1);
 }
 
 // One entry of B from its Philox word: float32(int32(word)) * step, step = float32(scale) * 2**-31.

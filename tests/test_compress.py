@@ -20,13 +20,16 @@ def same_values(a, b):
 
 
 def awkward(rows, cols, dtype, device="cpu"):
-    """Random values with a constant row, a NaN and an Inf where the shape allows."""
+    """Random values with a constant row, a NaN and Infs where the shape allows (the NaN and the
+    -Inf early in a row, where the CPU kernels take 16 values at a time)."""
     x = torch.randn(rows, cols, device=device) * 3
     if rows > 2 and cols > 0:
         x[2] = 0.37
     if rows > 1 and cols > 3:
         x[1, 3] = float("nan")
         x[0, cols - 1] = float("inf")
+    if rows > 3 and cols > 20:
+        x[3, 20] = -float("inf")
     return x.to(dtype)
 
 

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -19,6 +20,7 @@
 
 #include "cpu/checks.h"
 #include "cpu/packing.h"
+#include "cpu/philox_lanes.h"
 
 // The AVX2 build of packing.h and ATen's vectors (the command line's), as pack_bits.cpp: next to the
 // GEMMs of a Linear these loops need only be vectorised, not tuned per instruction set.
@@ -93,18 +95,24 @@ float round_bfloat16(float v, bool up) {
 
 // ---- auxiliary_sign_forward ----
 
+using FloatVec = at::vec::Vectorized<float>;
+static_assert(FloatVec::size() == 8, "the AVX2 build: 8 floats a vector");
+
+// The 16 values at x (float32, bfloat16 or float16) as two vectors of float.
+template <typename T>
+std::tuple<FloatVec, FloatVec> load_floats16(const T* x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return {FloatVec::loadu(x), FloatVec::loadu(x + 8)};
+  } else {
+    return at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(x));
+  }
+}
+
 // x_aux and the two sign bytes of the 16 values at x, in float as the scalar loop below.
 template <typename T>
 void auxiliary_sign_16(const T* x, float up, float down, T* x_aux, uint8_t* signs) {
-  using V = at::vec::Vectorized<float>;
-  static_assert(V::size() == 8, "the AVX2 build: 8 floats a vector");
-  V lo, hi;
-  if constexpr (std::is_same_v<T, float>) {
-    lo = V::loadu(x);
-    hi = V::loadu(x + 8);
-  } else {
-    std::tie(lo, hi) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(x));
-  }
+  using V = FloatVec;
+  const auto [lo, hi] = load_floats16(x);
   const V positive_lo = lo > V(0.0f), positive_hi = hi > V(0.0f);  // NaN: not positive
   const V aux_lo = lo + V::blendv(V(down), V(up), positive_lo);
   const V aux_hi = hi + V::blendv(V(down), V(up), positive_hi);
@@ -164,6 +172,18 @@ std::tuple<at::Tensor, at::Tensor> auxiliary_sign_forward(const at::Tensor& x_in
 
 // ---- quantize_groups ----
 
+// q[0, 8) = the codes floor((x - mn) / scale + noise) of 8 values, clamped to [0, 2**kBits - 1],
+// NaN to 0: the scalar loop of quantize_row, op for op in float.
+template <int64_t kBits>
+void store_levels(const FloatVec& x, float mn, float scale, const float* noise, uint8_t* q) {
+  const FloatVec level = ((x - FloatVec(mn)) / FloatVec(scale) + FloatVec::loadu(noise)).floor();
+  const __m256 no_nan = _mm256_andnot_ps(level.isnan(), level);  // NaN lanes are all ones: 0
+  const __m256 clamped = _mm256_max_ps(_mm256_min_ps(no_nan, _mm256_set1_ps((1 << kBits) - 1)), _mm256_setzero_ps());
+  const __m256i ints = _mm256_cvttps_epi32(clamped);
+  const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(ints), _mm256_extracti128_si256(ints, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(q), _mm_packus_epi16(words, words));
+}
+
 // Codes and (min, scale) of every group of row `row` (cols values at x).
 template <int64_t kBits, typename T>
 void quantize_row(const T* x, int64_t row, int64_t cols, int64_t group_size, uint64_t seed, uint8_t* codes,
@@ -174,7 +194,29 @@ void quantize_row(const T* x, int64_t row, int64_t cols, int64_t group_size, uin
     const int64_t n = std::min(group_size, cols - c0);
     float lo = std::numeric_limits<float>::infinity(), hi = -lo;
     bool finite = true;
-    for (int64_t j = 0; j < n; ++j) {
+    int64_t scanned = 0;
+    if constexpr (!std::is_same_v<T, double>) {
+      // v - v is 0 for a finite v and NaN otherwise; while all are finite, min and max are exact.
+      FloatVec lows(lo), highs(hi), not_finite(0.0f);
+      for (; scanned + 16 <= n; scanned += 16) {
+        const auto [first, second] = load_floats16(x + c0 + scanned);
+        for (const FloatVec& v : {first, second}) {
+          lows = FloatVec(_mm256_min_ps(lows, v));
+          highs = FloatVec(_mm256_max_ps(highs, v));
+          not_finite = not_finite + (v - v);
+        }
+      }
+      alignas(32) float lane_lo[8], lane_hi[8], lane_bad[8];
+      lows.store(lane_lo);
+      highs.store(lane_hi);
+      not_finite.store(lane_bad);
+      for (int k = 0; k < 8; ++k) {
+        lo = std::min(lo, lane_lo[k]);
+        hi = std::max(hi, lane_hi[k]);
+        finite &= lane_bad[k] == 0.0f;
+      }
+    }
+    for (int64_t j = scanned; j < n; ++j) {
       const float v = static_cast<float>(x[c0 + j]);
       finite &= std::isfinite(v);
       lo = std::min(lo, v);
@@ -187,9 +229,30 @@ void quantize_row(const T* x, int64_t row, int64_t cols, int64_t group_size, uin
     }
     stats[2 * g] = mn;  // exact: both are bfloat16 values
     stats[2 * g + 1] = scale;
-    // Value (row, c) takes output c % 4 of Philox at counter (c / 4, 0, row, 0); c0 % 8 == 0.
-    at::Philox4_32 philox(seed, static_cast<uint64_t>(row), static_cast<uint64_t>(c0 / 4));
-    for (int64_t j = 0; j < n; ++j) {
+    // Value (row, c) takes output c % 4 of Philox at counter (c / 4, 0, row, 0) under key seed, as
+    // at::Philox4_32(seed, row, c / 4) draws it; c0 % 8 == 0. 32 values at a time from 8 counters.
+    int64_t j = 0;
+    if constexpr (!std::is_same_v<T, double>) {
+      for (; j + 32 <= n; j += 32) {
+        uint32_t words[4][kPhiloxLanes];
+        philox_lanes(static_cast<uint64_t>((c0 + j) / 4), static_cast<uint32_t>(row),
+                     static_cast<uint32_t>(static_cast<uint64_t>(row) >> 32), static_cast<uint32_t>(seed),
+                     static_cast<uint32_t>(seed >> 32), words);
+        alignas(32) float noise[4 * kPhiloxLanes];
+        for (int64_t lane = 0; lane < kPhiloxLanes; ++lane) {
+          for (int w = 0; w < 4; ++w) {
+            noise[4 * lane + w] = static_cast<float>(words[w][lane] >> 8) * kNoiseScale;
+          }
+        }
+        for (int64_t k = 0; k < 32; k += 16) {
+          const auto [lo, hi] = load_floats16(x + c0 + j + k);
+          store_levels<kBits>(lo, mn, scale, noise + k, q + j + k);
+          store_levels<kBits>(hi, mn, scale, noise + k + 8, q + j + k + 8);
+        }
+      }
+    }
+    at::Philox4_32 philox(seed, static_cast<uint64_t>(row), static_cast<uint64_t>((c0 + j) / 4));
+    for (; j < n; ++j) {
       const float u = static_cast<float>(philox() >> 8) * kNoiseScale;
       const float level = std::floor((static_cast<float>(x[c0 + j]) - mn) / scale + u);
       q[j] = std::isnan(level) ? 0 : static_cast<uint8_t>(std::clamp(level, 0.0f, kTop));

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/philox_lanes.h"
 #include "philox.h"
 
 namespace memkernels::cpu::CPU_CAPABILITY {
@@ -26,76 +27,23 @@ constexpr int64_t kColBlock = 128;  // columns of B (and of out) a task owns
 constexpr int64_t kRowBlock = 256;  // rows of e (and of out) a task owns
 constexpr int64_t kMicroRows = 4;   // rows of out the micro-kernel keeps in registers
 
-constexpr int64_t kLanes = 8;  // columns whose Philox words one call of philox_lanes computes
-
-#if defined(__AVX2__)
-// (high, low) 32-bit halves of a * x in each of 8 lanes: _mm256_mul_epu32 multiplies the even lanes
-// into 64 bits, so the odd lanes go through it shifted down.
-inline void mul_hi_lo(__m256i x, __m256i a, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(x, a);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), a);
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  lo = _mm256_mullo_epi32(x, a);
-}
-#endif
-
-// entries[w][j] = B entry from word w of Philox at counter offset + j, j < kLanes: philox4x32_10
-// of csrc/philox.h, 8 counters at a time with AVX2.
-void philox_lanes(uint64_t offset, uint32_t seed, uint32_t layer, float step, float entries[4][kLanes]) {
-#if defined(__AVX2__)
-  alignas(32) uint32_t lo[kLanes], hi[kLanes];
-  for (int64_t j = 0; j < kLanes; ++j) {
-    lo[j] = static_cast<uint32_t>(offset + j);
-    hi[j] = static_cast<uint32_t>((offset + j) >> 32);
-  }
-  __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
-  __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
-  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-  const __m256i round_a = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m256i round_b = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  uint32_t k0 = seed, k1 = layer;
-  for (int round = 0; round < 10; ++round) {
-    __m256i hi_b, lo_b, hi_a, lo_a;
-    mul_hi_lo(c2, round_b, hi_b, lo_b);
-    mul_hi_lo(c0, round_a, hi_a, lo_a);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-    c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-    c1 = lo_b;
-    c3 = lo_a;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  // float32(int32(word)) * step, as feedback_entry: one rounding each.
-  const __m256 step_v = _mm256_set1_ps(step);
-  _mm256_storeu_ps(entries[0], _mm256_mul_ps(_mm256_cvtepi32_ps(c0), step_v));
-  _mm256_storeu_ps(entries[1], _mm256_mul_ps(_mm256_cvtepi32_ps(c1), step_v));
-  _mm256_storeu_ps(entries[2], _mm256_mul_ps(_mm256_cvtepi32_ps(c2), step_v));
-  _mm256_storeu_ps(entries[3], _mm256_mul_ps(_mm256_cvtepi32_ps(c3), step_v));
-#else
-  for (int64_t j = 0; j < kLanes; ++j) {
-    const PhiloxWords words = philox4x32_10(offset + j, seed, layer);
-    for (int w = 0; w < 4; ++w) {
-      entries[w][j] = feedback_entry(words.w[w], step);
-    }
-  }
-#endif
-}
+constexpr int64_t kLanes = kPhiloxLanes;  // columns whose B entries one call of philox_lanes gives
 
 // tile[r][j] = B[k0 + r, c0 + j] for r < rows, j < cols (row stride kColBlock).
 template <typename acc_t>
 void generate_tile(acc_t* tile, int64_t k0, int64_t rows, int64_t c0, int64_t cols, int64_t m,
                    uint32_t seed, uint32_t layer, float step) {
-  float entries[4][kLanes];
+  uint32_t lane_words[4][kLanes];
   for (int64_t quad = k0 / 4; quad * 4 < k0 + rows; ++quad) {
     const uint64_t base = static_cast<uint64_t>(quad) * static_cast<uint64_t>(m) + c0;
     const int64_t first = quad * 4 - k0;  // tile row of the quad's word 0 (k0 is a multiple of 4)
     const int words = static_cast<int>(std::min<int64_t>(4, rows - first));
     for (int64_t j = 0; j < cols; j += kLanes) {
-      philox_lanes(base + j, seed, layer, step, entries);
+      philox_lanes(base + j, 0, 0, seed, layer, lane_words);
       const int64_t lanes = std::min(kLanes, cols - j);
       for (int w = 0; w < words; ++w) {
         for (int64_t lane = 0; lane < lanes; ++lane) {
-          tile[(first + w) * kColBlock + j + lane] = static_cast<acc_t>(entries[w][lane]);
+          tile[(first + w) * kColBlock + j + lane] = static_cast<acc_t>(feedback_entry(lane_words[w][lane], step));
         }
       }
     }
