@@ -40,10 +40,17 @@ void generate_tile(acc_t* tile, int64_t k0, int64_t rows, int64_t c0, int64_t co
     const int words = static_cast<int>(std::min<int64_t>(4, rows - first));
     for (int64_t j = 0; j < cols; j += kLanes) {
       philox_lanes(base + j, 0, 0, seed, layer, lane_words);
+      // All 32 entries first, a fixed-length loop the compiler vectorises; then the tile's share.
+      float entries[4][kLanes];
+      for (int w = 0; w < 4; ++w) {
+        for (int64_t lane = 0; lane < kLanes; ++lane) {
+          entries[w][lane] = feedback_entry(lane_words[w][lane], step);
+        }
+      }
       const int64_t lanes = std::min(kLanes, cols - j);
       for (int w = 0; w < words; ++w) {
         for (int64_t lane = 0; lane < lanes; ++lane) {
-          tile[(first + w) * kColBlock + j + lane] = static_cast<acc_t>(feedback_entry(lane_words[w][lane], step));
+          tile[(first + w) * kColBlock + j + lane] = static_cast<acc_t>(entries[w][lane]);
         }
       }
     }

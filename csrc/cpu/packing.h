@@ -161,9 +161,7 @@ struct LevelVectors {
   }
 #else
   __m256 low, high;  // levels [0, 8) and [8, 16)
-  float first, second;  // levels 0 and 1, for lookup_bits
-  explicit LevelVectors(const float* table)
-      : low(_mm256_loadu_ps(table)), high(_mm256_loadu_ps(table + 8)), first(table[0]), second(table[1]) {}
+  explicit LevelVectors(const float* table) : low(_mm256_loadu_ps(table)), high(_mm256_loadu_ps(table + 8)) {}
   void lookup(__m128i code_bytes, float* out) const {
     _mm256_storeu_ps(out, lookup8(_mm256_cvtepu8_epi32(code_bytes)));
     _mm256_storeu_ps(out + 8, lookup8(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(code_bytes, code_bytes))));
@@ -173,8 +171,7 @@ struct LevelVectors {
     for (int half = 0; half < 2; ++half) {
       const __m256i byte = _mm256_set1_epi32(static_cast<int>((bits >> (8 * half)) & 0xff));
       const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit);
-      _mm256_storeu_ps(out + 8 * half, _mm256_blendv_ps(_mm256_set1_ps(first), _mm256_set1_ps(second),
-                                                        _mm256_castsi256_ps(set)));
+      _mm256_storeu_ps(out + 8 * half, lookup8(_mm256_srli_epi32(set, 31)));  // codes 0 and 1
     }
   }
   __m256 lookup8(__m256i codes) const {
