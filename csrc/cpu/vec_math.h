@@ -32,10 +32,49 @@ constexpr int64_t kGrainTiles = 64;
 template <typename scalar_t>
 using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+// exp(x) for float lanes, inlined (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-7
+// polynomial for e^r, then scaled by 2^n), within 2 ulp of exp on all of float. Sleef's call is as
+// accurate, but a call spills every vector register (all caller-saved): in a kernel that keeps its
+// constants in registers, that cost more than the exp itself. exp(-inf) = 0, exp(+inf) = +inf,
+// results below FLT_MIN are denormal (as std::exp), NaN stays NaN.
+inline Vectorized<float> exp_inline(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  using at::vec::fmadd;
+  // Past these bounds exp is 0 or inf whatever the clamp; the clamp keeps n integral and finite.
+  const V xc = at::vec::clamp(x, V(-104.0f), V(89.0f));
+  const V n = (xc * V(1.44269504088896341f)).round();
+  // r = x - n ln2, ln2 split in two so that n * 0.693359375 is exact.
+  V r = fmadd(n, V(-0.693359375f), xc);
+  r = fmadd(n, V(2.12194440e-4f), r);
+  V p = fmadd(V(1.9875691500e-4f), r, V(1.3981999507e-3f));
+  p = fmadd(p, r, V(8.3334519073e-3f));
+  p = fmadd(p, r, V(4.1665795894e-2f));
+  p = fmadd(p, r, V(1.6666665459e-1f));
+  p = fmadd(p, r, V(5.0000001201e-1f));
+  p = fmadd(p, r * r, r + V(1.0f));  // e^r
+#if defined(CPU_CAPABILITY_AVX512)
+  return V(_mm512_scalef_ps(p, n));  // p * 2^n, rounded once, denormal or inf where it must be
+#else
+  // 2^n as two factors 2^(n/2) and 2^(n - n/2), each a normal float for n in [-150, 129].
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(ni, 1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const V s1(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23)));
+  const V s2(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23)));
+  return p * s1 * s2;
+#endif
+}
+
 // The policy `M` of activations.h for V = Vectorized<float> or Vectorized<double>.
 template <typename V>
 struct VecMath {
-  static V exp(const V& x) { return x.exp(); }
+  static V exp(const V& x) {
+    if constexpr (std::is_same_v<V, Vectorized<float>>) {
+      return exp_inline(x);
+    } else {
+      return x.exp();
+    }
+  }
   static V expm1(const V& x) { return x.expm1(); }
   static V log1p(const V& x) { return x.log1p(); }
   static V erf(const V& x) { return x.erf(); }
@@ -60,21 +99,9 @@ struct VecMath {
   static V where(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
 };
 
-// The policy for bfloat16 and float16 tensors: results keep 8 or 11 bits, so exp may be ATen's
-// inlined exp_u20 (20 ulp of float, ~2e-6 relative) instead of Sleef's 1-ulp call, which costs
-// more than the rest of GELU. exp_u20 clamps its input, so +inf and NaN are restored here.
-template <typename V>
-struct ReducedPrecisionVecMath : VecMath<V> {
-  static V exp(const V& x) {
-    const V e = x.exp_u20();
-    return V::blendv(V::blendv(e, x, x.isnan()), x, x == V(std::numeric_limits<float>::infinity()));
-  }
-};
-
-// The policy `M` of activations.h for tensors of scalar_t computed in T.
-template <typename scalar_t, typename T = opmath_t<scalar_t>>
-using MathFor = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>,
-                                   ReducedPrecisionVecMath<Vectorized<T>>, VecMath<Vectorized<T>>>;
+// The policy `M` of activations.h for tensors of scalar_t, computed in opmath_t<scalar_t>.
+template <typename scalar_t>
+using MathFor = VecMath<Vectorized<opmath_t<scalar_t>>>;
 
 // Runs fn(begin, n) on the tiles [begin, begin + n) covering [0, numel), in parallel.
 template <typename F>
