@@ -129,11 +129,43 @@ def test_activation_special_values(act, params, dtype):
     assert_matches(y, y_ref)
     assert_matches(saved, saved_ref)
     assert torch.isfinite(saved[1:3]).all(), "f'(+-inf) must be the finite limit"
-    borders = random_borders(4)
-    _, codes = ops.activation_forward(x, int(act), *params, 4, borders)
-    unpacked = ops.unpack_bits(codes, 4, x.numel())
-    assert unpacked[0] == 0 and unpacked[1] == 15 and unpacked[2] == 0  # NaN, +inf, -inf
-    assert torch.equal(codes, ref.pack_bits(ref.codes(x, borders), 4))
+    for bits in VALID_BITS:
+        borders = random_borders(bits)
+        _, codes = ops.activation_forward(x, int(act), *params, bits, borders)
+        unpacked = ops.unpack_bits(codes, bits, x.numel())
+        assert unpacked[0] == 0 and unpacked[1] == 2**bits - 1 and unpacked[2] == 0  # NaN, +inf, -inf
+        assert torch.equal(codes, ref.pack_bits(ref.codes(x, borders), bits))
+
+
+def float32_ulps(out: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """|out - exact| in units of the float32 spacing at exact (float64), denormals included."""
+    mag = exact.float().abs()
+    spacing = (torch.nextafter(mag, torch.full_like(mag, math.inf)) - mag).double()
+    return (out.double() - exact).abs() / spacing
+
+
+def test_float32_exp_accuracy():
+    # The float kernels compute exp inline (vec_math.h); it must stay within 2 ulp of exp over the
+    # whole float range, denormal results included. ELU's f'(x) (alpha 1) is exp(x) for x < 0, and
+    # Softplus's f'(x) is 1 / (1 + exp(-x)), which is 1 / exp(-x) in float32 below x = -20 (and
+    # normal above -87): the division adds its rounding, and an ulp of exp(-x) can be up to two
+    # ulps of the result, so 3 ulp there (a correctly rounded exp gives 1.5).
+    x = torch.linspace(-110, 0, 1_000_001)
+    _, d = ops.activation_forward(x, int(Activation.ELU), 1.0, 0.0, 0, None)
+    assert float32_ulps(d, torch.exp(x.double())).max() <= 2
+    x = torch.linspace(-87, -20, 1_000_001)
+    _, d = ops.activation_forward(x, int(Activation.SOFTPLUS), 1.0, 20.0, 0, None)
+    assert float32_ulps(d, 1 / torch.exp(-x.double())).max() <= 3
+
+
+@pytest.mark.parametrize("bits", VALID_BITS)
+def test_activation_codes_repeated_borders(bits):
+    # The vector kernels find a code by binary search; equal borders must still count as in the
+    # reference (#{j : borders[j] < x}).
+    borders = torch.sort(torch.randint(-3, 4, (2**bits - 1,)).float()).values
+    x = torch.cat([borders, borders + 0.5, torch.randn(4097) * 3])
+    _, codes = ops.activation_forward(x, int(Activation.RELU), 0.0, 0.0, bits, borders)
+    assert torch.equal(codes, ref.pack_bits(ref.codes(x, borders), bits))
 
 
 # ---- gated_forward / gated_backward ----

@@ -28,6 +28,7 @@ void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint
   using V = Vectorized<T>;
   using M = MathFor<scalar_t>;
   const V p0(static_cast<T>(p0_)), p1(static_cast<T>(p1_));
+  const std::optional<BorderTree> tree = d == nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
     alignas(64) T x_buf[kTile], y_buf[kTile], d_buf[kTile];
     const T* xs = read_tile(x + begin, n, x_buf);
@@ -46,7 +47,7 @@ void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint
       });
       alignas(64) float f_buf[kTile];
       dispatch_bits(bits, [&](auto k) {
-        pack_codes<k.value>(float_tile(xs, n, f_buf), n, borders, codes + begin / 8 * k.value);
+        pack_codes<k.value>(float_tile(xs, n, f_buf), n, *tree, codes + begin / 8 * k.value);
       });
     }
     write_tile(ys, y + begin, n);
@@ -74,6 +75,7 @@ void gated_forward_kernel(const scalar_t* a, const scalar_t* b, scalar_t* y, uin
   using V = Vectorized<T>;
   using M = MathFor<scalar_t>;
   const V zero(T(0));
+  const std::optional<BorderTree> tree = codes != nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
     alignas(64) T a_buf[kTile], b_buf[kTile], y_buf[kTile];
     const T* as = read_tile(a + begin, n, a_buf);
@@ -87,7 +89,7 @@ void gated_forward_kernel(const scalar_t* a, const scalar_t* b, scalar_t* y, uin
     if (codes != nullptr) {
       alignas(64) float f_buf[kTile];
       dispatch_bits(bits, [&](auto k) {
-        pack_codes<k.value>(float_tile(as, n, f_buf), n, borders, codes + begin / 8 * k.value);
+        pack_codes<k.value>(float_tile(as, n, f_buf), n, *tree, codes + begin / 8 * k.value);
       });
     }
   });

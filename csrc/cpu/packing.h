@@ -70,23 +70,86 @@ inline void unpack_groups(const uint8_t* in, int64_t groups, code_t* codes) {
 // its 64-bit halves gather a group's 8 fields into its low kBits bytes (SWAR) and spread them back.
 constexpr int64_t kSwarCodes = 16;
 
+// The 2**kBits - 1 sorted borders as an implicit search tree stored level by level: level l holds
+// the 2**l borders borders[(2m + 1) * 2**(kBits - 1 - l) - 1], m < 2**l, from offset 2**l - 1, so
+// that each step of a binary search reads one level, indexed by the code bits found so far. A level
+// of up to 16 (AVX512) or 8 (AVX2) borders is one register permute, not a gather.
+struct BorderTree {
+  // 16 floats past the last level: a level is read with whole-vector loads.
+  alignas(64) float nodes[256 + 16] = {};
+  int64_t bits;
+
+  BorderTree(const float* borders, int64_t bits) : bits(bits) {
+    for (int64_t level = 0; level < bits; ++level) {
+      const int64_t step = int64_t{1} << (bits - 1 - level);
+      for (int64_t m = 0; m < (int64_t{1} << level); ++m) {
+        nodes[(int64_t{1} << level) - 1 + m] = borders[(2 * m + 1) * step - 1];
+      }
+    }
+  }
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+// level[m] per lane, for the 2**kLevel borders of a level at `level`.
+template <int64_t kLevel>
+inline __m512 level_lookup(const float* level, __m512i m) {
+  if constexpr (kLevel <= 4) {
+    return _mm512_permutexvar_ps(m, _mm512_loadu_ps(level));
+  } else {
+    // 32 borders a two-register permute; larger levels pick their 32-border chunk by m >> 5.
+    const __m512i chunk = _mm512_srli_epi32(m, 5);
+    __m512 border = _mm512_permutex2var_ps(_mm512_loadu_ps(level), m, _mm512_loadu_ps(level + 16));
+    for (int c = 1; c < (1 << (kLevel - 5)); ++c) {
+      const __m512 candidate = _mm512_permutex2var_ps(_mm512_loadu_ps(level + 32 * c), m, _mm512_loadu_ps(level + 32 * c + 16));
+      border = _mm512_mask_mov_ps(border, _mm512_cmpeq_epi32_mask(chunk, _mm512_set1_epi32(c)), candidate);
+    }
+    return border;
+  }
+}
+// #{j : borders[j] < x} per lane (NaN compares false: 0), by binary search in the tree.
+template <int64_t kBits, int64_t kLevel = 0>
+inline __m512i search_codes(__m512 x, const float* nodes, __m512i code = _mm512_setzero_si512()) {
+  if constexpr (kLevel == kBits) {
+    return code;
+  } else {
+    const __m512i m = _mm512_srli_epi32(code, kBits - kLevel);
+    const __m512 border = level_lookup<kLevel>(nodes + (1 << kLevel) - 1, m);
+    const __mmask16 below = _mm512_cmp_ps_mask(border, x, _CMP_LT_OQ);
+    code = _mm512_mask_add_epi32(code, below, code, _mm512_set1_epi32(1 << (kBits - 1 - kLevel)));
+    return search_codes<kBits, kLevel + 1>(x, nodes, code);
+  }
+}
+#else
+template <int64_t kLevel>
+inline __m256 level_lookup(const float* level, __m256i m) {
+  if constexpr (kLevel <= 3) {
+    return _mm256_permutevar8x32_ps(_mm256_loadu_ps(level), m);
+  } else {
+    return _mm256_i32gather_ps(level, m, sizeof(float));
+  }
+}
+template <int64_t kBits, int64_t kLevel = 0>
+inline __m256i search_codes(__m256 x, const float* nodes, __m256i code = _mm256_setzero_si256()) {
+  if constexpr (kLevel == kBits) {
+    return code;
+  } else {
+    const __m256i m = _mm256_srli_epi32(code, kBits - kLevel);
+    const __m256 border = level_lookup<kLevel>(nodes + (1 << kLevel) - 1, m);
+    const __m256i below = _mm256_castps_si256(_mm256_cmp_ps(border, x, _CMP_LT_OQ));  // all ones where true
+    code = _mm256_add_epi32(code, _mm256_and_si256(below, _mm256_set1_epi32(1 << (kBits - 1 - kLevel))));
+    return search_codes<kBits, kLevel + 1>(x, nodes, code);
+  }
+}
+#endif
+
 // The bytes of the 16 codes #{j : borders[j] < x[i]} (NaN compares false: 0) of x[0, 16).
 template <int64_t kBits>
-inline __m128i code_bytes(const float* x, const at::vec::Vectorized<float>* border_vecs) {
-  using V = at::vec::Vectorized<float>;
-  using VI = at::vec::Vectorized<int32_t>;
-  constexpr int64_t num_borders = (int64_t{1} << kBits) - 1;
-  const auto count_above = [&](const V& xv) {
-    VI code(0);
-    for (int64_t j = 0; j < num_borders; ++j) {
-      code = code - at::vec::cast<int32_t>(xv > border_vecs[j]);  // a true lane is -1
-    }
-    return code;
-  };
+inline __m128i code_bytes(const float* x, const BorderTree& tree) {
 #if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_cvtepi32_epi8(count_above(V::loadu(x)));
+  return _mm512_cvtepi32_epi8(search_codes<kBits>(_mm512_loadu_ps(x), tree.nodes));
 #else
-  const __m256i lo = count_above(V::loadu(x)), hi = count_above(V::loadu(x + 8));
+  const __m256i lo = search_codes<kBits>(_mm256_loadu_ps(x), tree.nodes);
+  const __m256i hi = search_codes<kBits>(_mm256_loadu_ps(x + 8), tree.nodes);
   return _mm_packus_epi16(
       _mm_packus_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1)),
       _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)));
@@ -183,57 +246,51 @@ struct LevelVectors {
 };
 
 // Packs code(x[i]) = #{j : borders[j] < x[i]} for i < n, over the 2**kBits - 1 sorted float32
-// borders, into (n + 7) / 8 * kBits bytes at out; NaN gets 0 (it compares false) and the padding of
-// the last group is 0, as in the reference.
+// borders of `tree`, into (n + 7) / 8 * kBits bytes at out; NaN gets 0 (it compares false) and the
+// padding of the last group is 0, as in the reference. 16 codes (two groups) at a time.
 template <int64_t kBits>
-inline void pack_codes(const float* x, int64_t n, const float* borders, uint8_t* out) {
-  using V = at::vec::Vectorized<float>;
-  constexpr int64_t width = V::size();
-  constexpr int64_t num_borders = (int64_t{1} << kBits) - 1;
-  if constexpr (kBits <= 4) {
-    V border_vecs[num_borders];
-    for (int64_t j = 0; j < num_borders; ++j) {
-      border_vecs[j] = V(borders[j]);
+inline void pack_codes(const float* x, int64_t n, const BorderTree& tree, uint8_t* out) {
+  for (int64_t i = 0; i < n; i += kSwarCodes, out += 2 * kBits) {
+    const int64_t count = std::min(kSwarCodes, n - i);
+    alignas(64) float tail[kSwarCodes];
+    const float* xs = x + i;
+    if (count < kSwarCodes) {  // NaN pads the last group: its code is 0, as the reference's padding
+      std::fill(std::copy(xs, xs + count, tail), tail + kSwarCodes, std::numeric_limits<float>::quiet_NaN());
+      xs = tail;
     }
-    for (int64_t i = 0; i < n; i += kSwarCodes, out += 2 * kBits) {
-      const int64_t count = std::min(kSwarCodes, n - i);
-      alignas(64) float tail[kSwarCodes];
-      const float* xs = x + i;
-      if (count < kSwarCodes) {  // NaN pads the last group: its code is 0, as the reference's padding
-        std::fill(std::copy(xs, xs + count, tail), tail + kSwarCodes, std::numeric_limits<float>::quiet_NaN());
-        xs = tail;
+    const int64_t nbytes = count == kSwarCodes ? 2 * kBits : (count + 7) / 8 * kBits;
+    if constexpr (kBits == 8) {  // a code is a byte
+      const __m128i bytes = code_bytes<kBits>(xs, tree);
+      if (count == kSwarCodes) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bytes);
+      } else {
+        std::memcpy(out, &bytes, nbytes);
       }
+    } else {
       uint64_t words;
       if constexpr (kBits == 1) {
-        words = sign_words(xs, borders[0]);
+        words = sign_words(xs, tree.nodes[0]);
       } else {
-        words = swar_words<kBits>(code_bytes<kBits>(xs, border_vecs));
+        words = swar_words<kBits>(code_bytes<kBits>(xs, tree));
       }
       if (count == kSwarCodes) {
         std::memcpy(out, &words, 2 * kBits);  // a constant size: plain stores
       } else {
-        std::memcpy(out, &words, (count + 7) / 8 * kBits);
-      }
-    }
-  } else {
-    // 255 borders: a branchless binary search, one gather a halving; a code is a byte.
-    using VI = at::vec::Vectorized<int32_t>;
-    for (int64_t i = 0; i < n; i += width) {
-      const int64_t count = std::min(width, n - i);
-      const V xv = count == width ? V::loadu(x + i) : V::loadu(x + i, count);
-      VI pos(0);
-      for (int32_t step = 1 << (kBits - 1); step > 0; step >>= 1) {
-        const V border = at::vec::gather<sizeof(float)>(borders, pos + VI(step - 1));
-        pos = pos + (at::vec::cast<int32_t>(border < xv) & VI(step));
-      }
-      alignas(64) int32_t codes[width];
-      pos.store(codes);
-      const int64_t padded = std::min(width, (count + 7) / 8 * 8);
-      for (int64_t k = 0; k < padded; ++k) {
-        out[i + k] = k < count ? static_cast<uint8_t>(codes[k]) : 0;
+        std::memcpy(out, &words, nbytes);
       }
     }
   }
+}
+
+// out[0, 16) = table[code byte i].
+inline void gather_levels(const float* table, __m128i code_bytes, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_storeu_ps(out, _mm512_i32gather_ps(_mm512_cvtepu8_epi32(code_bytes), table, sizeof(float)));
+#else
+  _mm256_storeu_ps(out, _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(code_bytes), sizeof(float)));
+  _mm256_storeu_ps(out + 8, _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(code_bytes, code_bytes)),
+                                                sizeof(float)));
+#endif
 }
 
 // out[i] = table[code i] for the n codes packed at `packed` (whole groups; n may end mid-group).
@@ -258,6 +315,20 @@ inline void lookup_codes(const uint8_t* packed, int64_t n, const T* table, T* ou
         std::memcpy(&words, packed, (count + 7) / 8 * kBits);
         alignas(64) float tail[kSwarCodes];
         lookup(words, tail);
+        std::copy(tail, tail + count, out + i);
+      }
+    }
+  } else if constexpr (kBits == 8 && std::is_same_v<T, float>) {
+    // A code is a byte, and 256 levels do not fit in registers: a gather per vector.
+    for (int64_t i = 0; i < n; i += kSwarCodes, packed += kSwarCodes) {
+      const int64_t count = std::min(kSwarCodes, n - i);
+      if (count == kSwarCodes) {
+        gather_levels(table, _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed)), out + i);
+      } else {
+        __m128i bytes = _mm_setzero_si128();
+        std::memcpy(&bytes, packed, (count + 7) / 8 * 8);
+        alignas(64) float tail[kSwarCodes];
+        gather_levels(table, bytes, tail);
         std::copy(tail, tail + count, out + i);
       }
     }
