@@ -281,6 +281,36 @@ def add_common_arguments(parser, *, cpu_sizes: str, cuda_sizes: str, quick_sizes
     parser.set_defaults(_size_defaults={"cpu": cpu_sizes, "cuda": cuda_sizes, "quick": quick_sizes})
 
 
+def steady_cpu_heap() -> bool:
+    """Hold glibc's malloc at the thresholds a long-running process settles at: blocks under 32 MB
+    come from the heap, and the heap is trimmed only past 64 MB free at its top.
+
+    A fresh process starts at 128 KB and raises the mmap threshold to the largest block it frees
+    (up to 32 MB), trimming the heap's top past twice that. A bench that frees the same few
+    blocks call after call then hands their pages back and faults them in again on some calls and
+    not on others, depending on the order of earlier allocations: timings of one kernel came out
+    bimodal, 0.5 or 3.6 ms. Applies to the baseline and to memkernels alike. Returns whether it
+    applied (glibc only).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(mallopt(m_mmap_threshold, CPU_MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(m_trim_threshold, 2 * CPU_MMAP_THRESHOLD_BYTES))
+
+
+STEADY_HEAP_NOTE = (
+    "glibc's malloc is held at the thresholds a long-running process settles at (mmap from 32 MB, "
+    "heap trimmed past 64 MB free), so timings below 32 MB do not depend on the order of earlier calls"
+)
+
+
 def apply_threads(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -250,6 +250,8 @@ def run(args) -> list[dict]:
     sizes = h.resolve_sizes(args)
     warmup, repeats = h.resolve_repeats(args)
     h.apply_threads(args)
+    if device.type == "cpu":
+        h.steady_cpu_heap()
     names = parse_activations(args.activations)
     bits_list = parse_bits(args.bits)
     with_cuda = device.type == "cuda" and cuda_cpp_kernels_built()
@@ -398,7 +400,8 @@ def notes(rows: list[dict], device: torch.device) -> list[str]:
         lines.append(
             "On CPU, glibc serves every allocation of 32 MB or more with fresh pages, so page faults weigh on "
             "elementwise kernels there. Sizes whose tensors (input, output, gradient) cross 32 MB: "
-            + (", ".join(crossing) if crossing else "none") + "; all other sizes stay below it."
+            + (", ".join(crossing) if crossing else "none") + "; all other sizes stay below it. "
+            + h.STEADY_HEAP_NOTE + "."
         )
     if device.type == "cuda":
         lines.append(
