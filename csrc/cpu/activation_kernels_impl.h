@@ -30,27 +30,27 @@ void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint
   const V p0(static_cast<T>(p0_)), p1(static_cast<T>(p1_));
   const std::optional<BorderTree> tree = d == nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
-    alignas(64) T x_buf[kTile], y_buf[kTile], d_buf[kTile];
-    const T* xs = read_tile(x + begin, n, x_buf);
-    T* ys = tile_output(y + begin, y_buf);
+    const scalar_t* xs = x + begin;
+    scalar_t* ys = y + begin;
     if (d != nullptr) {
-      T* ds = tile_output(d + begin, d_buf);
+      scalar_t* ds = d + begin;
       for_each_vec<T>(n, [&](int64_t i, int64_t count) {
-        const V xv = load_vec(xs + i, count);
+        const V xv = load_vec<T>(xs + i, count);
         store_vec(activation_value_of<A, M>(xv, p0, p1), ys + i, count);
         store_vec(activation_derivative_of<A, M>(xv, p0, p1), ds + i, count);
       });
-      write_tile(ds, d + begin, n);
     } else {
+      alignas(64) float f_buf[kTile];  // x as float for the codes (borders are float32) if it is not
       for_each_vec<T>(n, [&](int64_t i, int64_t count) {
-        store_vec(activation_value_of<A, M>(load_vec(xs + i, count), p0, p1), ys + i, count);
+        const V xv = load_vec<T>(xs + i, count);
+        store_vec(activation_value_of<A, M>(xv, p0, p1), ys + i, count);
+        if constexpr (kConvertsToFloat<scalar_t>) {
+          xv.store(f_buf + i);
+        }
       });
-      alignas(64) float f_buf[kTile];
-      dispatch_bits(bits, [&](auto k) {
-        pack_codes<k.value>(float_tile(xs, n, f_buf), n, *tree, codes + begin / 8 * k.value);
-      });
+      const float* xf = kConvertsToFloat<scalar_t> ? f_buf : float_tile(xs, n, f_buf);
+      dispatch_bits(bits, [&](auto k) { pack_codes<k.value>(xf, n, *tree, codes + begin / 8 * k.value); });
     }
-    write_tile(ys, y + begin, n);
   });
 }
 
@@ -77,15 +77,13 @@ void gated_forward_kernel(const scalar_t* a, const scalar_t* b, scalar_t* y, uin
   const V zero(T(0));
   const std::optional<BorderTree> tree = codes != nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
-    alignas(64) T a_buf[kTile], b_buf[kTile], y_buf[kTile];
-    const T* as = read_tile(a + begin, n, a_buf);
-    const T* bs = read_tile(b + begin, n, b_buf);
-    T* ys = tile_output(y + begin, y_buf);
+    const scalar_t* as = a + begin;
+    const scalar_t* bs = b + begin;
+    scalar_t* ys = y + begin;
     for_each_vec<T>(n, [&](int64_t i, int64_t count) {
-      const V f = activation_value_of<A, M>(load_vec(as + i, count), zero, zero);
-      store_vec(f * load_vec(bs + i, count), ys + i, count);
+      const V f = activation_value_of<A, M>(load_vec<T>(as + i, count), zero, zero);
+      store_vec(f * load_vec<T>(bs + i, count), ys + i, count);
     });
-    write_tile(ys, y + begin, n);
     if (codes != nullptr) {
       alignas(64) float f_buf[kTile];
       dispatch_bits(bits, [&](auto k) {
@@ -134,20 +132,20 @@ void activation_backward_kernel(const scalar_t* grad_out, const scalar_t* saved,
   const std::optional<LevelTable<T>> table =
       bits == 0 ? std::nullopt : std::make_optional<LevelTable<T>>(levels);
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
-    alignas(64) T g_buf[kTile], d_buf[kTile], out_buf[kTile];
-    const T* gs = read_tile(grad_out + begin, n, g_buf);
-    const T* ds;
+    const scalar_t* gs = grad_out + begin;
+    scalar_t* outs = grad_in + begin;
     if (table) {
+      alignas(64) T d_buf[kTile];
       table->lookup(codes, bits, begin, n, d_buf);
-      ds = d_buf;
+      for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+        store_vec(load_vec<T>(gs + i, count) * load_vec<T>(d_buf + i, count), outs + i, count);
+      });
     } else {
-      ds = read_tile(saved + begin, n, d_buf);
+      const scalar_t* ds = saved + begin;
+      for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+        store_vec(load_vec<T>(gs + i, count) * load_vec<T>(ds + i, count), outs + i, count);
+      });
     }
-    T* outs = tile_output(grad_in + begin, out_buf);
-    for_each_vec<T>(n, [&](int64_t i, int64_t count) {
-      store_vec(load_vec(gs + i, count) * load_vec(ds + i, count), outs + i, count);
-    });
-    write_tile(outs, grad_in + begin, n);
   });
 }
 
@@ -176,31 +174,28 @@ void gated_backward_kernel(const scalar_t* grad_out, const scalar_t* a, const ui
       exact ? std::nullopt : std::make_optional<LevelTable<T>>(value_levels);
   const V zero(T(0));
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
-    alignas(64) T g_buf[kTile], b_buf[kTile], ga_buf[kTile], gb_buf[kTile];
-    alignas(64) T a_buf[kTile], d_buf[kTile], v_buf[kTile];
-    const T* gs = read_tile(grad_out + begin, n, g_buf);
-    const T* bs = read_tile(b + begin, n, b_buf);
-    T* gas = tile_output(grad_a + begin, ga_buf);
-    T* gbs = tile_output(grad_b + begin, gb_buf);
+    const scalar_t* gs = grad_out + begin;
+    const scalar_t* bs = b + begin;
+    scalar_t* gas = grad_a + begin;
+    scalar_t* gbs = grad_b + begin;
     if (exact) {
-      const T* as = read_tile(a + begin, n, a_buf);
+      const scalar_t* as = a + begin;
       for_each_vec<T>(n, [&](int64_t i, int64_t count) {
-        const V av = load_vec(as + i, count), g = load_vec(gs + i, count);
+        const V av = load_vec<T>(as + i, count), g = load_vec<T>(gs + i, count);
         const V d = activation_derivative_of<A, M>(av, zero, zero);
-        store_vec(g * load_vec(bs + i, count) * d, gas + i, count);
+        store_vec(g * load_vec<T>(bs + i, count) * d, gas + i, count);
         store_vec(g * activation_value_of<A, M>(av, zero, zero), gbs + i, count);
       });
     } else {
+      alignas(64) T d_buf[kTile], v_buf[kTile];
       d_table->lookup(codes, bits, begin, n, d_buf);
       v_table->lookup(codes, bits, begin, n, v_buf);
       for_each_vec<T>(n, [&](int64_t i, int64_t count) {
-        const V g = load_vec(gs + i, count);
-        store_vec(g * load_vec(bs + i, count) * load_vec(d_buf + i, count), gas + i, count);
-        store_vec(g * load_vec(v_buf + i, count), gbs + i, count);
+        const V g = load_vec<T>(gs + i, count);
+        store_vec(g * load_vec<T>(bs + i, count) * load_vec<T>(d_buf + i, count), gas + i, count);
+        store_vec(g * load_vec<T>(v_buf + i, count), gbs + i, count);
       });
     }
-    write_tile(gas, grad_a + begin, n);
-    write_tile(gbs, grad_b + begin, n);
   });
 }
 

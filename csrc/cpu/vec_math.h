@@ -1,16 +1,16 @@
 // CPU building blocks shared by the kernels in csrc/cpu: the activation math of activations.h on
-// ATen's Vectorized types, and tiles that let one kernel body serve every dtype.
+// ATen's Vectorized types, and the loads and stores that let one kernel body serve every dtype.
 //
-// A kernel walks its tensors in tiles of kTile elements, in parallel over tiles. Each tile is seen
-// in its compute dtype (float for float32/bfloat16/float16, double for float64): float32 and
-// float64 tensors are read and written in place, bfloat16 and float16 go through a float buffer
-// on the stack, converted a vector at a time.
+// A kernel walks its tensors in tiles of kTile elements, in parallel over tiles, and each tile a
+// vector at a time in its compute dtype (float for float32/bfloat16/float16, double for float64):
+// load_vec and store_vec convert bfloat16 and float16 in registers.
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -115,17 +115,79 @@ void for_each_tile(int64_t numel, const F& fn) {
   });
 }
 
-// One vector from p, or its first `count` lanes (the rest zero) at the end of a tile.
-template <typename T>
-Vectorized<T> load_vec(const T* p, int64_t count) {
-  return count >= Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, count);
+// The 16-bit lanes of a float vector's worth of bfloat16 or float16 elements: load_half_lanes
+// reads `count` of them (the rest zero), store_half_lanes writes `count`.
+#if defined(CPU_CAPABILITY_AVX512)
+using HalfLanes = __m256i;
+inline HalfLanes load_half_lanes(const void* p, int64_t count) {
+  return count >= 16 ? _mm256_loadu_si256(static_cast<const __m256i*>(p))
+                     : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << count) - 1), p);
 }
-template <typename T>
-void store_vec(const Vectorized<T>& v, T* p, int64_t count) {
-  if (count >= Vectorized<T>::size()) {
-    v.store(p);
+inline void store_half_lanes(HalfLanes lanes, void* p, int64_t count) {
+  if (count >= 16) {
+    _mm256_storeu_si256(static_cast<__m256i*>(p), lanes);
   } else {
-    v.store(p, count);
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << count) - 1), lanes);
+  }
+}
+#else
+using HalfLanes = __m128i;
+inline HalfLanes load_half_lanes(const void* p, int64_t count) {
+  if (count >= 8) {
+    return _mm_loadu_si128(static_cast<const __m128i*>(p));
+  }
+  alignas(16) uint16_t lanes[8] = {};
+  std::memcpy(lanes, p, count * sizeof(uint16_t));
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(lanes));
+}
+inline void store_half_lanes(HalfLanes lanes, void* p, int64_t count) {
+  if (count >= 8) {
+    _mm_storeu_si128(static_cast<__m128i*>(p), lanes);
+  } else {
+    alignas(16) uint16_t out[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(out), lanes);
+    std::memcpy(p, out, count * sizeof(uint16_t));
+  }
+}
+#endif
+
+// bfloat16 and float16: computed in float, converted on load and store.
+template <typename scalar_t>
+constexpr bool kConvertsToFloat = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
+
+// A vector of the compute type T from `count` elements of scalar_t at p (lanes past count zero),
+// and back. bfloat16 and float16 convert in registers, a float vector's worth at a time: through a
+// buffer, a conversion costs a store and a load each way, as much as a cheap activation itself.
+template <typename T, typename scalar_t>
+Vectorized<T> load_vec(const scalar_t* p, int64_t count) {
+  using V = Vectorized<T>;
+  if constexpr (std::is_same_v<T, scalar_t>) {
+    return count >= V::size() ? V::loadu(p) : V::loadu(p, count);
+  } else {
+    static_assert(std::is_same_v<T, float> && sizeof(scalar_t) == 2, "16-bit floats convert to float");
+    const HalfLanes lanes = load_half_lanes(p, count);
+    std::conditional_t<sizeof(HalfLanes) == 32, __m512, __m256> out;
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      at::vec::cvtbf16_fp32(lanes, out);
+    } else {
+      at::vec::cvtfp16_fp32(lanes, out);
+    }
+    return out;
+  }
+}
+template <typename T, typename scalar_t>
+void store_vec(const Vectorized<T>& v, scalar_t* p, int64_t count) {
+  if constexpr (std::is_same_v<T, scalar_t>) {
+    if (count >= Vectorized<T>::size()) {
+      v.store(p);
+    } else {
+      v.store(p, count);
+    }
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    // Round to nearest even, NaN kept: as at::vec::convert_from_float and c10's scalar casts.
+    store_half_lanes(at::vec::cvtfp32_bf16(v), p, count);
+  } else {
+    store_half_lanes(at::vec::cvtfp32_fp16(v), p, count);
   }
 }
 
@@ -140,50 +202,16 @@ __attribute__((always_inline)) inline void for_each_vec(int64_t n, const F& fn) 
   }
 }
 
-// The n elements at src in the compute dtype T: src itself, or converted into buf (kTile long).
-template <typename T, typename scalar_t>
-const T* read_tile(const scalar_t* src, int64_t n, T* buf) {
-  if constexpr (std::is_same_v<T, scalar_t>) {
-    return src;
-  } else {
-    constexpr int64_t width = Vectorized<scalar_t>::size();
-    static_assert(width == 2 * Vectorized<T>::size(), "a reduced-precision vector holds two float vectors");
-    for (int64_t i = 0; i < n; i += width) {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(load_vec(src + i, std::min(width, n - i)));
-      lo.store(buf + i);
-      hi.store(buf + i + width / 2);
-    }
-    return buf;
-  }
-}
-
-// Where a kernel writes a tile of dst in the compute dtype: dst itself, or buf (then write_tile).
-template <typename T, typename scalar_t>
-T* tile_output(scalar_t* dst, T* buf) {
-  if constexpr (std::is_same_v<T, scalar_t>) {
-    return dst;
-  } else {
-    return buf;
-  }
-}
-template <typename T, typename scalar_t>
-void write_tile(const T* computed, scalar_t* dst, int64_t n) {
-  if constexpr (!std::is_same_v<T, scalar_t>) {
-    constexpr int64_t width = Vectorized<scalar_t>::size();
-    for (int64_t i = 0; i < n; i += width) {
-      auto v = at::vec::convert_from_float<scalar_t>(
-          Vectorized<T>::loadu(computed + i), Vectorized<T>::loadu(computed + i + width / 2));
-      store_vec(v, dst + i, std::min(width, n - i));
-    }
-  }
-}
-
 // The n elements at src as float, for codes (borders are float32: the reference compares x cast
-// to float32): src itself for float, else converted into buf.
-template <typename T>
-const float* float_tile(const T* src, int64_t n, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
+// to float32): src itself for float, else converted into buf (kTile long). Kernels that convert
+// bfloat16/float16 anyway keep their float vectors instead.
+template <typename scalar_t>
+const float* float_tile(const scalar_t* src, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
     return src;
+  } else if constexpr (kConvertsToFloat<scalar_t>) {
+    for_each_vec<float>(n, [&](int64_t i, int64_t count) { load_vec<float>(src + i, count).store(buf + i); });
+    return buf;
   } else {
     for (int64_t i = 0; i < n; ++i) {
       buf[i] = static_cast<float>(src[i]);
