@@ -144,18 +144,30 @@ def float32_ulps(out: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     return (out.double() - exact).abs() / spacing
 
 
-def test_float32_exp_accuracy():
-    # The float kernels compute exp inline (vec_math.h); it must stay within 2 ulp of exp over the
-    # whole float range, denormal results included. ELU's f'(x) (alpha 1) is exp(x) for x < 0, and
-    # Softplus's f'(x) is 1 / (1 + exp(-x)), which is 1 / exp(-x) in float32 below x = -20 (and
-    # normal above -87): the division adds its rounding, and an ulp of exp(-x) can be up to two
-    # ulps of the result, so 3 ulp there (a correctly rounded exp gives 1.5).
+def test_float32_inline_math_accuracy():
+    # The float kernels compute exp, expm1, tanh and log1p inline (vec_math.h), held here to float64.
+    # ELU's f'(x) (alpha 1) is exp(x) for x < 0: within 2 ulp, denormal results included. Softplus's
+    # f'(x) is 1 / (1 + exp(-x)), which is 1 / exp(-x) in float32 below x = -20 (and normal above
+    # -87): the division adds its rounding, and an ulp of exp(-x) can be up to two ulps of the
+    # result, so 3 ulp there (a correctly rounded exp gives 1.5).
     x = torch.linspace(-110, 0, 1_000_001)
-    _, d = ops.activation_forward(x, int(Activation.ELU), 1.0, 0.0, 0, None)
+    y, d = ops.activation_forward(x, int(Activation.ELU), 1.0, 0.0, 0, None)
     assert float32_ulps(d, torch.exp(x.double())).max() <= 2
+    assert float32_ulps(y, torch.expm1(x.double())).max() <= 2  # ELU's f(x) is expm1(x) for x < 0
     x = torch.linspace(-87, -20, 1_000_001)
     _, d = ops.activation_forward(x, int(Activation.SOFTPLUS), 1.0, 20.0, 0, None)
     assert float32_ulps(d, 1 / torch.exp(-x.double())).max() <= 3
+    # Softplus's f(x) is log1p(exp(x)) up to its threshold: both inline, 3 ulp together.
+    x = torch.linspace(-100, 20, 1_000_001)
+    y, _ = ops.activation_forward(x, int(Activation.SOFTPLUS), 1.0, 20.0, 0, None)
+    assert float32_ulps(y, torch.log1p(torch.exp(x.double()))).max() <= 3
+    # tanh: 3 ulp, and within 1e-7 of tanh near +-1, where GELU's tanh form and Mish take 1 + tanh
+    # or 1 - tanh^2 (1e-7 is less than two float spacings below 1).
+    x = torch.linspace(-12, 12, 1_000_001)
+    y, _ = ops.activation_forward(x, int(Activation.TANH), 0.0, 0.0, 0, None)
+    exact = torch.tanh(x.double())
+    assert float32_ulps(y, exact).max() <= 3
+    assert (y.double() - exact).abs().max() <= 1e-7
 
 
 @pytest.mark.parametrize("bits", VALID_BITS)

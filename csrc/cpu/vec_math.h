@@ -32,15 +32,20 @@ constexpr int64_t kGrainTiles = 64;
 template <typename scalar_t>
 using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// exp(x) for float lanes, inlined (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-7
-// polynomial for e^r, then scaled by 2^n), within 2 ulp of exp on all of float. Sleef's call is as
-// accurate, but a call spills every vector register (all caller-saved): in a kernel that keeps its
-// constants in registers, that cost more than the exp itself. exp(-inf) = 0, exp(+inf) = +inf,
-// results below FLT_MIN are denormal (as std::exp), NaN stays NaN.
-inline Vectorized<float> exp_inline(const Vectorized<float>& x) {
+// exp, expm1, tanh and log1p for float lanes, inlined: Sleef's calls are as accurate, but a call spills
+// every vector register (all caller-saved), and in a kernel that keeps its constants in registers
+// that cost more than the function itself.
+//
+// Cephes' expf reduction: x = n ln2 + r, |r| <= ln2 / 2, and e^r - 1 = r + r^2 P(r) (degree 5).
+// x is clamped to [-104, 89] first, past which exp is 0 or inf anyway, so n stays integral and
+// finite; NaN passes the clamp and stays NaN.
+struct ExpReduction {
+  Vectorized<float> n;      // integral
+  Vectorized<float> em1_r;  // e^r - 1
+};
+inline ExpReduction reduce_exp(const Vectorized<float>& x) {
   using V = Vectorized<float>;
   using at::vec::fmadd;
-  // Past these bounds exp is 0 or inf whatever the clamp; the clamp keeps n integral and finite.
   const V xc = at::vec::clamp(x, V(-104.0f), V(89.0f));
   const V n = (xc * V(1.44269504088896341f)).round();
   // r = x - n ln2, ln2 split in two so that n * 0.693359375 is exact.
@@ -51,18 +56,85 @@ inline Vectorized<float> exp_inline(const Vectorized<float>& x) {
   p = fmadd(p, r, V(4.1665795894e-2f));
   p = fmadd(p, r, V(1.6666665459e-1f));
   p = fmadd(p, r, V(5.0000001201e-1f));
-  p = fmadd(p, r * r, r + V(1.0f));  // e^r
+  return {n, fmadd(p, r * r, r)};
+}
+// v * 2^n for integral n in [-150, 129], rounded once: denormal or inf where it must be.
+inline Vectorized<float> scale_by_pow2(const Vectorized<float>& v, const Vectorized<float>& n) {
 #if defined(CPU_CAPABILITY_AVX512)
-  return V(_mm512_scalef_ps(p, n));  // p * 2^n, rounded once, denormal or inf where it must be
+  return _mm512_scalef_ps(v, n);
 #else
-  // 2^n as two factors 2^(n/2) and 2^(n - n/2), each a normal float for n in [-150, 129].
+  // 2^n as two factors 2^(n/2) and 2^(n - n/2), each a normal float.
   const __m256i ni = _mm256_cvtps_epi32(n);
   const __m256i half = _mm256_srai_epi32(ni, 1);
   const __m256i bias = _mm256_set1_epi32(127);
-  const V s1(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23)));
-  const V s2(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23)));
-  return p * s1 * s2;
+  const Vectorized<float> s1(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23)));
+  const Vectorized<float> s2(
+      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23)));
+  return v * s1 * s2;
 #endif
+}
+// exp(x) within 2 ulp over all of float (tests/test_cpu_kernels.py), denormal results included.
+inline Vectorized<float> exp_inline(const Vectorized<float>& x) {
+  const ExpReduction e = reduce_exp(x);
+  return scale_by_pow2(e.em1_r + Vectorized<float>(1.0f), e.n);
+}
+// expm1(x) = 2^n (e^r - 1) + (2^n - 1): exactly the polynomial where n = 0 (|x| < ln2 / 2), so no
+// cancellation near 0; -1 below x = -104.
+inline Vectorized<float> expm1_inline(const Vectorized<float>& x) {
+  const ExpReduction e = reduce_exp(x);
+  const Vectorized<float> scale = scale_by_pow2(Vectorized<float>(1.0f), e.n);
+  return at::vec::fmadd(scale, e.em1_r, scale - Vectorized<float>(1.0f));
+}
+// tanh(|x|) = e / (e + 2) = 1 - 2 / (e + 2) with e = expm1(2|x|): the first form near 0, where it
+// keeps expm1's relative accuracy, the second from |x| = 0.5 on, where it keeps the distance to 1
+// accurate (what 1 + tanh and 1 - tanh^2 in GELU's tanh form and Mish cancel down to). Float tanh
+// is 1 past |x| = 9.1, so |x| is clamped to 10, short of expm1's overflow; the sign of x is put back.
+inline Vectorized<float> tanh_inline(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  const V ax = at::vec::clamp(x.abs(), V(0.0f), V(10.0f));
+  const V e = expm1_inline(ax * V(2.0f));
+  const V r = V(1.0f) / (e + V(2.0f));
+  const V t = V::blendv(at::vec::fmadd(V(-2.0f), r, V(1.0f)), e * r, ax < V(0.5f));
+  return t | (x & V(-0.0f));
+}
+
+// log1p(x) = log(u) + (x - (u - 1)) / u with u = 1 + x rounded (the correction restores what the
+// rounding of u lost), log(u) by Cephes' logf: u = m 2^e with m in [sqrt(1/2), sqrt(2)) (musl's
+// integer split), log(m) = f - f^2 / 2 + f^3 P(f), f = m - 1. -1 gives -inf, below -1 NaN.
+inline Vectorized<float> log1p_inline(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  using at::vec::fmadd;
+  const V u = x + V(1.0f);
+  constexpr int kSqrtHalfBits = 0x3f3504f3;  // sqrt(1/2) as float bits
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i shifted = _mm512_sub_epi32(_mm512_castps_si512(u), _mm512_set1_epi32(kSqrtHalfBits));
+  const V e(_mm512_cvtepi32_ps(_mm512_srai_epi32(shifted, 23)));
+  const V m(_mm512_castsi512_ps(_mm512_add_epi32(_mm512_and_si512(shifted, _mm512_set1_epi32(0x7fffff)),
+                                                 _mm512_set1_epi32(kSqrtHalfBits))));
+#else
+  const __m256i shifted = _mm256_sub_epi32(_mm256_castps_si256(u), _mm256_set1_epi32(kSqrtHalfBits));
+  const V e(_mm256_cvtepi32_ps(_mm256_srai_epi32(shifted, 23)));
+  const V m(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_and_si256(shifted, _mm256_set1_epi32(0x7fffff)),
+                                                 _mm256_set1_epi32(kSqrtHalfBits))));
+#endif
+  const V f = m - V(1.0f);
+  const V z = f * f;
+  V p = fmadd(V(7.0376836292e-2f), f, V(-1.1514610310e-1f));
+  p = fmadd(p, f, V(1.1676998740e-1f));
+  p = fmadd(p, f, V(-1.2420140846e-1f));
+  p = fmadd(p, f, V(1.4249322787e-1f));
+  p = fmadd(p, f, V(-1.6668057665e-1f));
+  p = fmadd(p, f, V(2.0000714765e-1f));
+  p = fmadd(p, f, V(-2.4999993993e-1f));
+  p = fmadd(p, f, V(3.3333331174e-1f));
+  V y = fmadd(p * f, z, e * V(-2.12194440e-4f));
+  y = fmadd(z, V(-0.5f), y);
+  V log_u = fmadd(e, V(0.693359375f), f + y);
+  log_u = log_u + (x - (u - V(1.0f))) / u;
+  const V inf(std::numeric_limits<float>::infinity());
+  log_u = V::blendv(log_u, inf, u == inf);
+  log_u = V::blendv(log_u, V(0.0f) - inf, u == V(0.0f));
+  return V::blendv(log_u, V(std::numeric_limits<float>::quiet_NaN()), (u < V(0.0f)) | u.isnan());
 }
 
 // The policy `M` of activations.h for V = Vectorized<float> or Vectorized<double>.
@@ -75,8 +147,20 @@ struct VecMath {
       return x.exp();
     }
   }
-  static V expm1(const V& x) { return x.expm1(); }
-  static V log1p(const V& x) { return x.log1p(); }
+  static V expm1(const V& x) {
+    if constexpr (std::is_same_v<V, Vectorized<float>>) {
+      return expm1_inline(x);
+    } else {
+      return x.expm1();
+    }
+  }
+  static V log1p(const V& x) {
+    if constexpr (std::is_same_v<V, Vectorized<float>>) {
+      return log1p_inline(x);
+    } else {
+      return x.log1p();
+    }
+  }
   static V erf(const V& x) { return x.erf(); }
   // float: ATen's own erf (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7, the erf of torch.erf on
   // CPU) with its exp(-z * z) passed in, so GELU's f and f' share one exp. double: exact erf.
@@ -94,7 +178,13 @@ struct VecMath {
       return z.erf();
     }
   }
-  static V tanh(const V& x) { return x.tanh(); }
+  static V tanh(const V& x) {
+    if constexpr (std::is_same_v<V, Vectorized<float>>) {
+      return tanh_inline(x);
+    } else {
+      return x.tanh();
+    }
+  }
   static V isnan(const V& x) { return x.isnan(); }
   static V where(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
 };
