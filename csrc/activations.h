@@ -54,7 +54,7 @@ MK_HOST_DEVICE int64_t packed_nbytes(int64_t numel, int64_t bits) { return (nume
 
 // The math of every activation, written once for any number-like T: float or double on host and
 // device (ScalarMath below) and ATen's Vectorized<float/double> on CPU (cpu/vec_math.h). M supplies
-// exp, expm1, log1p, erf, erf_with_gauss, tanh, isnan and where(mask, a, b); comparisons of T give
+// exp, expm1, log1p, erf_with_gauss, tanh, isnan and where(mask, a, b); comparisons of T give
 // M's mask type.
 // The order of operations follows memkernels/reference.py so that float results agree with it.
 template <typename T>
@@ -62,7 +62,6 @@ struct ScalarMath {
   static MK_HOST_DEVICE T exp(T x) { return std::exp(x); }
   static MK_HOST_DEVICE T expm1(T x) { return std::expm1(x); }
   static MK_HOST_DEVICE T log1p(T x) { return std::log1p(x); }
-  static MK_HOST_DEVICE T erf(T x) { return std::erf(x); }
   // erf(z) given gauss = exp(-z * z), for policies whose erf is built on that exp (VecMath<float>).
   static MK_HOST_DEVICE T erf_with_gauss(T z, T /*gauss*/) { return std::erf(z); }
   static MK_HOST_DEVICE T tanh(T x) { return std::tanh(x); }

@@ -161,7 +161,6 @@ struct VecMath {
       return x.log1p();
     }
   }
-  static V erf(const V& x) { return x.erf(); }
   // float: ATen's own erf (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7, the erf of torch.erf on
   // CPU) with its exp(-z * z) passed in, so GELU's f and f' share one exp. double: exact erf.
   static V erf_with_gauss(const V& z, const V& gauss) {
