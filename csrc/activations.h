@@ -54,8 +54,8 @@ MK_HOST_DEVICE int64_t packed_nbytes(int64_t numel, int64_t bits) { return (nume
 
 // The math of every activation, written once for any number-like T: float or double on host and
 // device (ScalarMath below) and ATen's Vectorized<float/double> on CPU (cpu/vec_math.h). M supplies
-// exp, expm1, log1p, erf_with_gauss, tanh, isnan and where(mask, a, b); comparisons of T give
-// M's mask type.
+// exp, expm1, log1p, erf_with_gauss, tanh, isnan, where(mask, a, b) and clamp(x, lo, hi);
+// comparisons of T give M's mask type.
 // The order of operations follows memkernels/reference.py so that float results agree with it.
 template <typename T>
 struct ScalarMath {
@@ -67,15 +67,11 @@ struct ScalarMath {
   static MK_HOST_DEVICE T tanh(T x) { return std::tanh(x); }
   static MK_HOST_DEVICE bool isnan(T x) { return x != x; }
   static MK_HOST_DEVICE T where(bool mask, T a, T b) { return mask ? a : b; }
+  // clamp that lets NaN through, as torch.clamp does.
+  static MK_HOST_DEVICE T clamp(T x, T lo, T hi) { return x < lo ? lo : (x > hi ? hi : x); }
 };
 
 namespace math {
-
-// clamp that lets NaN through, as torch.clamp does.
-template <typename M, typename T>
-MK_HOST_DEVICE T clamp(T x, T lo, T hi) {
-  return M::where(x < lo, lo, M::where(x > hi, hi, x));
-}
 // exp(-z * z): GELU's f and f' both need it (inside erf, and as the Gaussian density), so both
 // write it the same way and a kernel computing the two computes it once.
 template <typename M, typename T>
@@ -124,10 +120,12 @@ MK_HOST_DEVICE T activation_value_of(T x, T p0, T p1) {
   } else if constexpr (A == Activation::TANH) {
     return M::tanh(x);
   } else if constexpr (A == Activation::HARDSWISH) {
-    return x * math::clamp<M>(x + T(3), T(0), T(6)) / T(6);
+    // Products by 1/6 and 1/3 where torch divides: within an ulp of it, and a division per vector
+    // costs more than the rest of Hardswish.
+    return x * M::clamp(x + T(3), T(0), T(6)) * T(1.0 / 6.0);
   } else {
     static_assert(A == Activation::HARDSIGMOID, "unknown activation");
-    return math::clamp<M>(x + T(3), T(0), T(6)) / T(6);
+    return M::clamp(x + T(3), T(0), T(6)) * T(1.0 / 6.0);
   }
 }
 
@@ -143,23 +141,23 @@ MK_HOST_DEVICE T activation_derivative_of(T x, T p0, T p1) {
   } else if constexpr (A == Activation::LEAKY_RELU) {
     d = M::where(x > T(0), T(1), p0);
   } else if constexpr (A == Activation::GELU) {
-    T xc = math::clamp<M>(x, T(-40), T(40));
+    T xc = M::clamp(x, T(-40), T(40));
     T z = x * T(kSqrt1_2D);
     T g = math::gauss<M>(z);  // exp(-x * x / 2)
     T cdf = T(0.5) * (T(1) + M::erf_with_gauss(z, g));
     T pdf = g * T(kInvSqrt2PiD);
     d = cdf + xc * pdf;
   } else if constexpr (A == Activation::GELU_TANH) {
-    T xc = math::clamp<M>(x, T(-40), T(40));
+    T xc = M::clamp(x, T(-40), T(40));
     T t = M::tanh(T(kSqrt2OverPiD) * (x + T(0.044715) * x * x * x));
     d = T(0.5) * (T(1) + t) +
         T(0.5) * xc * (T(1) - t * t) * T(kSqrt2OverPiD) * (T(1) + T(3.0 * 0.044715) * xc * xc);
   } else if constexpr (A == Activation::SILU) {
-    T xc = math::clamp<M>(x, T(-100), T(100));
+    T xc = M::clamp(x, T(-100), T(100));
     T s = math::sigmoid<M>(x);
     d = s * (T(1) + xc * (T(1) - s));
   } else if constexpr (A == Activation::MISH) {
-    T xc = math::clamp<M>(x, T(-100), T(100));
+    T xc = M::clamp(x, T(-100), T(100));
     T t = M::tanh(math::softplus<M>(x));
     d = t + xc * math::sigmoid<M>(x) * (T(1) - t * t);
   } else if constexpr (A == Activation::SOFTPLUS) {
@@ -178,10 +176,10 @@ MK_HOST_DEVICE T activation_derivative_of(T x, T p0, T p1) {
     T t = M::tanh(x);
     d = T(1) - t * t;
   } else if constexpr (A == Activation::HARDSWISH) {
-    d = M::where(x <= T(-3), T(0), M::where(x < T(3), x / T(3) + T(0.5), T(1)));
+    d = M::where(x <= T(-3), T(0), M::where(x < T(3), x * T(1.0 / 3.0) + T(0.5), T(1)));
   } else {
     static_assert(A == Activation::HARDSIGMOID, "unknown activation");
-    d = M::where(x > T(-3), M::where(x < T(3), T(1) / T(6), T(0)), T(0));
+    d = M::where(x > T(-3), M::where(x < T(3), T(1.0 / 6.0), T(0)), T(0));
   }
   return M::where(M::isnan(x), x, d);
 }

@@ -186,6 +186,8 @@ struct VecMath {
   }
   static V isnan(const V& x) { return x.isnan(); }
   static V where(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
+  // min(hi, max(lo, x)) with x the second operand of both: x86 returns it when it is NaN.
+  static V clamp(const V& x, const V& lo, const V& hi) { return at::vec::clamp(x, lo, hi); }
 };
 
 // The policy `M` of activations.h for tensors of scalar_t, computed in opmath_t<scalar_t>.
