@@ -156,6 +156,57 @@ inline __m128i code_bytes(const float* x, const BorderTree& tree) {
 #endif
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The same search for kBits <= 4 (at most 15 borders, one register each): a step picks its border
+// by blending the nodes of its level on the comparison masks found so far, which are the code's
+// bits, so no code vector has to index a permute and be narrowed to bytes.
+template <int64_t kBits>
+struct BroadcastTree {
+  static_assert(kBits <= 4, "up to 15 borders in registers");
+  __m512 nodes[(1 << kBits) - 1];
+
+  // The node of `level` each lane compares with, from found[l] for l < level (the comparison at
+  // level l is code bit kBits - 1 - l): the node's index within its level is those bits, found[0]
+  // the highest, so the candidates are halved on the lowest bit first.
+  __attribute__((always_inline)) __m512 node(int level, const __mmask16* found) const {
+    __m512 candidates[8];
+    int count = 1 << level;
+#pragma GCC unroll 8
+    for (int i = 0; i < count; ++i) {
+      candidates[i] = nodes[count - 1 + i];
+    }
+#pragma GCC unroll 4
+    for (int bit = level - 1; bit >= 0; --bit) {
+      count /= 2;
+#pragma GCC unroll 4
+      for (int i = 0; i < count; ++i) {
+        candidates[i] = _mm512_mask_blend_ps(found[bit], candidates[2 * i], candidates[2 * i + 1]);
+      }
+    }
+    return candidates[0];
+  }
+
+  explicit BroadcastTree(const BorderTree& tree) {
+    for (int i = 0; i < (1 << kBits) - 1; ++i) {
+      nodes[i] = _mm512_set1_ps(tree.nodes[i]);
+    }
+  }
+  // The bytes of the 16 codes of x[0, 16), as code_bytes.
+  __m128i code_bytes(const float* x) const {
+    const __m512 xv = _mm512_loadu_ps(x);
+    __mmask16 found[kBits];
+    __m128i bytes = _mm_setzero_si128();
+#pragma GCC unroll 4
+    for (int level = 0; level < kBits; ++level) {
+      found[level] = _mm512_cmp_ps_mask(node(level, found), xv, _CMP_LT_OQ);
+      const __m128i bit = _mm_set1_epi8(static_cast<char>(1 << (kBits - 1 - level)));
+      bytes = _mm_mask_add_epi8(bytes, found[level], bytes, bit);
+    }
+    return bytes;
+  }
+};
+#endif
+
 // 1-bit codes of x[0, 16): bit i is borders[0] < x[i] (NaN: 0), so the 16 comparison bits are
 // already the two packed groups, with no byte-wise counting.
 inline uint64_t sign_words(const float* x, float border) {
@@ -250,6 +301,11 @@ struct LevelVectors {
 // padding of the last group is 0, as in the reference. 16 codes (two groups) at a time.
 template <int64_t kBits>
 inline void pack_codes(const float* x, int64_t n, const BorderTree& tree, uint8_t* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // Up to 4 bits the borders sit in registers; 8 bits search the tree in memory (code_bytes).
+  [[maybe_unused]] const std::conditional_t<(kBits <= 4), BroadcastTree<std::min<int64_t>(kBits, 4)>, const BorderTree&>
+      borders_in_registers(tree);
+#endif
   for (int64_t i = 0; i < n; i += kSwarCodes, out += 2 * kBits) {
     const int64_t count = std::min(kSwarCodes, n - i);
     alignas(64) float tail[kSwarCodes];
@@ -271,7 +327,11 @@ inline void pack_codes(const float* x, int64_t n, const BorderTree& tree, uint8_
       if constexpr (kBits == 1) {
         words = sign_words(xs, tree.nodes[0]);
       } else {
+#if defined(CPU_CAPABILITY_AVX512)
+        words = swar_words<kBits>(borders_in_registers.code_bytes(xs));
+#else
         words = swar_words<kBits>(code_bytes<kBits>(xs, tree));
+#endif
       }
       if (count == kSwarCodes) {
         std::memcpy(out, &words, 2 * kBits);  // a constant size: plain stores
