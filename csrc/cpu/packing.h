@@ -13,6 +13,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "activations.h"
 
@@ -249,45 +250,45 @@ inline uint64_t load_bytes(const uint8_t* p) {
   }
 }
 
-// Inverse of swar_words: the 16 code bytes of two packed groups.
-template <int64_t kBits>
-inline __m128i unswar_words(uint64_t words) {
-  constexpr uint64_t group_mask = (uint64_t{1} << (8 * kBits)) - 1;
-  __m128i b = _mm_set_epi64x(static_cast<int64_t>(words >> (8 * kBits)), static_cast<int64_t>(words & group_mask));
-  b = _mm_and_si128(_mm_or_si128(b, _mm_slli_epi64(b, 32 - 4 * kBits)), _mm_set1_epi32((1 << (4 * kBits)) - 1));
-  b = _mm_and_si128(_mm_or_si128(b, _mm_slli_epi64(b, 16 - 2 * kBits)), _mm_set1_epi16((1 << (2 * kBits)) - 1));
-  return _mm_and_si128(_mm_or_si128(b, _mm_slli_epi64(b, 8 - kBits)), _mm_set1_epi8((1 << kBits) - 1));
-}
-
 // A table of up to 16 float levels in registers, looked up by permutes rather than gathers.
 struct LevelVectors {
+  // out[0, 16) = levels[code i] for the 16 codes of two packed groups (kBits <= 4), unpacked in
+  // registers: each lane shifts its group's little-endian word right by its slot's offset.
+  template <int64_t kBits>
+  void lookup_words(uint64_t words, float* out) const {
+    constexpr uint64_t group_mask = (uint64_t{1} << (8 * kBits)) - 1;
+    constexpr int code_mask = (1 << kBits) - 1;
+    const int group0 = static_cast<int>(words & group_mask);
+    const int group1 = static_cast<int>((words >> (8 * kBits)) & group_mask);
+#if defined(CPU_CAPABILITY_AVX512)
+    __m512i codes;
+    if constexpr (kBits == 1) {
+      codes = _mm512_maskz_set1_epi32(static_cast<__mmask16>(words), 1);  // the 16 bits are the codes
+    } else {
+      constexpr int k = static_cast<int>(kBits);
+      const __m512i slot_shifts = _mm512_setr_epi32(0, k, 2 * k, 3 * k, 4 * k, 5 * k, 6 * k, 7 * k,  //
+                                                    0, k, 2 * k, 3 * k, 4 * k, 5 * k, 6 * k, 7 * k);
+      const __m512i group = _mm512_mask_set1_epi32(_mm512_set1_epi32(group0), 0xff00, group1);
+      codes = _mm512_and_si512(_mm512_srlv_epi32(group, slot_shifts), _mm512_set1_epi32(code_mask));
+    }
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(codes, levels));
+#else
+    constexpr int k = static_cast<int>(kBits);
+    const __m256i slot_shifts = _mm256_setr_epi32(0, k, 2 * k, 3 * k, 4 * k, 5 * k, 6 * k, 7 * k);
+    for (const auto& [group, dst] : {std::pair{group0, out}, std::pair{group1, out + 8}}) {
+      const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(group), slot_shifts),
+                                             _mm256_set1_epi32(code_mask));
+      _mm256_storeu_ps(dst, lookup8(codes));
+    }
+#endif
+  }
+
 #if defined(CPU_CAPABILITY_AVX512)
   __m512 levels;
   explicit LevelVectors(const float* table) : levels(_mm512_loadu_ps(table)) {}
-  // out[0, 16) = levels[code byte i].
-  void lookup(__m128i code_bytes, float* out) const {
-    _mm512_storeu_ps(out, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(code_bytes), levels));
-  }
-  // out[0, 16) = levels[bit i of bits]: 1-bit codes, two packed groups.
-  void lookup_bits(uint64_t bits, float* out) const {
-    _mm512_storeu_ps(out, _mm512_permutexvar_ps(
-                              _mm512_maskz_set1_epi32(static_cast<__mmask16>(bits), 1), levels));
-  }
 #else
   __m256 low, high;  // levels [0, 8) and [8, 16)
   explicit LevelVectors(const float* table) : low(_mm256_loadu_ps(table)), high(_mm256_loadu_ps(table + 8)) {}
-  void lookup(__m128i code_bytes, float* out) const {
-    _mm256_storeu_ps(out, lookup8(_mm256_cvtepu8_epi32(code_bytes)));
-    _mm256_storeu_ps(out + 8, lookup8(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(code_bytes, code_bytes))));
-  }
-  void lookup_bits(uint64_t bits, float* out) const {
-    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    for (int half = 0; half < 2; ++half) {
-      const __m256i byte = _mm256_set1_epi32(static_cast<int>((bits >> (8 * half)) & 0xff));
-      const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit);
-      _mm256_storeu_ps(out + 8 * half, lookup8(_mm256_srli_epi32(set, 31)));  // codes 0 and 1
-    }
-  }
   __m256 lookup8(__m256i codes) const {
     // Bit 3 of the code, moved to the sign bit, picks the high half.
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, codes), _mm256_permutevar8x32_ps(high, codes),
@@ -361,13 +362,7 @@ inline void lookup_codes(const uint8_t* packed, int64_t n, const T* table, T* ou
     const LevelVectors levels(table);
     for (int64_t i = 0; i < n; i += kSwarCodes, packed += 2 * kBits) {
       const int64_t count = std::min(kSwarCodes, n - i);
-      const auto lookup = [&](uint64_t words, float* dst) {
-        if constexpr (kBits == 1) {
-          levels.lookup_bits(words, dst);
-        } else {
-          levels.lookup(unswar_words<kBits>(words), dst);
-        }
-      };
+      const auto lookup = [&](uint64_t words, float* dst) { levels.template lookup_words<kBits>(words, dst); };
       if (count == kSwarCodes) {
         lookup(load_bytes<2 * kBits>(packed), out + i);
       } else {
