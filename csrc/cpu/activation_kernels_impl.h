@@ -75,7 +75,8 @@ void gated_forward_kernel(const scalar_t* a, const scalar_t* b, scalar_t* y, uin
   using V = Vectorized<T>;
   using M = MathFor<scalar_t>;
   const V zero(T(0));
-  const std::optional<BorderTree> tree = codes != nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
+  const std::optional<BorderTree> tree =
+      codes != nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
     const scalar_t* as = a + begin;
     const scalar_t* bs = b + begin;

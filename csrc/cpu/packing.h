@@ -101,7 +101,8 @@ inline __m512 level_lookup(const float* level, __m512i m) {
     const __m512i chunk = _mm512_srli_epi32(m, 5);
     __m512 border = _mm512_permutex2var_ps(_mm512_loadu_ps(level), m, _mm512_loadu_ps(level + 16));
     for (int c = 1; c < (1 << (kLevel - 5)); ++c) {
-      const __m512 candidate = _mm512_permutex2var_ps(_mm512_loadu_ps(level + 32 * c), m, _mm512_loadu_ps(level + 32 * c + 16));
+      const __m512 candidate =
+          _mm512_permutex2var_ps(_mm512_loadu_ps(level + 32 * c), m, _mm512_loadu_ps(level + 32 * c + 16));
       border = _mm512_mask_mov_ps(border, _mm512_cmpeq_epi32_mask(chunk, _mm512_set1_epi32(c)), candidate);
     }
     return border;
