@@ -210,6 +210,7 @@ void for_each_tile(int64_t numel, const F& fn) {
 // reads `count` of them (the rest zero), store_half_lanes writes `count`.
 #if defined(CPU_CAPABILITY_AVX512)
 using HalfLanes = __m256i;
+using FloatLanes = __m512;  // the float vector they convert to
 inline HalfLanes load_half_lanes(const void* p, int64_t count) {
   return count >= 16 ? _mm256_loadu_si256(static_cast<const __m256i*>(p))
                      : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << count) - 1), p);
@@ -223,6 +224,7 @@ inline void store_half_lanes(HalfLanes lanes, void* p, int64_t count) {
 }
 #else
 using HalfLanes = __m128i;
+using FloatLanes = __m256;
 inline HalfLanes load_half_lanes(const void* p, int64_t count) {
   if (count >= 8) {
     return _mm_loadu_si128(static_cast<const __m128i*>(p));
@@ -257,7 +259,7 @@ Vectorized<T> load_vec(const scalar_t* p, int64_t count) {
   } else {
     static_assert(std::is_same_v<T, float> && sizeof(scalar_t) == 2, "16-bit floats convert to float");
     const HalfLanes lanes = load_half_lanes(p, count);
-    std::conditional_t<sizeof(HalfLanes) == 32, __m512, __m256> out;
+    FloatLanes out;
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       at::vec::cvtbf16_fp32(lanes, out);
     } else {
