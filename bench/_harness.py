@@ -59,71 +59,98 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, repe
     Each call is timed on its own, so the median ignores the odd slow call (page faults of a
     first touch, a GC pause) instead of averaging it in.
     """
+    return time_ms_interleaved({"fn": fn}, device, warmup=warmup, repeats=repeats)["fn"]
+
+
+def time_ms_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int,
+                        repeats: int) -> dict[str, Timing]:
+    """time_ms of several functions, taking turns call by call: the k-th call of each is timed
+    next to the k-th call of the others, so when the machine's speed drifts (a shared CPU, a GPU's
+    clocks) it slows them alike, rather than whichever was timed during the slow spell. The order
+    of a turn rotates, so that none is always the one after a given other (whose freed memory or
+    cache state it would inherit)."""
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     synchronize(device)
+    names = list(fns)
+    turns = [names[k % len(names):] + names[:k % len(names)] for k in range(repeats)]
+    times: dict[str, list[float]] = {name: [] for name in fns}
     if device.type == "cuda":
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-        for start, end in zip(starts, ends):
-            start.record()
-            fn()
-            end.record()
+        events = {name: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                         for _ in range(repeats)] for name in fns}
+        for k, turn in enumerate(turns):
+            for name in turn:
+                start, end = events[name][k]
+                start.record()
+                fns[name]()
+                end.record()
         torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) for start, end in zip(starts, ends)]
+        for name in fns:
+            times[name] = [start.elapsed_time(end) for start, end in events[name]]
     else:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        for turn in turns:
+            for name in turn:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: summarize(t) for name, t in times.items()}
+
+
+def summarize(times: list[float]) -> Timing:
+    """Median and 20th/80th percentiles of per-call times (ms)."""
     if len(times) == 1:
         return Timing(times[0], times[0], times[0], 1)
     q = statistics.quantiles(times, n=5, method="inclusive")
-    return Timing(statistics.median(times), q[0], q[3], repeats)
+    return Timing(statistics.median(times), q[0], q[3], len(times))
 
 
 BACKWARD_METHOD = (
     "backward is timed alone: one forward, then torch.autograd.grad(..., retain_graph=True) "
-    "re-run on that graph; fwd+bwd is a forward and a backward timed together"
+    "re-run on that graph; fwd+bwd is a forward and a backward timed together; the methods of a "
+    "row (eager, torch.compile, memkernels) take turns call by call, in a rotating order"
 )
 
 
 def time_forward_backward(
-    fn: Callable[..., torch.Tensor],
+    fns: dict[str, Callable[..., torch.Tensor]],
     inputs: Sequence[torch.Tensor],
     device: torch.device,
     *,
     warmup: int,
     repeats: int,
     wrt: Sequence[torch.Tensor] | None = None,
-) -> dict[str, Timing]:
-    """Timings of a training step of `fn(*inputs)` (one tensor out) in three modes.
+) -> dict[str, dict[str, Timing]]:
+    """Timings of a training step of each `fn(*inputs)` (one tensor out) in three modes, the
+    functions taking turns (time_ms_interleaved); {name: {mode: Timing}}.
 
     ``fwd``: the forward with autograd recording (what a training forward costs, saving included).
     ``bwd``: gradients w.r.t. `wrt` (default: the inputs that require grad) from one retained graph.
     ``fwdbwd``: a forward and its backward. The incoming gradient is a fixed random tensor.
     """
     wrt = [t for t in inputs if t.requires_grad] if wrt is None else list(wrt)
-    out = fn(*inputs)
-    grad_out = torch.randn_like(out)
+    outs = {name: fn(*inputs) for name, fn in fns.items()}
+    grad_out = torch.randn_like(next(iter(outs.values())))
 
-    def forward():
-        fn(*inputs)
+    def forward(fn):
+        return lambda: fn(*inputs)
 
-    def backward():
-        torch.autograd.grad(out, wrt, grad_out, retain_graph=True)
+    def backward(out):
+        return lambda: torch.autograd.grad(out, wrt, grad_out, retain_graph=True)
 
-    def forward_backward():
-        torch.autograd.grad(fn(*inputs), wrt, grad_out)
+    def forward_backward(fn):
+        return lambda: torch.autograd.grad(fn(*inputs), wrt, grad_out)
 
-    timings = {
-        "fwd": time_ms(forward, device, warmup=warmup, repeats=repeats),
-        "bwd": time_ms(backward, device, warmup=warmup, repeats=repeats),
-        "fwdbwd": time_ms(forward_backward, device, warmup=warmup, repeats=repeats),
+    def timed(calls):
+        return time_ms_interleaved(calls, device, warmup=warmup, repeats=repeats)
+
+    modes = {
+        "fwd": timed({name: forward(fn) for name, fn in fns.items()}),
+        "bwd": timed({name: backward(out) for name, out in outs.items()}),
+        "fwdbwd": timed({name: forward_backward(fn) for name, fn in fns.items()}),
     }
-    del out
-    return timings
+    del outs
+    return {name: {mode: timings[name] for mode, timings in modes.items()} for name in fns}
 
 
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2**30, *, warmup: int = 5, repeats: int = 20) -> float:

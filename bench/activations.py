@@ -134,14 +134,18 @@ def make_inputs(case: Case, numel: int, dtype: torch.dtype, device: torch.device
     return [torch.randn(numel, dtype=dtype, device=device, requires_grad=True) for _ in range(case.num_inputs)]
 
 
-def measure(fn, inputs, device, warmup, repeats) -> dict:
-    """Times (ms) of the three modes and the bytes autograd keeps for backward."""
-    timings = h.time_forward_backward(fn, inputs, device, warmup=warmup, repeats=repeats)
-    result = {mode: round(timings[mode].median_ms, 5) for mode in MODES}
-    result["fwdbwd_q20"] = round(timings["fwdbwd"].q20_ms, 5)
-    result["fwdbwd_q80"] = round(timings["fwdbwd"].q80_ms, 5)
-    result["saved_bytes"] = mkp.saved_bytes(fn, *inputs)
-    return result
+def measure(fns: dict, inputs, device, warmup, repeats) -> dict[str, dict]:
+    """Times (ms) of the three modes and the bytes autograd keeps for backward, per function; the
+    functions take turns call by call (h.time_forward_backward)."""
+    timings = h.time_forward_backward(fns, inputs, device, warmup=warmup, repeats=repeats)
+    results = {}
+    for name, fn in fns.items():
+        result = {mode: round(timings[name][mode].median_ms, 5) for mode in MODES}
+        result["fwdbwd_q20"] = round(timings[name]["fwdbwd"].q20_ms, 5)
+        result["fwdbwd_q80"] = round(timings[name]["fwdbwd"].q80_ms, 5)
+        result["saved_bytes"] = mkp.saved_bytes(fn, *inputs)
+        results[name] = result
+    return results
 
 
 def bytes_moved(fn, inputs, saved_bytes: int) -> tuple[int, int]:
@@ -174,26 +178,40 @@ def backend_selected(backend: str):
     return h.environment_variable("MEMKERNELS_BACKEND", backend)
 
 
+def on_backend(fn, backend: str):
+    """fn, each call run under backend_selected(backend)."""
+    def call(*args):
+        with backend_selected(backend):
+            return fn(*args)
+    return call
+
+
 def run_case(case, dtype_name, numel, bits_list, backends, compiled, device, warmup, repeats, copy_gbps):
-    """Rows (one per bits and backend) for one activation, dtype and size; the baselines are
-    measured once."""
+    """Rows (one per bits and backend) for one activation, dtype and size: the baselines and every
+    memkernels variant timed together, taking turns call by call."""
     dtype = h.DTYPES[dtype_name]
     inputs = make_inputs(case, numel, dtype, device)
-    eager = measure(case.baseline, inputs, device, warmup, repeats)
-    compile_result, compile_error = None, ""
+    fns = {"eager": case.baseline}
+    compile_error = ""
     if compiled is not None:
         try:
-            compile_result = measure(compiled, inputs, device, warmup, repeats)
+            out = compiled(*inputs)  # compiles forward and backward for this size: a failure is
+            torch.autograd.grad(out, [t for t in inputs if t.requires_grad], torch.ones_like(out))  # recorded
+            fns["compile"] = compiled
         except Exception as error:  # recorded in the table: a missing compiler must not end the run
             compile_error = h.error_summary(error)
+    variants = list(itertools.product(bits_list, backends))
+    for bits, backend in variants:
+        fns[("mk", bits, backend)] = on_backend(case.mk_fn(bits), backend)
+    measured = measure(fns, inputs, device, warmup, repeats)
+    eager, compile_result = measured["eager"], measured.get("compile")
     input_bytes = numel * inputs[0].element_size()
     rows = []
-    for bits, backend in itertools.product(bits_list, backends):
-        fn = case.mk_fn(bits)
-        with backend_selected(backend):
-            mk = measure(fn, inputs, device, warmup, repeats)
-            if copy_gbps is not None and input_bytes >= BANDWIDTH_MIN_BYTES:
-                fwd_bytes, bwd_bytes = bytes_moved(fn, inputs, mk["saved_bytes"])
+    for bits, backend in variants:
+        mk = measured[("mk", bits, backend)]
+        if copy_gbps is not None and input_bytes >= BANDWIDTH_MIN_BYTES:
+            with backend_selected(backend):
+                fwd_bytes, bwd_bytes = bytes_moved(case.mk_fn(bits), inputs, mk["saved_bytes"])
         row = {
             "activation": case.name,
             "dtype": dtype_name,
