@@ -32,9 +32,9 @@ constexpr int64_t kGrainTiles = 64;
 template <typename scalar_t>
 using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// exp, expm1, tanh and log1p for float lanes, inlined: Sleef's calls are as accurate, but a call spills
-// every vector register (all caller-saved), and in a kernel that keeps its constants in registers
-// that cost more than the function itself.
+// exp, expm1, tanh and log1p for float lanes, inlined: Sleef's calls are as accurate, but a call
+// spills every vector register (all caller-saved), and in a kernel that keeps its constants in
+// registers that cost more than the function itself.
 //
 // Cephes' expf reduction: x = n ln2 + r, |r| <= ln2 / 2, and e^r - 1 = r + r^2 P(r) (degree 5).
 // x is clamped to [-104, 89] first, past which exp is 0 or inf anyway, so n stays integral and
