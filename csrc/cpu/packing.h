@@ -223,10 +223,12 @@ inline uint64_t sign_words(const float* x, float border) {
 }
 
 // The two groups of code bytes packed: group 0 in bytes [0, kBits), group 1 in [kBits, 2 kBits).
+// Neighbouring fields are joined by multiply-adds (pairs of bytes into 16-bit lanes, pairs of those
+// into 32-bit lanes, exact since the fields do not overlap), then the two halves of each 64-bit lane.
 template <int64_t kBits>
 inline uint64_t swar_words(__m128i b) {
-  b = _mm_and_si128(_mm_or_si128(b, _mm_srli_epi64(b, 8 - kBits)), _mm_set1_epi16((1 << (2 * kBits)) - 1));
-  b = _mm_and_si128(_mm_or_si128(b, _mm_srli_epi64(b, 16 - 2 * kBits)), _mm_set1_epi32((1 << (4 * kBits)) - 1));
+  b = _mm_maddubs_epi16(b, _mm_set1_epi16(static_cast<int16_t>(1 | 1 << (8 + kBits))));
+  b = _mm_madd_epi16(b, _mm_set1_epi32(1 | 1 << (16 + 2 * kBits)));
   b = _mm_or_si128(b, _mm_srli_epi64(b, 32 - 4 * kBits));
   constexpr uint64_t group_mask = (uint64_t{1} << (8 * kBits)) - 1;
   return (static_cast<uint64_t>(_mm_cvtsi128_si64(b)) & group_mask) |
