@@ -135,17 +135,18 @@ void activation_backward_kernel(const scalar_t* grad_out, const scalar_t* saved,
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
     const scalar_t* gs = grad_out + begin;
     scalar_t* outs = grad_in + begin;
-    if (table) {
-      alignas(64) T d_buf[kTile];
-      table->lookup(codes, bits, begin, n, d_buf);
-      for_each_vec<T>(n, [&](int64_t i, int64_t count) {
-        store_vec(load_vec<T>(gs + i, count) * load_vec<T>(d_buf + i, count), outs + i, count);
-      });
-    } else {
-      const scalar_t* ds = saved + begin;
+    // ds: the tile's f'(x), kept (scalar_t) or looked up (T).
+    const auto multiply = [&](const auto* ds) {
       for_each_vec<T>(n, [&](int64_t i, int64_t count) {
         store_vec(load_vec<T>(gs + i, count) * load_vec<T>(ds + i, count), outs + i, count);
       });
+    };
+    if (table) {
+      alignas(64) T d_buf[kTile];
+      table->lookup(codes, bits, begin, n, d_buf);
+      multiply(d_buf);
+    } else {
+      multiply(saved + begin);
     }
   });
 }
