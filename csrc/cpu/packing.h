@@ -66,9 +66,10 @@ inline void unpack_groups(const uint8_t* in, int64_t groups, code_t* codes) {
   }
 }
 
-// ---- two groups at a time, for kBits <= 4 ----
-// 16 codes go through one 128-bit register as bytes, group g in bytes [8g, 8g + 8); shifts within
-// its 64-bit halves gather a group's 8 fields into its low kBits bytes (SWAR) and spread them back.
+// ---- two groups at a time ----
+// 16 codes go through one 128-bit register as bytes, group g in bytes [8g, 8g + 8): multiply-adds
+// gather a group's 8 fields into its low kBits bytes (swar_words), and LevelVectors spreads them
+// back with a shift per lane.
 constexpr int64_t kSwarCodes = 16;
 
 // The 2**kBits - 1 sorted borders as an implicit search tree stored level by level: level l holds
