@@ -62,7 +62,7 @@ struct ScalarMath {
   static MK_HOST_DEVICE T exp(T x) { return std::exp(x); }
   static MK_HOST_DEVICE T expm1(T x) { return std::expm1(x); }
   static MK_HOST_DEVICE T log1p(T x) { return std::log1p(x); }
-  // erf(z) given gauss = exp(-z * z), for policies whose erf is built on that exp (VecMath<float>).
+  // erf(z) given gauss = exp(-z * z), for policies whose erf is built on that exp (FloatVecMath).
   static MK_HOST_DEVICE T erf_with_gauss(T z, T /*gauss*/) { return std::erf(z); }
   static MK_HOST_DEVICE T tanh(T x) { return std::tanh(x); }
   static MK_HOST_DEVICE bool isnan(T x) { return x != x; }

@@ -137,62 +137,49 @@ inline Vectorized<float> log1p_inline(const Vectorized<float>& x) {
   return V::blendv(log_u, V(std::numeric_limits<float>::quiet_NaN()), (u < V(0.0f)) | u.isnan());
 }
 
-// The policy `M` of activations.h for V = Vectorized<float> or Vectorized<double>.
+// The policies `M` of activations.h on ATen's vectors: what the float and double ones share.
 template <typename V>
-struct VecMath {
-  static V exp(const V& x) {
-    if constexpr (std::is_same_v<V, Vectorized<float>>) {
-      return exp_inline(x);
-    } else {
-      return x.exp();
-    }
-  }
-  static V expm1(const V& x) {
-    if constexpr (std::is_same_v<V, Vectorized<float>>) {
-      return expm1_inline(x);
-    } else {
-      return x.expm1();
-    }
-  }
-  static V log1p(const V& x) {
-    if constexpr (std::is_same_v<V, Vectorized<float>>) {
-      return log1p_inline(x);
-    } else {
-      return x.log1p();
-    }
-  }
-  // float: ATen's own erf (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7, the erf of torch.erf on
-  // CPU) with its exp(-z * z) passed in, so GELU's f and f' share one exp. double: exact erf.
-  static V erf_with_gauss(const V& z, const V& gauss) {
-    if constexpr (std::is_same_v<V, Vectorized<float>>) {
-      using at::vec::fmadd;
-      const V sign = z & V(-0.0f);
-      const V t = V(1.0f) / fmadd(V(0.3275911f), z.abs(), V(1.0f));
-      V r = fmadd(V(1.061405429f), t, V(-1.453152027f));
-      r = fmadd(r, t, V(1.421413741f));
-      r = fmadd(r, t, V(-0.284496736f));
-      r = fmadd(r, t, V(0.254829592f));
-      return sign ^ fmadd(V(0.0f) - gauss * t, r, V(1.0f));
-    } else {
-      return z.erf();
-    }
-  }
-  static V tanh(const V& x) {
-    if constexpr (std::is_same_v<V, Vectorized<float>>) {
-      return tanh_inline(x);
-    } else {
-      return x.tanh();
-    }
-  }
+struct VecMathBase {
   static V isnan(const V& x) { return x.isnan(); }
   static V where(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
   // min(hi, max(lo, x)) with x the second operand of both: x86 returns it when it is NaN.
   static V clamp(const V& x, const V& lo, const V& hi) { return at::vec::clamp(x, lo, hi); }
 };
 
+// float32, bfloat16 and float16 tensors: the inlined functions above.
+struct FloatVecMath : VecMathBase<Vectorized<float>> {
+  using V = Vectorized<float>;
+  static V exp(const V& x) { return exp_inline(x); }
+  static V expm1(const V& x) { return expm1_inline(x); }
+  static V log1p(const V& x) { return log1p_inline(x); }
+  static V tanh(const V& x) { return tanh_inline(x); }
+  // ATen's own erf (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7, the erf of torch.erf on CPU) with
+  // its exp(-z * z) passed in, so GELU's f and f' share one exp.
+  static V erf_with_gauss(const V& z, const V& gauss) {
+    using at::vec::fmadd;
+    const V sign = z & V(-0.0f);
+    const V t = V(1.0f) / fmadd(V(0.3275911f), z.abs(), V(1.0f));
+    V r = fmadd(V(1.061405429f), t, V(-1.453152027f));
+    r = fmadd(r, t, V(1.421413741f));
+    r = fmadd(r, t, V(-0.284496736f));
+    r = fmadd(r, t, V(0.254829592f));
+    return sign ^ fmadd(V(0.0f) - gauss * t, r, V(1.0f));
+  }
+};
+
+// float64 tensors, which gradcheck holds to double precision: ATen's (Sleef's) functions.
+struct DoubleVecMath : VecMathBase<Vectorized<double>> {
+  using V = Vectorized<double>;
+  static V exp(const V& x) { return x.exp(); }
+  static V expm1(const V& x) { return x.expm1(); }
+  static V log1p(const V& x) { return x.log1p(); }
+  static V tanh(const V& x) { return x.tanh(); }
+  static V erf_with_gauss(const V& z, const V& /*gauss*/) { return z.erf(); }
+};
+
 // The policy `M` of activations.h for tensors of scalar_t, computed in opmath_t<scalar_t>.
 template <typename scalar_t>
-using MathFor = VecMath<Vectorized<opmath_t<scalar_t>>>;
+using MathFor = std::conditional_t<std::is_same_v<scalar_t, double>, DoubleVecMath, FloatVecMath>;
 
 // Runs fn(begin, n) on the tiles [begin, begin + n) covering [0, numel), in parallel.
 template <typename F>
