@@ -120,6 +120,7 @@ def time_forward_backward(
     warmup: int,
     repeats: int,
     wrt: Sequence[torch.Tensor] | None = None,
+    contexts: dict[str, Callable[[], contextlib.AbstractContextManager]] | None = None,
 ) -> dict[str, dict[str, Timing]]:
     """Timings of a training step of each `fn(*inputs)` (one tensor out) in three modes, the
     functions taking turns (time_ms_interleaved); {name: {mode: Timing}}.
@@ -127,9 +128,20 @@ def time_forward_backward(
     ``fwd``: the forward with autograd recording (what a training forward costs, saving included).
     ``bwd``: gradients w.r.t. `wrt` (default: the inputs that require grad) from one retained graph.
     ``fwdbwd``: a forward and its backward. The incoming gradient is a fixed random tensor.
+    contexts: per name, a context every call of that function (forward and backward) runs in.
     """
     wrt = [t for t in inputs if t.requires_grad] if wrt is None else list(wrt)
-    outs = {name: fn(*inputs) for name, fn in fns.items()}
+    contexts = contexts or {}
+
+    def under(name, call):
+        context = contexts.get(name, contextlib.nullcontext)
+
+        def run():
+            with context():
+                return call()
+        return run
+
+    outs = {name: under(name, lambda fn=fn: fn(*inputs))() for name, fn in fns.items()}
     grad_out = torch.randn_like(next(iter(outs.values())))
 
     def forward(fn):
@@ -142,7 +154,8 @@ def time_forward_backward(
         return lambda: torch.autograd.grad(fn(*inputs), wrt, grad_out)
 
     def timed(calls):
-        return time_ms_interleaved(calls, device, warmup=warmup, repeats=repeats)
+        return time_ms_interleaved({name: under(name, call) for name, call in calls.items()}, device,
+                                   warmup=warmup, repeats=repeats)
 
     modes = {
         "fwd": timed({name: forward(fn) for name, fn in fns.items()}),

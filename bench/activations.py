@@ -134,16 +134,17 @@ def make_inputs(case: Case, numel: int, dtype: torch.dtype, device: torch.device
     return [torch.randn(numel, dtype=dtype, device=device, requires_grad=True) for _ in range(case.num_inputs)]
 
 
-def measure(fns: dict, inputs, device, warmup, repeats) -> dict[str, dict]:
+def measure(fns: dict, contexts: dict, inputs, device, warmup, repeats) -> dict[str, dict]:
     """Times (ms) of the three modes and the bytes autograd keeps for backward, per function; the
-    functions take turns call by call (h.time_forward_backward)."""
-    timings = h.time_forward_backward(fns, inputs, device, warmup=warmup, repeats=repeats)
+    functions take turns call by call (h.time_forward_backward), each in its context if it has one."""
+    timings = h.time_forward_backward(fns, inputs, device, warmup=warmup, repeats=repeats, contexts=contexts)
     results = {}
     for name, fn in fns.items():
         result = {mode: round(timings[name][mode].median_ms, 5) for mode in MODES}
         result["fwdbwd_q20"] = round(timings[name]["fwdbwd"].q20_ms, 5)
         result["fwdbwd_q80"] = round(timings[name]["fwdbwd"].q80_ms, 5)
-        result["saved_bytes"] = mkp.saved_bytes(fn, *inputs)
+        with contexts.get(name, contextlib.nullcontext)():
+            result["saved_bytes"] = mkp.saved_bytes(fn, *inputs)
         results[name] = result
     return results
 
@@ -178,14 +179,6 @@ def backend_selected(backend: str):
     return h.environment_variable("MEMKERNELS_BACKEND", backend)
 
 
-def on_backend(fn, backend: str):
-    """fn, each call run under backend_selected(backend)."""
-    def call(*args):
-        with backend_selected(backend):
-            return fn(*args)
-    return call
-
-
 def run_case(case, dtype_name, numel, bits_list, backends, compiled, device, warmup, repeats, copy_gbps):
     """Rows (one per bits and backend) for one activation, dtype and size: the baselines and every
     memkernels variant timed together, taking turns call by call."""
@@ -201,9 +194,11 @@ def run_case(case, dtype_name, numel, bits_list, backends, compiled, device, war
         except Exception as error:  # recorded in the table: a missing compiler must not end the run
             compile_error = h.error_summary(error)
     variants = list(itertools.product(bits_list, backends))
+    contexts = {}  # forward and backward of a memkernels variant run on its backend
     for bits, backend in variants:
-        fns[("mk", bits, backend)] = on_backend(case.mk_fn(bits), backend)
-    measured = measure(fns, inputs, device, warmup, repeats)
+        fns[("mk", bits, backend)] = case.mk_fn(bits)
+        contexts[("mk", bits, backend)] = functools.partial(backend_selected, backend)
+    measured = measure(fns, contexts, inputs, device, warmup, repeats)
     eager, compile_result = measured["eager"], measured.get("compile")
     input_bytes = numel * inputs[0].element_size()
     rows = []

@@ -205,3 +205,41 @@ def test_feedback_quick_reports_every_section(tmp_path):
     for header in ("- device: ", "- date: ", "- command: `python", "## Accuracy", "## Memory", "## Speed"):
         assert header in markdown, header
     assert csv_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_harness_runs_forward_and_backward_in_each_functions_context(bench_module):
+    # The activations bench selects a CUDA backend per variant with MEMKERNELS_BACKEND; its backward
+    # kernels must run under the same setting as its forward, inside the timed calls.
+    h = bench_module("_harness")
+    active = []  # the context each call ran in, forward and backward alike
+    seen = {"a": set(), "b": set()}
+
+    class Record(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, name):
+            ctx.name = name
+            seen[name].add(("forward", active[-1] if active else None))
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen[ctx.name].add(("backward", active[-1] if active else None))
+            return grad * 2, None
+
+    class Context:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            active.append(self.name)
+
+        def __exit__(self, *exc):
+            active.pop()
+
+    x = torch.randn(8, requires_grad=True)
+    timings = h.time_forward_backward({"a": lambda t: Record.apply(t, "a"), "b": lambda t: Record.apply(t, "b")},
+                                      [x], torch.device("cpu"), warmup=1, repeats=3,
+                                      contexts={"a": lambda: Context("a")})
+    assert seen["a"] == {("forward", "a"), ("backward", "a")}
+    assert seen["b"] == {("forward", None), ("backward", None)}
+    assert set(timings) == {"a", "b"} and all(t["fwdbwd"].repeats == 3 for t in timings.values())
