@@ -79,9 +79,8 @@ constexpr int64_t kSwarCodes = 16;
 struct BorderTree {
   // 16 floats past the last level: a level is read with whole-vector loads.
   alignas(64) float nodes[256 + 16] = {};
-  int64_t bits;
 
-  BorderTree(const float* borders, int64_t bits) : bits(bits) {
+  BorderTree(const float* borders, int64_t bits) {
     for (int64_t level = 0; level < bits; ++level) {
       const int64_t step = int64_t{1} << (bits - 1 - level);
       for (int64_t m = 0; m < (int64_t{1} << level); ++m) {
@@ -109,19 +108,13 @@ inline __m512 level_lookup(const float* level, __m512i m) {
     return border;
   }
 }
-// #{j : borders[j] < x} per lane (NaN compares false: 0), by binary search in the tree.
-template <int64_t kBits, int64_t kLevel = 0>
-inline __m512i search_codes(__m512 x, const float* nodes, __m512i code = _mm512_setzero_si512()) {
-  if constexpr (kLevel == kBits) {
-    return code;
-  } else {
-    const __m512i m = _mm512_srli_epi32(code, kBits - kLevel);
-    const __m512 border = level_lookup<kLevel>(nodes + (1 << kLevel) - 1, m);
-    const __mmask16 below = _mm512_cmp_ps_mask(border, x, _CMP_LT_OQ);
-    code = _mm512_mask_add_epi32(code, below, code, _mm512_set1_epi32(1 << (kBits - 1 - kLevel)));
-    return search_codes<kBits, kLevel + 1>(x, nodes, code);
-  }
+// code + (border < x ? value : 0) per lane, and code >> bits: the steps of search_codes below.
+inline __m512i add_where_below(__m512i code, __m512 border, __m512 x, int value) {
+  return _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(border, x, _CMP_LT_OQ), code, _mm512_set1_epi32(value));
 }
+inline __m512i shift_codes(__m512i code, int bits) { return _mm512_srli_epi32(code, bits); }
+using SearchFloats = __m512;
+using SearchCodes = __m512i;
 #else
 template <int64_t kLevel>
 inline __m256 level_lookup(const float* level, __m256i m) {
@@ -131,19 +124,27 @@ inline __m256 level_lookup(const float* level, __m256i m) {
     return _mm256_i32gather_ps(level, m, sizeof(float));
   }
 }
+inline __m256i add_where_below(__m256i code, __m256 border, __m256 x, int value) {
+  const __m256i below = _mm256_castps_si256(_mm256_cmp_ps(border, x, _CMP_LT_OQ));  // all ones where true
+  return _mm256_add_epi32(code, _mm256_and_si256(below, _mm256_set1_epi32(value)));
+}
+inline __m256i shift_codes(__m256i code, int bits) { return _mm256_srli_epi32(code, bits); }
+using SearchFloats = __m256;
+using SearchCodes = __m256i;
+#endif
+
+// #{j : borders[j] < x} per lane (NaN compares false: 0), by binary search in the tree.
 template <int64_t kBits, int64_t kLevel = 0>
-inline __m256i search_codes(__m256 x, const float* nodes, __m256i code = _mm256_setzero_si256()) {
+inline SearchCodes search_codes(SearchFloats x, const float* nodes, SearchCodes code = SearchCodes()) {
   if constexpr (kLevel == kBits) {
     return code;
   } else {
-    const __m256i m = _mm256_srli_epi32(code, kBits - kLevel);
-    const __m256 border = level_lookup<kLevel>(nodes + (1 << kLevel) - 1, m);
-    const __m256i below = _mm256_castps_si256(_mm256_cmp_ps(border, x, _CMP_LT_OQ));  // all ones where true
-    code = _mm256_add_epi32(code, _mm256_and_si256(below, _mm256_set1_epi32(1 << (kBits - 1 - kLevel))));
+    // The code found so far, shifted down, is the index of the node within this level.
+    const SearchFloats border = level_lookup<kLevel>(nodes + (1 << kLevel) - 1, shift_codes(code, kBits - kLevel));
+    code = add_where_below(code, border, x, 1 << (kBits - 1 - kLevel));
     return search_codes<kBits, kLevel + 1>(x, nodes, code);
   }
 }
-#endif
 
 // The bytes of the 16 codes #{j : borders[j] < x[i]} (NaN compares false: 0) of x[0, 16).
 template <int64_t kBits>
