@@ -203,6 +203,38 @@ def test_gated(bits, gate, dtype, shape):
     assert_matches(grads[1], grads_ref[1], factor=g)
 
 
+# Outputs of 8 MB and more are written with streaming stores (vec_math.h, kStreamBytes); 5 elements
+# past that leave a partial vector at the end, which is stored the ordinary way.
+STREAMED_BYTES = 8 << 20
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
+@pytest.mark.parametrize("bits", (0, 3))
+def test_streamed_outputs(bits, dtype):
+    numel = STREAMED_BYTES // dtype.itemsize + 5
+    x = random_input((numel,), dtype)
+    borders, levels = (random_borders(bits), random_levels(bits)) if bits else (None, None)
+    y, saved = ops.activation_forward(x, int(Activation.SIGMOID), 0.0, 0.0, bits, borders)
+    y_ref, saved_ref = ref.activation_forward(x, int(Activation.SIGMOID), 0.0, 0.0, bits, borders)
+    assert_matches(y, y_ref)
+    if bits == 0:
+        assert_matches(saved, saved_ref)
+    else:
+        assert torch.equal(saved, saved_ref)
+    g = torch.randn(numel).to(dtype)
+    assert_matches(ops.activation_backward(g, saved, bits, levels), ref.activation_backward(g, saved_ref, bits, levels))
+    b = random_input((numel,), dtype)
+    y, code = ops.gated_forward(x, b, int(Activation.SILU), bits, borders)
+    y_ref, code_ref = ref.gated_forward(x, b, int(Activation.SILU), bits, borders)
+    assert_matches(y, y_ref)
+    assert torch.equal(code, code_ref)
+    saved_a = x if bits == 0 else code
+    grads = ops.gated_backward(g, saved_a, b, int(Activation.SILU), bits, levels, levels)
+    grads_ref = ref.gated_backward(g, saved_a, b, int(Activation.SILU), bits, levels, levels)
+    assert_matches(grads[0], grads_ref[0], factor=g.double() * b.double())
+    assert_matches(grads[1], grads_ref[1], factor=g)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("gate", GATES, ids=lambda g: g.name)
 def test_gated_special_values(gate, dtype):

@@ -29,6 +29,8 @@ void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint
   using M = MathFor<scalar_t>;
   const V p0(static_cast<T>(p0_)), p1(static_cast<T>(p1_));
   const std::optional<BorderTree> tree = d == nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
+  const int64_t nbytes = numel * static_cast<int64_t>(sizeof(scalar_t));
+  const bool stream_y = stream_stores(y, nbytes), stream_d = stream_stores(d, nbytes);
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
     const scalar_t* xs = x + begin;
     scalar_t* ys = y + begin;
@@ -36,14 +38,14 @@ void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint
       scalar_t* ds = d + begin;
       for_each_vec<T>(n, [&](int64_t i, int64_t count) {
         const V xv = load_vec<T>(xs + i, count);
-        store_vec(activation_value_of<A, M>(xv, p0, p1), ys + i, count);
-        store_vec(activation_derivative_of<A, M>(xv, p0, p1), ds + i, count);
+        store_vec(activation_value_of<A, M>(xv, p0, p1), ys + i, count, stream_y);
+        store_vec(activation_derivative_of<A, M>(xv, p0, p1), ds + i, count, stream_d);
       });
     } else {
       alignas(64) float f_buf[kTile];  // x as float for the codes (borders are float32) if it is not
       for_each_vec<T>(n, [&](int64_t i, int64_t count) {
         const V xv = load_vec<T>(xs + i, count);
-        store_vec(activation_value_of<A, M>(xv, p0, p1), ys + i, count);
+        store_vec(activation_value_of<A, M>(xv, p0, p1), ys + i, count, stream_y);
         if constexpr (kConvertsToFloat<scalar_t>) {
           xv.store(f_buf + i);
         }
@@ -77,13 +79,14 @@ void gated_forward_kernel(const scalar_t* a, const scalar_t* b, scalar_t* y, uin
   const V zero(T(0));
   const std::optional<BorderTree> tree =
       codes != nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
+  const bool stream_y = stream_stores(y, numel * static_cast<int64_t>(sizeof(scalar_t)));
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
     const scalar_t* as = a + begin;
     const scalar_t* bs = b + begin;
     scalar_t* ys = y + begin;
     for_each_vec<T>(n, [&](int64_t i, int64_t count) {
       const V f = activation_value_of<A, M>(load_vec<T>(as + i, count), zero, zero);
-      store_vec(f * load_vec<T>(bs + i, count), ys + i, count);
+      store_vec(f * load_vec<T>(bs + i, count), ys + i, count, stream_y);
     });
     if (codes != nullptr) {
       alignas(64) float f_buf[kTile];
@@ -132,13 +135,14 @@ void activation_backward_kernel(const scalar_t* grad_out, const scalar_t* saved,
   using T = opmath_t<scalar_t>;
   const std::optional<LevelTable<T>> table =
       bits == 0 ? std::nullopt : std::make_optional<LevelTable<T>>(levels);
+  const bool stream = stream_stores(grad_in, numel * static_cast<int64_t>(sizeof(scalar_t)));
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
     const scalar_t* gs = grad_out + begin;
     scalar_t* outs = grad_in + begin;
     // ds: the tile's f'(x), kept (scalar_t) or looked up (T).
     const auto multiply = [&](const auto* ds) {
       for_each_vec<T>(n, [&](int64_t i, int64_t count) {
-        store_vec(load_vec<T>(gs + i, count) * load_vec<T>(ds + i, count), outs + i, count);
+        store_vec(load_vec<T>(gs + i, count) * load_vec<T>(ds + i, count), outs + i, count, stream);
       });
     };
     if (table) {
@@ -175,6 +179,8 @@ void gated_backward_kernel(const scalar_t* grad_out, const scalar_t* a, const ui
   const std::optional<LevelTable<T>> v_table =
       exact ? std::nullopt : std::make_optional<LevelTable<T>>(value_levels);
   const V zero(T(0));
+  const int64_t nbytes = numel * static_cast<int64_t>(sizeof(scalar_t));
+  const bool stream_a = stream_stores(grad_a, nbytes), stream_b = stream_stores(grad_b, nbytes);
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
     const scalar_t* gs = grad_out + begin;
     const scalar_t* bs = b + begin;
@@ -185,8 +191,8 @@ void gated_backward_kernel(const scalar_t* grad_out, const scalar_t* a, const ui
       for_each_vec<T>(n, [&](int64_t i, int64_t count) {
         const V av = load_vec<T>(as + i, count), g = load_vec<T>(gs + i, count);
         const V d = activation_derivative_of<A, M>(av, zero, zero);
-        store_vec(g * load_vec<T>(bs + i, count) * d, gas + i, count);
-        store_vec(g * activation_value_of<A, M>(av, zero, zero), gbs + i, count);
+        store_vec(g * load_vec<T>(bs + i, count) * d, gas + i, count, stream_a);
+        store_vec(g * activation_value_of<A, M>(av, zero, zero), gbs + i, count, stream_b);
       });
     } else {
       alignas(64) T d_buf[kTile], v_buf[kTile];
@@ -194,8 +200,8 @@ void gated_backward_kernel(const scalar_t* grad_out, const scalar_t* a, const ui
       v_table->lookup(codes, bits, begin, n, v_buf);
       for_each_vec<T>(n, [&](int64_t i, int64_t count) {
         const V g = load_vec<T>(gs + i, count);
-        store_vec(g * load_vec<T>(bs + i, count) * load_vec<T>(d_buf + i, count), gas + i, count);
-        store_vec(g * load_vec<T>(v_buf + i, count), gbs + i, count);
+        store_vec(g * load_vec<T>(bs + i, count) * load_vec<T>(d_buf + i, count), gas + i, count, stream_a);
+        store_vec(g * load_vec<T>(v_buf + i, count), gbs + i, count, stream_b);
       });
     }
   });
