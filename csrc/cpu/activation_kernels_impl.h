@@ -37,9 +37,13 @@ void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint
     if (d != nullptr) {
       scalar_t* ds = d + begin;
       for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+        // f and f' both before either store: a store in between keeps GCC from computing what
+        // they share (an exp, a division) once.
         const V xv = load_vec<T>(xs + i, count);
-        store_vec(activation_value_of<A, M>(xv, p0, p1), ys + i, count, stream_y);
-        store_vec(activation_derivative_of<A, M>(xv, p0, p1), ds + i, count, stream_d);
+        const V yv = activation_value_of<A, M>(xv, p0, p1);
+        const V dv = activation_derivative_of<A, M>(xv, p0, p1);
+        store_vec(yv, ys + i, count, stream_y);
+        store_vec(dv, ds + i, count, stream_d);
       });
     } else {
       alignas(64) float f_buf[kTile];  // x as float for the codes (borders are float32) if it is not
@@ -84,15 +88,19 @@ void gated_forward_kernel(const scalar_t* a, const scalar_t* b, scalar_t* y, uin
     const scalar_t* as = a + begin;
     const scalar_t* bs = b + begin;
     scalar_t* ys = y + begin;
+    alignas(64) float f_buf[kTile];  // a as float for the codes, as in activation_forward_kernel
     for_each_vec<T>(n, [&](int64_t i, int64_t count) {
-      const V f = activation_value_of<A, M>(load_vec<T>(as + i, count), zero, zero);
-      store_vec(f * load_vec<T>(bs + i, count), ys + i, count, stream_y);
+      const V av = load_vec<T>(as + i, count);
+      store_vec(activation_value_of<A, M>(av, zero, zero) * load_vec<T>(bs + i, count), ys + i, count, stream_y);
+      if constexpr (kConvertsToFloat<scalar_t>) {
+        if (codes != nullptr) {
+          av.store(f_buf + i);
+        }
+      }
     });
     if (codes != nullptr) {
-      alignas(64) float f_buf[kTile];
-      dispatch_bits(bits, [&](auto k) {
-        pack_codes<k.value>(float_tile(as, n, f_buf), n, *tree, codes + begin / 8 * k.value);
-      });
+      const float* af = kConvertsToFloat<scalar_t> ? f_buf : float_tile(as, n, f_buf);
+      dispatch_bits(bits, [&](auto k) { pack_codes<k.value>(af, n, *tree, codes + begin / 8 * k.value); });
     }
   });
 }
@@ -191,8 +199,9 @@ void gated_backward_kernel(const scalar_t* grad_out, const scalar_t* a, const ui
       for_each_vec<T>(n, [&](int64_t i, int64_t count) {
         const V av = load_vec<T>(as + i, count), g = load_vec<T>(gs + i, count);
         const V d = activation_derivative_of<A, M>(av, zero, zero);
+        const V f = activation_value_of<A, M>(av, zero, zero);  // before the stores, as in forward
         store_vec(g * load_vec<T>(bs + i, count) * d, gas + i, count, stream_a);
-        store_vec(g * activation_value_of<A, M>(av, zero, zero), gbs + i, count, stream_b);
+        store_vec(g * f, gbs + i, count, stream_b);
       });
     } else {
       alignas(64) T d_buf[kTile], v_buf[kTile];
