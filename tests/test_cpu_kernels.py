@@ -144,6 +144,18 @@ def float32_ulps(out: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     return (out.double() - exact).abs() / spacing
 
 
+def test_bfloat16_rounding_of_every_value():
+    """Every bfloat16 x (NaN, inf, denormals included) through LeakyReLU with slope -1.5: the float
+    products need rounding back to bfloat16, ties among them, and must round as torch's casts do."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    y, saved = ops.activation_forward(x, int(Activation.LEAKY_RELU), -1.5, 0.0, 0, None)
+    y_ref, saved_ref = ref.activation_forward(x, int(Activation.LEAKY_RELU), -1.5, 0.0, 0, None)
+    for got, want in ((y, y_ref), (saved, saved_ref)):
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got), nan)
+        assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
 def test_float32_inline_math_accuracy():
     # The float kernels compute exp, expm1, tanh and log1p inline (vec_math.h), held here to float64.
     # ELU's f'(x) (alpha 1) is exp(x) for x < 0: within 2 ulp, denormal results included. Softplus's

@@ -269,6 +269,25 @@ inline void stream_vec(const Vectorized<double>& v, double* p) {
 template <typename scalar_t>
 constexpr bool kConvertsToFloat = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
 
+// Float lanes rounded to bfloat16, to nearest even, NaN kept (as c10's casts and ATen's
+// cvtfp32_bf16, in fewer instructions on AVX512: a bit test and a masked add for the rounding, one
+// word permute for the narrowing).
+inline HalfLanes float_to_bf16(const Vectorized<float>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i bits = _mm512_castps_si512(v);
+  // + 0x7fff, + 1 more where the lowest kept bit (bit 16) is set: ties go to even.
+  const __mmask16 odd = _mm512_test_epi32_mask(bits, _mm512_set1_epi32(0x10000));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff));
+  rounded = _mm512_mask_add_epi32(rounded, odd, rounded, _mm512_set1_epi32(1));
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
+  const __m512i high_words = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 31, 29, 27, 25, 23,
+                                               21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  return _mm512_castsi512_si256(_mm512_permutexvar_epi16(high_words, rounded));
+#else
+  return at::vec::cvtfp32_bf16(v);
+#endif
+}
+
 // A vector of the compute type T from `count` elements of scalar_t at p (lanes past count zero),
 // and back. bfloat16 and float16 convert in registers, a float vector's worth at a time: through a
 // buffer, a conversion costs a store and a load each way, as much as a cheap activation itself.
@@ -304,7 +323,7 @@ __attribute__((always_inline)) inline void store_vec(const Vectorized<T>& v, sca
     }
   } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     // Round to nearest even, NaN kept: as at::vec::convert_from_float and c10's scalar casts.
-    store_half_lanes(at::vec::cvtfp32_bf16(v), p, count, stream);
+    store_half_lanes(float_to_bf16(v), p, count, stream);
   } else {
     store_half_lanes(at::vec::cvtfp32_fp16(v), p, count, stream);
   }
