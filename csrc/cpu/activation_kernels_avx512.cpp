@@ -1,5 +1,6 @@
 // The AVX512 kernels of activation_kernels.h. This file alone is compiled for AVX512 (the
-// instruction sets of ATen's own AVX512 kernels, on top of the command line's AVX2/FMA/F16C), with
+// instruction sets of ATen's own AVX512 kernels, on top of the command line's AVX2/FMA/F16C, and
+// BMI2's bit deposit for the codes, which every AVX512 CPU has), with
 // ATen's AVX512 Vectorized and Sleef's AVX512 functions from libtorch; activation_kernels() runs
 // these only where ATen finds AVX512. A pragma rather than per-file flags, so that setup.py and
 // CMakeLists.txt build every source alike; GCC's pragma does not define the instruction sets'
@@ -7,7 +8,7 @@
 #if !defined(__GNUC__) || defined(__clang__)
 #error "activation_kernels_avx512.cpp selects AVX512 with GCC's #pragma GCC target"
 #endif
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,bmi2")
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #define __AVX512BW__ 1

@@ -195,18 +195,27 @@ struct BroadcastTree {
       nodes[i] = _mm512_set1_ps(tree.nodes[i]);
     }
   }
-  // The bytes of the 16 codes of x[0, 16), as code_bytes.
-  __m128i code_bytes(const float* x) const {
+  // The 16 codes of x[0, 16) packed (two groups, as swar_words gives them). The comparison mask
+  // of level l holds bit kBits - 1 - l of every code, and packing places code i at bit kBits * i:
+  // each mask is deposited (PDEP) at every kBits-th bit, from that offset.
+  uint64_t code_words(const float* x) const {
     const __m512 xv = _mm512_loadu_ps(x);
     __mmask16 found[kBits];
-    __m128i bytes = _mm_setzero_si128();
+    uint64_t words = 0;
 #pragma GCC unroll 4
     for (int level = 0; level < kBits; ++level) {
       found[level] = _mm512_cmp_ps_mask(node(level, found), xv, _CMP_LT_OQ);
-      const __m128i bit = _mm_set1_epi8(static_cast<char>(1 << (kBits - 1 - level)));
-      bytes = _mm_mask_add_epi8(bytes, found[level], bytes, bit);
+      words |= _pdep_u64(found[level], every_kth_bit() << (kBits - 1 - level));
     }
-    return bytes;
+    return words;
+  }
+  // Bits 0, kBits, 2 kBits, ... of 16 codes.
+  static constexpr uint64_t every_kth_bit() {
+    uint64_t bits = 0;
+    for (int i = 0; i < 16; ++i) {
+      bits |= uint64_t{1} << (kBits * i);
+    }
+    return bits;
   }
 };
 #endif
@@ -334,7 +343,7 @@ inline void pack_codes(const float* x, int64_t n, const BorderTree& tree, uint8_
         words = sign_words(xs, tree.nodes[0]);
       } else {
 #if defined(CPU_CAPABILITY_AVX512)
-        words = swar_words<kBits>(borders_in_registers.code_bytes(xs));
+        words = borders_in_registers.code_words(xs);
 #else
         words = swar_words<kBits>(code_bytes<kBits>(xs, tree));
 #endif
