@@ -54,8 +54,8 @@ MK_HOST_DEVICE int64_t packed_nbytes(int64_t numel, int64_t bits) { return (nume
 
 // The math of every activation, written once for any number-like T: float or double on host and
 // device (ScalarMath below) and ATen's Vectorized<float/double> on CPU (cpu/vec_math.h). M supplies
-// exp, expm1, log1p, erf_with_gauss, tanh, isnan, where(mask, a, b) and clamp(x, lo, hi);
-// comparisons of T give M's mask type.
+// exp, expm1, log1p, erf_with_gauss, tanh, the comparisons lt, le, gt and isnan (false with NaN,
+// but isnan; each gives M's mask type), where(mask, a, b) and clamp(x, lo, hi).
 // The order of operations follows memkernels/reference.py so that float results agree with it.
 template <typename T>
 struct ScalarMath {
@@ -65,6 +65,9 @@ struct ScalarMath {
   // erf(z) given gauss = exp(-z * z), for policies whose erf is built on that exp (FloatVecMath).
   static MK_HOST_DEVICE T erf_with_gauss(T z, T /*gauss*/) { return std::erf(z); }
   static MK_HOST_DEVICE T tanh(T x) { return std::tanh(x); }
+  static MK_HOST_DEVICE bool lt(T a, T b) { return a < b; }
+  static MK_HOST_DEVICE bool le(T a, T b) { return a <= b; }
+  static MK_HOST_DEVICE bool gt(T a, T b) { return a > b; }
   static MK_HOST_DEVICE bool isnan(T x) { return x != x; }
   static MK_HOST_DEVICE T where(bool mask, T a, T b) { return mask ? a : b; }
   // clamp that lets NaN through, as torch.clamp does.
@@ -85,7 +88,7 @@ MK_HOST_DEVICE T sigmoid(T x) {
 // torch.nn.functional.softplus at its defaults (beta 1, threshold 20).
 template <typename M, typename T>
 MK_HOST_DEVICE T softplus(T x) {
-  return M::where(x > T(20), x, M::log1p(M::exp(x)));
+  return M::where(M::gt(x, T(20)), x, M::log1p(M::exp(x)));
 }
 
 }  // namespace math
@@ -94,9 +97,9 @@ MK_HOST_DEVICE T softplus(T x) {
 template <Activation A, typename M, typename T>
 MK_HOST_DEVICE T activation_value_of(T x, T p0, T p1) {
   if constexpr (A == Activation::RELU) {
-    return M::where(x <= T(0), T(0), x);  // NaN is not <= 0: it passes through
+    return M::where(M::le(x, T(0)), T(0), x);  // NaN is not <= 0: it passes through
   } else if constexpr (A == Activation::LEAKY_RELU) {
-    return M::where(x > T(0), x, x * p0);
+    return M::where(M::gt(x, T(0)), x, x * p0);
   } else if constexpr (A == Activation::GELU) {
     T z = x * T(kSqrt1_2D);
     return T(0.5) * x * (T(1) + M::erf_with_gauss(z, math::gauss<M>(z)));
@@ -108,13 +111,13 @@ MK_HOST_DEVICE T activation_value_of(T x, T p0, T p1) {
     return x * M::tanh(math::softplus<M>(x));
   } else if constexpr (A == Activation::SOFTPLUS) {
     T bx = x * p0;
-    return M::where(bx > p1, x, M::log1p(M::exp(bx)) / p0);
+    return M::where(M::gt(bx, p1), x, M::log1p(M::exp(bx)) / p0);
   } else if constexpr (A == Activation::ELU) {
-    return M::where(x > T(0), x, p0 * M::expm1(x));
+    return M::where(M::gt(x, T(0)), x, p0 * M::expm1(x));
   } else if constexpr (A == Activation::SELU) {
-    return T(kSeluScaleD) * M::where(x > T(0), x, T(kSeluAlphaD) * M::expm1(x));
+    return T(kSeluScaleD) * M::where(M::gt(x, T(0)), x, T(kSeluAlphaD) * M::expm1(x));
   } else if constexpr (A == Activation::CELU) {
-    return M::where(x > T(0), x, p0 * M::expm1(x / p0));
+    return M::where(M::gt(x, T(0)), x, p0 * M::expm1(x / p0));
   } else if constexpr (A == Activation::SIGMOID) {
     return math::sigmoid<M>(x);
   } else if constexpr (A == Activation::TANH) {
@@ -137,9 +140,9 @@ template <Activation A, typename M, typename T>
 MK_HOST_DEVICE T activation_derivative_of(T x, T p0, T p1) {
   T d;
   if constexpr (A == Activation::RELU) {
-    d = M::where(x > T(0), T(1), T(0));
+    d = M::where(M::gt(x, T(0)), T(1), T(0));
   } else if constexpr (A == Activation::LEAKY_RELU) {
-    d = M::where(x > T(0), T(1), p0);
+    d = M::where(M::gt(x, T(0)), T(1), p0);
   } else if constexpr (A == Activation::GELU) {
     T xc = M::clamp(x, T(-40), T(40));
     T z = x * T(kSqrt1_2D);
@@ -162,13 +165,13 @@ MK_HOST_DEVICE T activation_derivative_of(T x, T p0, T p1) {
     d = t + xc * math::sigmoid<M>(x) * (T(1) - t * t);
   } else if constexpr (A == Activation::SOFTPLUS) {
     T bx = x * p0;
-    d = M::where(bx > p1, T(1), math::sigmoid<M>(bx));
+    d = M::where(M::gt(bx, p1), T(1), math::sigmoid<M>(bx));
   } else if constexpr (A == Activation::ELU) {
-    d = M::where(x > T(0), T(1), p0 * M::exp(x));
+    d = M::where(M::gt(x, T(0)), T(1), p0 * M::exp(x));
   } else if constexpr (A == Activation::SELU) {
-    d = T(kSeluScaleD) * M::where(x > T(0), T(1), T(kSeluAlphaD) * M::exp(x));
+    d = T(kSeluScaleD) * M::where(M::gt(x, T(0)), T(1), T(kSeluAlphaD) * M::exp(x));
   } else if constexpr (A == Activation::CELU) {
-    d = M::where(x > T(0), T(1), M::exp(x / p0));
+    d = M::where(M::gt(x, T(0)), T(1), M::exp(x / p0));
   } else if constexpr (A == Activation::SIGMOID) {
     T s = math::sigmoid<M>(x);
     d = s * (T(1) - s);
@@ -176,10 +179,10 @@ MK_HOST_DEVICE T activation_derivative_of(T x, T p0, T p1) {
     T t = M::tanh(x);
     d = T(1) - t * t;
   } else if constexpr (A == Activation::HARDSWISH) {
-    d = M::where(x <= T(-3), T(0), M::where(x < T(3), x * T(1.0 / 3.0) + T(0.5), T(1)));
+    d = M::where(M::le(x, T(-3)), T(0), M::where(M::lt(x, T(3)), x * T(1.0 / 3.0) + T(0.5), T(1)));
   } else {
     static_assert(A == Activation::HARDSIGMOID, "unknown activation");
-    d = M::where(x > T(-3), M::where(x < T(3), T(1.0 / 6.0), T(0)), T(0));
+    d = M::where(M::gt(x, T(-3)), M::where(M::lt(x, T(3)), T(1.0 / 6.0), T(0)), T(0));
   }
   return M::where(M::isnan(x), x, d);
 }
