@@ -67,9 +67,10 @@ inline void unpack_groups(const uint8_t* in, int64_t groups, code_t* codes) {
 }
 
 // ---- two groups at a time ----
-// 16 codes go through one 128-bit register as bytes, group g in bytes [8g, 8g + 8): multiply-adds
-// gather a group's 8 fields into its low kBits bytes (swar_words), and LevelVectors spreads them
-// back with a shift per lane.
+// 16 codes are packed at once, into 2 kBits bytes. On AVX512 up to 4 bits the search's comparison
+// masks are deposited at their bits (BroadcastTree::code_words); otherwise the codes go through one
+// 128-bit register as bytes, group g in bytes [8g, 8g + 8), and multiply-adds gather a group's 8
+// fields into its low kBits bytes (swar_words). LevelVectors spreads them back with a shift per lane.
 constexpr int64_t kSwarCodes = 16;
 
 // The 2**kBits - 1 sorted borders as an implicit search tree stored level by level: level l holds
