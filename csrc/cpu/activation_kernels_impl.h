@@ -20,6 +20,43 @@ namespace {
 
 // ---- forward ----
 
+// fn(i, count, xv) for the vectors xv of the tile's n elements at xs (in the compute type T),
+// packing their codes into the tile's codes on the way. On AVX512 with float vectors and up to 4
+// bits the codes are packed from the vector in registers; otherwise x goes through a float
+// buffer to pack_codes after the loop.
+template <typename T, typename scalar_t, typename F>
+__attribute__((always_inline)) inline void for_each_vec_packing_codes(const scalar_t* xs, int64_t n, int64_t bits,
+                                                                      const BorderTree& tree, uint8_t* codes,
+                                                                      const F& fn) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (bits <= 4) {
+      dispatch_bits(bits, [&](auto k) {
+        if constexpr (k.value <= 4) {
+          const BroadcastTree<k.value> borders(tree);
+          for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+            const Vectorized<T> xv = load_vec<T>(xs + i, count);
+            fn(i, count, xv);
+            pack_vector_codes(borders, xv, count, codes + i / 8 * k.value);
+          });
+        }
+      });
+      return;
+    }
+  }
+#endif
+  alignas(64) float f_buf[kTile];  // x as float for the codes (borders are float32) if it is not
+  for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+    const Vectorized<T> xv = load_vec<T>(xs + i, count);
+    fn(i, count, xv);
+    if constexpr (kConvertsToFloat<scalar_t>) {
+      xv.store(f_buf + i);
+    }
+  });
+  const float* xf = kConvertsToFloat<scalar_t> ? f_buf : float_tile(xs, n, f_buf);
+  dispatch_bits(bits, [&](auto k) { pack_codes<k.value>(xf, n, tree, codes); });
+}
+
 // y = f(x) and either d = f'(x) (d != nullptr) or the packed code of x (codes, bits, borders).
 template <Activation A, typename scalar_t>
 void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint8_t* codes, int64_t bits,
@@ -46,16 +83,10 @@ void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint
         store_vec(dv, ds + i, count, stream_d);
       });
     } else {
-      alignas(64) float f_buf[kTile];  // x as float for the codes (borders are float32) if it is not
-      for_each_vec<T>(n, [&](int64_t i, int64_t count) {
-        const V xv = load_vec<T>(xs + i, count);
-        store_vec(activation_value_of<A, M>(xv, p0, p1), ys + i, count, stream_y);
-        if constexpr (kConvertsToFloat<scalar_t>) {
-          xv.store(f_buf + i);
-        }
-      });
-      const float* xf = kConvertsToFloat<scalar_t> ? f_buf : float_tile(xs, n, f_buf);
-      dispatch_bits(bits, [&](auto k) { pack_codes<k.value>(xf, n, *tree, codes + begin / 8 * k.value); });
+      for_each_vec_packing_codes<T>(xs, n, bits, *tree, codes + begin / 8 * bits,
+                                    [&](int64_t i, int64_t count, const V& xv) {
+                                      store_vec(activation_value_of<A, M>(xv, p0, p1), ys + i, count, stream_y);
+                                    });
     }
   });
 }
@@ -88,19 +119,13 @@ void gated_forward_kernel(const scalar_t* a, const scalar_t* b, scalar_t* y, uin
     const scalar_t* as = a + begin;
     const scalar_t* bs = b + begin;
     scalar_t* ys = y + begin;
-    alignas(64) float f_buf[kTile];  // a as float for the codes, as in activation_forward_kernel
-    for_each_vec<T>(n, [&](int64_t i, int64_t count) {
-      const V av = load_vec<T>(as + i, count);
+    const auto value = [&](int64_t i, int64_t count, const V& av) {
       store_vec(activation_value_of<A, M>(av, zero, zero) * load_vec<T>(bs + i, count), ys + i, count, stream_y);
-      if constexpr (kConvertsToFloat<scalar_t>) {
-        if (codes != nullptr) {
-          av.store(f_buf + i);
-        }
-      }
-    });
+    };
     if (codes != nullptr) {
-      const float* af = kConvertsToFloat<scalar_t> ? f_buf : float_tile(as, n, f_buf);
-      dispatch_bits(bits, [&](auto k) { pack_codes<k.value>(af, n, *tree, codes + begin / 8 * k.value); });
+      for_each_vec_packing_codes<T>(as, n, bits, *tree, codes + begin / 8 * bits, value);
+    } else {
+      for_each_vec<T>(n, [&](int64_t i, int64_t count) { value(i, count, load_vec<T>(as + i, count)); });
     }
   });
 }

@@ -196,11 +196,10 @@ struct BroadcastTree {
       nodes[i] = _mm512_set1_ps(tree.nodes[i]);
     }
   }
-  // The 16 codes of x[0, 16) packed (two groups, as swar_words gives them). The comparison mask
+  // The 16 codes of xv packed (two groups, as swar_words gives them). The comparison mask
   // of level l holds bit kBits - 1 - l of every code, and packing places code i at bit kBits * i:
   // each mask is deposited (PDEP) at every kBits-th bit, from that offset.
-  uint64_t code_words(const float* x) const {
-    const __m512 xv = _mm512_loadu_ps(x);
+  __attribute__((always_inline)) uint64_t code_words(__m512 xv) const {
     __mmask16 found[kBits];
     uint64_t words = 0;
 #pragma GCC unroll 4
@@ -219,19 +218,33 @@ struct BroadcastTree {
     return bits;
   }
 };
+
+// The codes of the first `count` (<= 16) lanes of x packed at out: 2 kBits bytes, or
+// (count + 7) / 8 * kBits for fewer lanes, the last group padded with NaN's code 0 as in the
+// reference. Kernels that have x in a register pack it here, with no second pass over a buffer.
+template <int64_t kBits>
+__attribute__((always_inline)) inline void pack_vector_codes(const BroadcastTree<kBits>& tree, __m512 x,
+                                                             int64_t count, uint8_t* out) {
+  if (count < kSwarCodes) {
+    const auto valid = static_cast<__mmask16>((1u << count) - 1);
+    x = _mm512_mask_mov_ps(_mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()), valid, x);
+  }
+  const uint64_t words = tree.code_words(x);
+  if (count == kSwarCodes) {
+    std::memcpy(out, &words, 2 * kBits);  // a constant size: plain stores
+  } else {
+    std::memcpy(out, &words, (count + 7) / 8 * kBits);
+  }
+}
 #endif
 
-// 1-bit codes of x[0, 16): bit i is borders[0] < x[i] (NaN: 0), so the 16 comparison bits are
-// already the two packed groups, with no byte-wise counting.
+// 1-bit codes of x[0, 16) on AVX2: bit i is borders[0] < x[i] (NaN: 0), so the 16 comparison bits
+// are already the two packed groups, with no byte-wise counting.
 inline uint64_t sign_words(const float* x, float border) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_cmp_ps_mask(_mm512_loadu_ps(x), _mm512_set1_ps(border), _CMP_GT_OQ);
-#else
   const __m256 b = _mm256_set1_ps(border);
   const int lo = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x), b, _CMP_GT_OQ));
   const int hi = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + 8), b, _CMP_GT_OQ));
   return static_cast<uint64_t>(lo | hi << 8);
-#endif
 }
 
 // The two groups of code bytes packed: group 0 in bytes [0, kBits), group 1 in [kBits, 2 kBits).
@@ -312,16 +325,9 @@ struct LevelVectors {
 #endif
 };
 
-// Packs code(x[i]) = #{j : borders[j] < x[i]} for i < n, over the 2**kBits - 1 sorted float32
-// borders of `tree`, into (n + 7) / 8 * kBits bytes at out; NaN gets 0 (it compares false) and the
-// padding of the last group is 0, as in the reference. 16 codes (two groups) at a time.
+// pack_codes by a search per group pair: AVX2, and 8 bits on AVX512 (the tree searched in memory).
 template <int64_t kBits>
-inline void pack_codes(const float* x, int64_t n, const BorderTree& tree, uint8_t* out) {
-#if defined(CPU_CAPABILITY_AVX512)
-  // Up to 4 bits the borders sit in registers; 8 bits search the tree in memory (code_bytes).
-  [[maybe_unused]] const std::conditional_t<(kBits <= 4), BroadcastTree<std::min<int64_t>(kBits, 4)>, const BorderTree&>
-      borders_in_registers(tree);
-#endif
+inline void search_and_pack_codes(const float* x, int64_t n, const BorderTree& tree, uint8_t* out) {
   for (int64_t i = 0; i < n; i += kSwarCodes, out += 2 * kBits) {
     const int64_t count = std::min(kSwarCodes, n - i);
     alignas(64) float tail[kSwarCodes];
@@ -343,11 +349,7 @@ inline void pack_codes(const float* x, int64_t n, const BorderTree& tree, uint8_
       if constexpr (kBits == 1) {
         words = sign_words(xs, tree.nodes[0]);
       } else {
-#if defined(CPU_CAPABILITY_AVX512)
-        words = borders_in_registers.code_words(xs);
-#else
         words = swar_words<kBits>(code_bytes<kBits>(xs, tree));
-#endif
       }
       if (count == kSwarCodes) {
         std::memcpy(out, &words, 2 * kBits);  // a constant size: plain stores
@@ -356,6 +358,27 @@ inline void pack_codes(const float* x, int64_t n, const BorderTree& tree, uint8_
       }
     }
   }
+}
+
+// Packs code(x[i]) = #{j : borders[j] < x[i]} for i < n, over the 2**kBits - 1 sorted float32
+// borders of `tree`, into (n + 7) / 8 * kBits bytes at out; NaN gets 0 (it compares false) and the
+// padding of the last group is 0, as in the reference. 16 codes (two groups) at a time.
+template <int64_t kBits>
+inline void pack_codes(const float* x, int64_t n, const BorderTree& tree, uint8_t* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kBits <= 4) {
+    const BroadcastTree<kBits> borders(tree);
+    for (int64_t i = 0; i < n; i += kSwarCodes) {
+      const int64_t count = std::min(kSwarCodes, n - i);
+      const __m512 xv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), x + i);
+      pack_vector_codes(borders, xv, count, out + i / 8 * kBits);
+    }
+  } else {
+    search_and_pack_codes<kBits>(x, n, tree, out);
+  }
+#else
+  search_and_pack_codes<kBits>(x, n, tree, out);
+#endif
 }
 
 // out[0, 16) = table[code byte i].
