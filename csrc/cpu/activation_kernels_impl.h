@@ -66,8 +66,7 @@ void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint
   using M = MathFor<scalar_t>;
   const V p0(static_cast<T>(p0_)), p1(static_cast<T>(p1_));
   const std::optional<BorderTree> tree = d == nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
-  const int64_t nbytes = numel * static_cast<int64_t>(sizeof(scalar_t));
-  const bool stream_y = stream_stores(y, nbytes), stream_d = stream_stores(d, nbytes);
+  const bool stream_y = stream_stores(y, numel), stream_d = stream_stores(d, numel);
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
     const scalar_t* xs = x + begin;
     scalar_t* ys = y + begin;
@@ -114,7 +113,7 @@ void gated_forward_kernel(const scalar_t* a, const scalar_t* b, scalar_t* y, uin
   const V zero(T(0));
   const std::optional<BorderTree> tree =
       codes != nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
-  const bool stream_y = stream_stores(y, numel * static_cast<int64_t>(sizeof(scalar_t)));
+  const bool stream_y = stream_stores(y, numel);
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
     const scalar_t* as = a + begin;
     const scalar_t* bs = b + begin;
@@ -168,7 +167,7 @@ void activation_backward_kernel(const scalar_t* grad_out, const scalar_t* saved,
   using T = opmath_t<scalar_t>;
   const std::optional<LevelTable<T>> table =
       bits == 0 ? std::nullopt : std::make_optional<LevelTable<T>>(levels);
-  const bool stream = stream_stores(grad_in, numel * static_cast<int64_t>(sizeof(scalar_t)));
+  const bool stream = stream_stores(grad_in, numel);
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
     const scalar_t* gs = grad_out + begin;
     scalar_t* outs = grad_in + begin;
@@ -212,8 +211,7 @@ void gated_backward_kernel(const scalar_t* grad_out, const scalar_t* a, const ui
   const std::optional<LevelTable<T>> v_table =
       exact ? std::nullopt : std::make_optional<LevelTable<T>>(value_levels);
   const V zero(T(0));
-  const int64_t nbytes = numel * static_cast<int64_t>(sizeof(scalar_t));
-  const bool stream_a = stream_stores(grad_a, nbytes), stream_b = stream_stores(grad_b, nbytes);
+  const bool stream_a = stream_stores(grad_a, numel), stream_b = stream_stores(grad_b, numel);
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
     const scalar_t* gs = grad_out + begin;
     const scalar_t* bs = b + begin;
