@@ -281,7 +281,8 @@ def _weight_grad_kernel(grad_ptr, codes_ptr, stats_ptr, out_ptr, rows, out_featu
                         SWIZZLE: tl.constexpr):
     """One [BLOCK_OUT, BLOCK_COLS] tile of grad_out^T @ x_hat, over rows in BLOCK_ROWS steps: each
     step loads a grad_out^T tile and the codes of an x_hat tile, dequantizes them in registers and
-    accumulates tl.dot in float32 (float64 for float64)."""
+    accumulates tl.dot in float32; float64 accumulates outer products of single rows instead
+    (BLOCK_ROWS == 1: triton 3.6 cannot lower a float64 tl.dot, which needs K >= 16)."""
     # Programs in SWIZZLE-row bands of output tiles, so neighbours share grad_out and codes in L2.
     pid = tl.program_id(0)
     band = pid // (SWIZZLE * tiles_cols)
@@ -329,7 +330,10 @@ def _weight_grad_kernel(grad_ptr, codes_ptr, stats_ptr, out_ptr, rows, out_featu
             x_hat = _round_to(x_hat, dtype).to(tl.float32)
         else:
             x_hat = x_hat.to(dtype)
-        if IEEE:
+        if dtype == tl.float64:
+            tl.static_assert(BLOCK_ROWS == 1)
+            acc += grad_t * x_hat  # [BLOCK_OUT, 1] * [1, BLOCK_COLS]
+        elif IEEE:
             acc = tl.dot(grad_t, x_hat, acc=acc, input_precision="ieee", out_dtype=acc_dtype)
         else:
             acc = tl.dot(grad_t, x_hat, acc=acc, out_dtype=acc_dtype)
@@ -498,12 +502,15 @@ def dequantize_groups(codes, stats, cols, bits, group_size, lo, step, dtype):
 
 def _gemm_blocks(dtype) -> dict:
     """Tile sizes of _weight_grad_kernel. Under the interpreter each tile costs a handful of numpy
-    calls whatever its size, so fewer, larger tiles are faster there."""
+    calls whatever its size, so fewer, larger tiles are faster there. float64 takes one row a step
+    (outer products, no tl.dot) on GPU and under the interpreter alike."""
+    if dtype == torch.float64:
+        return dict(BLOCK_OUT=32, BLOCK_COLS=64, BLOCK_ROWS=1, num_warps=4)
     if _interpreted():
         return dict(BLOCK_OUT=32, BLOCK_COLS=64, BLOCK_ROWS=32, num_warps=4)
     if dtype in (torch.float16, torch.bfloat16):
         return dict(BLOCK_OUT=128, BLOCK_COLS=128, BLOCK_ROWS=32, num_warps=8, num_stages=3)
-    # float32 "ieee" and float64 dots run on FMA units: smaller tiles.
+    # float32 "ieee" dots run on FMA units: smaller tiles.
     return dict(BLOCK_OUT=64, BLOCK_COLS=64, BLOCK_ROWS=16, num_warps=4, num_stages=2)
 
 
@@ -535,6 +542,6 @@ def weight_grad_from_codes(grad_out, codes, stats, cols, bits, group_size, lo, s
             triton.cdiv(cols, group_size),
             packed_nbytes(cols, bits), grad_out.stride(0), grad_out.stride(1), float(lo),
             float(step), BITS=bits, GROUP_SIZE=group_size, HAS_STATS=stats is not None,
-            IEEE=grad_out.dtype in (torch.float32, torch.float64) or upcast, DOT_FLOAT32=upcast,
+            IEEE=grad_out.dtype == torch.float32 or upcast, DOT_FLOAT32=upcast,
             SWIZZLE=8, **blocks)
     return grad_weight
