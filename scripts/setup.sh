@@ -19,3 +19,12 @@ fi
 $PY -c "import triton" 2>/dev/null || $PY -m pip install "triton==3.9.0"
 $PY -m pip install ninja numpy pytest scikit-learn matplotlib
 $PY -m pip install --no-build-isolation -e .
+
+# Triton 3.6 (the one torch 2.11 pairs with, on our GPU machines) in a venv over this torch, for
+# scripts/check_triton.py: each triton version lowers the kernels differently. Skipped with a GPU,
+# where the tests compile and run the kernels with the triton installed.
+if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; } \
+    && ! build/triton-3.6/bin/python -c "import triton" 2>/dev/null; then
+  $PY -m venv --system-site-packages build/triton-3.6
+  build/triton-3.6/bin/python -m pip install "triton==3.6.0"
+fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of memkernels: pytest (the Python API and the CPU and Triton kernels), the C++
-# tests through CMake and ctest, and an nvcc compile of every CUDA source for sm_80 and sm_90.
+# tests through CMake and ctest, an nvcc compile of every CUDA source for sm_80 and sm_90, and a
+# compile of every Triton kernel for sm_80 and sm_90 with this triton and with triton 3.6.
 # Expects scripts/setup.sh to have run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,4 +27,13 @@ if command -v nvcc >/dev/null 2>&1; then
   bash scripts/check_nvcc.sh
 else
   echo "nvcc not found: CUDA sources not compiled (CI machines have it)"
+fi
+
+# The tests run the Triton kernels under the interpreter, which never lowers them: compile each
+# one for the GPU too, with the triton installed and with 3.6 (sm_90 only: our H100s) if set up.
+$PY scripts/check_triton.py
+if [ -x build/triton-3.6/bin/python ]; then
+  build/triton-3.6/bin/python scripts/check_triton.py --archs 90
+else
+  echo "build/triton-3.6 not set up (scripts/setup.sh makes it on machines without a GPU): Triton 3.6 compile skipped"
 fi

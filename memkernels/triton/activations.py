@@ -274,6 +274,11 @@ def _interpreted() -> bool:
     return not isinstance(_forward_kernel, triton.runtime.JITFunction)
 
 
+def _runs_on(device: torch.device) -> bool:
+    """Whether these kernels take tensors on `device`: CUDA, or the CPU under the interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and _interpreted())
+
+
 def _check(bits, *, exact_ok=True, values=(), activation=None, gate=False, uint8=(), packed=None,
            numel=None, tables=()):
     """Validate an op's arguments; raise TypeError/ValueError naming the argument at fault.
@@ -324,7 +329,7 @@ def _check(bits, *, exact_ok=True, values=(), activation=None, gate=False, uint8
     for name, t in named:
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
-    if first.device.type != "cuda" and not (first.device.type == "cpu" and _interpreted()):
+    if not _runs_on(first.device):
         raise ValueError(f"{first_name} must be a CUDA tensor (CPU tensors run these Triton "
                          f"kernels only under TRITON_INTERPRET=1), got {first.device}")
 
