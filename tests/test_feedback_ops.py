@@ -150,6 +150,11 @@ def test_bad_arguments_are_named(args, message):
         tk.feedback_project(*args)
 
 
+def test_triton_kernel_takes_cuda_tensors_only():
+    with pytest.raises(ValueError, match="e must be a CUDA tensor"):
+        tk.feedback_project(torch.ones(2, 3, device="meta"), 0, 0, 4, 1.0, None)
+
+
 def test_opcheck(device):
     e = torch.randn(7, 10, device=device)
     for args in [(e, 0, 1, 33, 0.5, None), (e, 3, 2, 33, 0.1, torch.randn(7, 33, device=device)),

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from memkernels.reference import check_feedback_key
+from memkernels.triton.activations import _runs_on
 
 BLOCK_N = 64
 BLOCK_M = 64
@@ -69,6 +70,9 @@ def feedback_project(e: torch.Tensor, seed: int, layer: int, out_features: int, 
         raise ValueError(f"e must be 2-D (batch, K), got shape {tuple(e.shape)}")
     if e.dtype not in _DTYPES:
         raise TypeError(f"e must be float16, bfloat16 or float32 for the Triton kernel, got {e.dtype}")
+    if not _runs_on(e.device):
+        raise ValueError(f"e must be a CUDA tensor (CPU tensors run this Triton kernel only under "
+                         f"TRITON_INTERPRET=1), got {e.device}")
     check_feedback_key(seed, layer)
     if out_features < 0:
         raise ValueError(f"out_features must be >= 0, got {out_features}")
