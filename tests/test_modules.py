@@ -81,6 +81,30 @@ def test_convert_skips_subclasses_and_matches_transformers_names():
     assert isinstance(model[1], mk.nn.GELU) and model[1].approximate == "tanh" and model[1].bits == 2
 
 
+# transformers' ACT2FN names whose module computes exactly one of our activations.
+TRANSFORMERS_SWAPPED = ("gelu", "gelu_python", "gelu_new", "gelu_fast", "gelu_pytorch_tanh",
+                        "gelu_python_tanh", "silu", "swish", "mish", "relu", "leaky_relu",
+                        "sigmoid", "tanh", "hardswish")
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS_SWAPPED)
+def test_convert_swaps_transformers_activations(name):
+    """The real transformers classes (their names change between versions): each is swapped and
+    the model's values and gradients stay the same."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.activations import ACT2FN
+    if name not in ACT2FN:
+        pytest.skip(f"transformers {transformers.__version__} has no {name!r}")
+    theirs = ACT2FN[name]
+    model, report = mk.convert(nn.Sequential(ACT2FN[name]), return_report=True)
+    assert len(report.swapped) == 1, report
+    x = torch.linspace(-8, 8, 1001, dtype=torch.float64, requires_grad=True)
+    want, = torch.autograd.grad(theirs(x).sum(), x)
+    got, = torch.autograd.grad(model(x).sum(), x)
+    torch.testing.assert_close(model(x), theirs(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("bits", [None, 3])
 def test_training_step_converted_model(bits):
     torch.manual_seed(0)
