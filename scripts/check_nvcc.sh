@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Compile every CUDA source of memkernels without a GPU: csrc/cuda/*.cu with nvcc -c for sm_80 and
-# sm_90, and csrc/cuda/*.cpp (their Python bindings) with the host compiler, against the installed
-# torch's headers. Exits non-zero if any compile fails. Works with a CPU-only torch, which ships
-# the c10/cuda and ATen/cuda headers but not the generated c10/cuda/impl/cuda_cmake_macros.h.
+# sm_90 with the flags setup.py's build gives them (torch's COMMON_NVCC_FLAGS), and csrc/cuda/*.cpp
+# (their Python bindings) with the host compiler, against the installed torch's headers. Exits
+# non-zero if any compile fails, or if the PTX holds approximate math that the tests' tolerances
+# and exact codes do not allow (what --use_fast_math brings: tanh.approx, division approximations,
+# comparisons that flush subnormals). Works with a CPU-only torch, which ships the c10/cuda and
+# ATen/cuda headers but not the generated c10/cuda/impl/cuda_cmake_macros.h.
 #
 #   scripts/check_nvcc.sh
 #   NVCC=... CXX=... PYTHON=... STD=c++20 scripts/check_nvcc.sh   # other tools or standard
@@ -29,9 +32,13 @@ if [[ ! -f "${TORCH_INCLUDES[0]}/c10/cuda/impl/cuda_cmake_macros.h" ]]; then
   DEFINES+=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE)  # CPU-only torch: the header is not shipped
 fi
 
-NVCC_FLAGS=(-c -std="$STD" -O3 --use_fast_math
+mapfile -t TORCH_NVCC_FLAGS < <("$PYTHON" -c '
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+print("\n".join(COMMON_NVCC_FLAGS))')
+NVCC_FLAGS=(-c -std="$STD" -O3 "${TORCH_NVCC_FLAGS[@]}"
             -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
             -Xcompiler -fPIC "${DEFINES[@]}" "${INCLUDES[@]}")
+APPROXIMATE='tanh\.approx\.f32|div\.(approx|full)\.f32|setp\.[a-z]+\.ftz\.f32'
 CXX_FLAGS=(-c -std="$STD" -O1 -fPIC "${DEFINES[@]}" "${INCLUDES[@]}")
 
 # One background job a source: nvcc and the host compiler overlap on 2 cores.
@@ -40,7 +47,9 @@ names=()
 shopt -s nullglob
 for src in "$ROOT"/csrc/cuda/*.cu; do
   name="$(basename "$src")"
-  "$NVCC" "${NVCC_FLAGS[@]}" "$src" -o "$OUT/$name.o" >"$OUT/$name.log" 2>&1 &
+  mkdir -p "$OUT/$name.keep"  # -keep leaves the PTX of this compile there
+  "$NVCC" "${NVCC_FLAGS[@]}" -keep -keep-dir "$OUT/$name.keep" "$src" -o "$OUT/$name.o" \
+    >"$OUT/$name.log" 2>&1 &
   pids+=($!)
   names+=("$name")
 done
@@ -58,6 +67,18 @@ fi
 status=0
 for i in "${!pids[@]}"; do
   if wait "${pids[$i]}"; then
+    ptx=("$OUT/${names[$i]}.keep"/*.ptx)
+    approximate=$(cat "${ptx[@]}" /dev/null | grep -oE "$APPROXIMATE" | sort | uniq -c || true)
+    if [[ ${names[$i]} == *.cu && ${#ptx[@]} -eq 0 ]]; then
+      status=1
+      echo "FAILED ${names[$i]}: nvcc -keep left no PTX to check"
+      continue
+    elif [[ -n "$approximate" ]]; then
+      status=1
+      echo "FAILED ${names[$i]}: approximate math in its PTX:"
+      echo "$approximate"
+      continue
+    fi
     echo "ok     ${names[$i]}"
   else
     status=1
