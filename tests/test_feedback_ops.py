@@ -88,6 +88,18 @@ def test_b_does_not_depend_on_the_batch_or_the_tiling(device):
                            ops.feedback_project(torch.eye(70), 5, 2, 130, 0.1))
 
 
+def test_more_row_tiles_than_a_grid_axis_of_65535(device):
+    """The GPU kernels take their 64 x 64 tiles from one flat grid axis."""
+    if device != "cuda":
+        pytest.skip("a CUDA grid limit; the CPU kernel has none, and the interpreter would take minutes")
+    n = 64 * 65535 + 70
+    e = torch.randn(n, 3, device=device)
+    expected = e.double() @ ref.feedback_matrix(7, 1, 3, 5, 0.5, device).double()
+    for name, project in kernels(device):
+        torch.testing.assert_close(project(e, 7, 1, 5, 0.5, None).double(), expected, atol=1e-5,
+                                   rtol=1e-5, msg=name)
+
+
 # ---- the projection ----
 
 

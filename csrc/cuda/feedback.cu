@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <limits>
 #include <cstdint>
 
 #include "cuda/kernels.h"
@@ -35,8 +36,11 @@ __global__ void feedback_project_kernel(const T* __restrict__ e, const T* __rest
   __shared__ float e_tile[kTile][kDepth + 1];  // +1: threads of a warp read one column of it
   __shared__ float b_tile[kDepth][kTile];
   const int tid = threadIdx.x;
-  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  // One flat grid axis (a y axis holds at most 65535 row tiles), column tiles fastest: the blocks
+  // running together share rows of e in L2.
+  const int64_t col_tiles = (m + kTile - 1) / kTile;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) % col_tiles * kTile;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) / col_tiles * kTile;
   const int ty = tid / 16, tx = tid % 16;
   float acc[kMicro][kMicro] = {};
 
@@ -111,11 +115,13 @@ at::Tensor feedback_project(const at::Tensor& e, int64_t seed, int64_t layer, in
   if (out.numel() == 0) {
     return out;
   }
-  TORCH_CHECK((n + kTile - 1) / kTile <= 65535, "e has too many rows for the CUDA kernel's grid: ", n);
+  const int64_t tiles = ((out_features + kTile - 1) / kTile) * ((n + kTile - 1) / kTile);
+  TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(), "out has too many 64 x 64 tiles for a CUDA grid: ",
+              tiles, " for (", n, ", ", out_features, ")");
   const float step = std::ldexp(static_cast<float>(scale), -31);
   const c10::cuda::CUDAGuard guard(e.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>((out_features + kTile - 1) / kTile), static_cast<unsigned>((n + kTile - 1) / kTile));
+  const dim3 grid(static_cast<unsigned>(tiles));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "feedback_project", [&] {
     feedback_project_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         e.const_data_ptr<scalar_t>(), derivative.defined() ? derivative.const_data_ptr<scalar_t>() : nullptr,

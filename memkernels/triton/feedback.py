@@ -39,8 +39,12 @@ def _add_slice_product(acc, word, step, e_ptr, rows, row_mask, k_index, k, e_str
 def _feedback_project_kernel(e_ptr, d_ptr, out_ptr, n, k, m, e_stride_row, e_stride_col, key, step,
                              HAS_DERIVATIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_QUADS: tl.constexpr):
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # One flat grid axis (axis 1 holds at most 65535 row tiles), column tiles fastest: the programs
+    # running together share rows of e in L2.
+    tile = tl.program_id(0).to(tl.int64)
+    col_tiles = tl.cdiv(m, BLOCK_M)
+    cols = tile % col_tiles * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tile // col_tiles * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for q0 in range(0, tl.cdiv(k, 4), BLOCK_QUADS):
@@ -85,7 +89,7 @@ def feedback_project(e: torch.Tensor, seed: int, layer: int, out_features: int, 
     out = torch.empty((n, out_features), dtype=e.dtype, device=e.device)
     if out.numel() == 0:
         return out
-    grid = (triton.cdiv(out_features, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    grid = (triton.cdiv(out_features, BLOCK_M) * triton.cdiv(n, BLOCK_N),)
     _feedback_project_kernel[grid](
         e, derivative if derivative is not None else out, out, n, k, out_features, e.stride(0), e.stride(1),
         (layer << 32) | seed, feedback_step(scale), HAS_DERIVATIVE=derivative is not None,
