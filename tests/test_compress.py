@@ -92,6 +92,7 @@ def test_seed_decides_codes():
 def test_auxiliary_sign_forward_matches_reference(shape, dtype, device):
     x = awkward(*shape, dtype, device)
     x[..., :1] = 0.0  # sign(0): the bit is 0 (s = -1, or 0 when nonnegative)
+    x[..., 1:2] = torch.finfo(dtype).tiny / 4  # subnormal, > 0: bit 1 (unless flushed to zero)
     for nonnegative in (False, True):
         x_aux, signs = ops.auxiliary_sign_forward(x, 0.05, nonnegative)
         want_aux, want_signs = R.auxiliary_sign_forward(x.cpu(), 0.05, nonnegative)
