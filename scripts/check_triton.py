@@ -13,8 +13,9 @@ the launch, then each is compiled to a cubin for every target. Nothing runs; out
     python scripts/check_triton.py            # every kernel, sm_80 and sm_90, all cores
     python scripts/check_triton.py --archs 90 --jobs 1
 
-Exits 1 if any kernel fails to compile, naming it and its specialization, or if a kernel (a JIT
-function named *_kernel in memkernels.triton) is never launched here.
+Exits 1 if any kernel fails to compile, naming it and its specialization, if its PTX holds
+approximate math the tests do not allow (APPROXIMATE), or if a kernel (a JIT function named
+*_kernel in memkernels.triton) is never launched here.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import importlib
 import multiprocessing
 import os
 import pkgutil
+import re
 import sys
 import time
 import traceback
@@ -40,6 +42,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from memkernels.activations.spec import GATES, VALID_BITS, Activation  # noqa: E402
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# PTX the tests' tolerances and exact codes do not allow: tanh with a relative error of ~5e-4, and
+# comparisons that flush subnormals to zero (tl.exp's ex2.approx and `/`'s div.full are within
+# the float32 tolerances, and the codes come from comparisons alone).
+APPROXIMATE = r"\b(?:tanh\.approx\.f32|setp\.[a-z]+\.ftz\.f32)"
 OPTION_KEYS = ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion", "launch_cooperative_grid",
                "extern_libs")
 
@@ -141,8 +147,11 @@ def compile_one(job: tuple[int, int]) -> tuple[str, int, str | None]:
     fn, info = RECORDED[index]
     try:
         source = ASTSource(fn, info["signature"], info["constants"], info["configs"][0])
-        triton.compile(source, target=GPUTarget("cuda", arch, 32), options={k: info[k] for k in OPTION_KEYS})
-        return describe(fn, info), arch, None
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                options={k: info[k] for k in OPTION_KEYS})
+        approximate = sorted(set(re.findall(APPROXIMATE, kernel.asm["ptx"])))
+        error = f"approximate math in the PTX: {', '.join(approximate)}\n" if approximate else None
+        return describe(fn, info), arch, error
     except Exception as error:  # every failure is listed with its kernel, not just the first
         causes = [error] + ([error.__cause__] if error.__cause__ else [])
         return describe(fn, info), arch, "".join(
