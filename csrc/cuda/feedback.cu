@@ -14,8 +14,8 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
-#include <limits>
 #include <cstdint>
+#include <limits>
 
 #include "cuda/kernels.h"
 #include "philox.h"
