@@ -41,7 +41,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from memkernels.activations.spec import GATES, VALID_BITS, Activation  # noqa: E402
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # PTX the tests' tolerances and exact codes do not allow: tanh with a relative error of ~5e-4, and
 # comparisons that flush subnormals to zero (tl.exp's ex2.approx and `/`'s div.full are within
 # the float32 tolerances, and the codes come from comparisons alone).
@@ -85,24 +84,24 @@ def launch_every_kernel() -> None:
     from memkernels.triton import feedback as tf
 
     numel = 4096  # a multiple of 16, as most sizes are: triton then specializes on alignment
-    for dtype in FLOAT_DTYPES:
+    for dtype in ta._FLOAT_DTYPES:
         x = torch.randn(numel, dtype=dtype)
         for bits in (0, *VALID_BITS):
             borders = torch.randn((1 << bits) - 1).sort().values if bits else None
             levels = torch.randn(1 << bits) if bits else None
             activations = tuple(Activation) if bits in (0, 3) else (Activation.GELU,)
             for activation in activations:
-                y, saved = ta.activation_forward(x, int(activation), 0.5, 20.0, bits, borders)
+                _, saved = ta.activation_forward(x, int(activation), 0.5, 20.0, bits, borders)
             ta.activation_backward(x, saved, bits, levels)
             for activation in GATES:
-                y, saved = ta.gated_forward(x, x, int(activation), bits, borders)
+                _, saved = ta.gated_forward(x, x, int(activation), bits, borders)
                 ta.gated_backward(x, x if bits == 0 else saved, x, int(activation), bits, levels, levels)
     for bits in VALID_BITS:
         codes = torch.randint(0, 1 << bits, (numel,), dtype=torch.uint8)
         ta.unpack_bits(ta.pack_bits(codes, bits), bits, numel)
 
     rows, cols = 48, 264  # cols: 8-column groups, not a multiple of the group size
-    for dtype in FLOAT_DTYPES:
+    for dtype in ta._FLOAT_DTYPES:
         x = torch.randn(rows, cols, dtype=dtype)
         for layout in (x, x.t().contiguous().t()):  # unit column stride, and strided columns
             for nonnegative in (False, True):
@@ -114,7 +113,7 @@ def launch_every_kernel() -> None:
                 for group_stats in (stats, None):
                     tc.dequantize_groups(codes, group_stats, cols, bits, group_size, -1.0, 2.0, dtype)
                     tc.weight_grad_from_codes(grad_out, codes, group_stats, cols, bits, group_size, -1.0, 2.0)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in tf._DTYPES:
         e = torch.randn(64, 80, dtype=dtype)
         for derivative in (None, torch.randn(64, 96, dtype=dtype)):
             tf.feedback_project(e, 0, 1, 96, 0.5, derivative)

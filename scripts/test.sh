@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of memkernels: pytest (the Python API and the CPU and Triton kernels), the C++
 # tests through CMake and ctest, an nvcc compile of every CUDA source for sm_80 and sm_90, and a
-# compile of every Triton kernel for sm_80 and sm_90 with this triton and with triton 3.6.
+# compile of every Triton kernel for sm_80 and sm_90 with this triton (for sm_90 with 3.6 too).
 # Expects scripts/setup.sh to have run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
