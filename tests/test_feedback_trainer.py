@@ -51,11 +51,14 @@ def test_fa_linear_sends_grad_out_times_b_to_its_input(device):
     assert mk.profile.saved_bytes(layer, x) == x.numel() * 4  # x, not W
 
 
-@pytest.mark.parametrize("stride, padding, groups", [(1, 1, 1), (2, 0, 2), (1, "valid", 1)])
-def test_fa_conv2d_sends_the_transposed_convolution_with_b_to_its_input(device, stride, padding, groups):
+@pytest.mark.parametrize("stride, padding, groups, padding_mode", [
+    (1, 1, 1, "zeros"), (2, 0, 2, "zeros"), (1, "valid", 1, "zeros"), (1, "same", 1, "zeros"), (1, 2, 1, "reflect"),
+    (2, 1, 2, "circular"), (1, "same", 1, "replicate")])
+def test_fa_conv2d_sends_the_transposed_convolution_with_b_to_its_input(device, stride, padding, groups, padding_mode):
     torch.manual_seed(0)
-    layer = mk.nn.FAConv2d(4, 6, 3, stride=stride, padding=padding, groups=groups, seed=1, layer=5).to(device)
-    plain = nn.Conv2d(4, 6, 3, stride=stride, padding=padding, groups=groups).to(device)
+    args = dict(stride=stride, padding=padding, groups=groups, padding_mode=padding_mode)
+    layer = mk.nn.FAConv2d(4, 6, (3, 4), seed=1, layer=5, **args).to(device)  # even width: 'same' pads unevenly
+    plain = nn.Conv2d(4, 6, (3, 4), **args).to(device)
     plain.load_state_dict(layer.state_dict())
     x = torch.randn(2, 4, 9, 9, device=device, requires_grad=True)
     x_plain = x.detach().clone().requires_grad_()
@@ -64,22 +67,59 @@ def test_fa_conv2d_sends_the_transposed_convolution_with_b_to_its_input(device, 
     g = torch.randn_like(y)
     y.backward(g)
     plain(x_plain).backward(g)
-    fan_in = 4 // groups * 9
-    b = ref.feedback_matrix(1, 5, 6, fan_in, 1 / fan_in**0.5, device).view(layer.weight.shape)
-    expected = torch.nn.grad.conv2d_input(x.shape, b, g, layer.stride, layer.padding if padding != "valid" else 0,
-                                          layer.dilation, groups)
+    # The input gradient of a convolution with weight B is the transposed convolution with B.
+    fan_in = 4 // groups * 12
+    with torch.no_grad():
+        plain.weight.copy_(ref.feedback_matrix(1, 5, 6, fan_in, 1 / fan_in**0.5, device).view(layer.weight.shape))
+    (expected,) = torch.autograd.grad(plain(x), x, g)
     torch.testing.assert_close(x.grad, expected)
     torch.testing.assert_close(layer.weight.grad, plain.weight.grad)
     torch.testing.assert_close(layer.bias.grad, plain.bias.grad)
 
 
+def test_fa_conv2d_takes_an_unbatched_input():
+    torch.manual_seed(0)
+    layer = mk.nn.FAConv2d(2, 3, 3, padding=1, padding_mode="reflect")
+    x = torch.randn(2, 5, 5, requires_grad=True)
+    batched = x.detach()[None].requires_grad_()
+    layer(x).square().sum().backward()
+    grads = x.grad, layer.weight.grad, layer.bias.grad
+    layer.zero_grad()
+    layer(batched).square().sum().backward()
+    for got, expected in zip(grads, (batched.grad[0], layer.weight.grad, layer.bias.grad)):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: mk.nn.FALinear(5, 3), (4, 5)),
+                                         (lambda: mk.nn.FAConv2d(2, 3, 3), (2, 2, 6, 6))], ids=["linear", "conv2d"])
+def test_fa_layers_under_autocast_as_torchs(make, shape):
+    """Forward under autocast, backward after it (the usual loop): dtypes and weight gradients as
+    torch's layer gives them (the weight gradient of FA is exact)."""
+    torch.manual_seed(0)
+    layer = make()
+    plain = (nn.Linear(5, 3) if isinstance(layer, nn.Linear) else nn.Conv2d(2, 3, 3))
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(shape, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_plain = layer(x), plain(x_plain)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_plain)
+    y.float().sum().backward()
+    y_plain.float().sum().backward()
+    assert x.grad.dtype == layer.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(layer.weight.grad, plain.weight.grad)
+
+
 def test_fa_layers_reject_what_they_do_not_support():
     with pytest.raises(NotImplementedError, match="padding"):
-        mk.nn.FAConv2d(2, 2, 3, padding="same")
-    with pytest.raises(NotImplementedError, match="padding_mode"):
-        mk.nn.FAConv2d(2, 2, 3, padding_mode="reflect")
+        mk.feedback.fa_conv2d(torch.ones(1, 2, 3, 3), torch.ones(2, 2, 3, 3), None, 0, 0, padding="same")
     with pytest.raises(ValueError, match="layer"):
         mk.nn.FALinear(2, 2, layer=-1)
+    with pytest.raises(TypeError, match="seed"):
+        mk.nn.FALinear(2, 2, seed=1.5)
+    with pytest.raises(TypeError, match="layer"):
+        mk.nn.FAConv2d(2, 2, 3, layer="1")
 
 
 # ---- blocks ----

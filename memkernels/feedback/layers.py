@@ -9,6 +9,7 @@ of W, so B is distributed as W was at initialisation.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,26 @@ from torch import nn
 
 from memkernels import ops
 from memkernels.reference import check_feedback_key
+
+
+def check_key(seed, layer) -> tuple[int, int]:
+    """(seed, layer) as ints: integers (numpy's too) in the ranges check_feedback_key sets."""
+    for name, value in (("seed", seed), ("layer", layer)):
+        if not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    check_feedback_key(int(seed), int(layer))
+    return int(seed), int(layer)
+
+
+def _autocast(*tensors):
+    """The tensors in autocast's dtype where autocast is on for their device, as F.linear and F.conv2d
+    cast theirs (float64 stays), so that backward, which may run outside autocast, meets one dtype."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def default_scale(weight: torch.Tensor) -> float:
@@ -81,8 +102,9 @@ def fa_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
               scale: float | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) whose backward sends grad_out @ B to x (B: (out, in), Philox).
     Keeps x for backward, as F.linear does, but not W."""
-    check_feedback_key(seed, layer)
-    return _FALinearFunction.apply(x, weight, bias, seed, layer, default_scale(weight) if scale is None else scale)
+    seed, layer = check_key(seed, layer)
+    scale = default_scale(weight) if scale is None else scale
+    return _FALinearFunction.apply(*_autocast(x, weight, bias), seed, layer, scale)
 
 
 def _conv_padding(padding) -> tuple[int, int]:
@@ -96,11 +118,24 @@ def _conv_padding(padding) -> tuple[int, int]:
 def fa_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seed: int, layer: int,
               scale: float | None = None, stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
     """F.conv2d whose backward sends the transposed convolution of grad_out with B (weight's shape,
-    regenerated in backward) to x. Padding: ints or 'valid'."""
-    check_feedback_key(seed, layer)
+    regenerated in backward) to x, (N, C, H, W) or unbatched (C, H, W). Padding: ints or 'valid'."""
+    seed, layer = check_key(seed, layer)
+    if x.dim() == 3:  # unbatched, as F.conv2d takes it; the backward's conv2d_input wants 4-D
+        return fa_conv2d(x[None], weight, bias, seed, layer, scale, stride, padding, dilation, groups)[0]
     pair = torch.nn.modules.utils._pair
-    return _FAConv2dFunction.apply(x, weight, bias, seed, layer, default_scale(weight) if scale is None else scale,
-                                   pair(stride), _conv_padding(padding), pair(dilation), groups)
+    scale = default_scale(weight) if scale is None else scale
+    return _FAConv2dFunction.apply(*_autocast(x, weight, bias), seed, layer, scale, pair(stride),
+                                   _conv_padding(padding), pair(dilation), groups)
+
+
+def fa_conv2d_forward(conv: nn.Conv2d, x: torch.Tensor, seed: int, layer: int, scale: float | None = None):
+    """conv's own forward with FA's backward: padding_mode and 'same' pad explicitly first, as
+    nn.Conv2d._conv_forward does ('same' may pad unevenly)."""
+    padding = conv.padding
+    if conv.padding_mode != "zeros" or isinstance(padding, str):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode), 0
+    return fa_conv2d(x, conv.weight, conv.bias, seed, layer, scale, conv.stride, padding, conv.dilation, conv.groups)
 
 
 class FALinear(nn.Linear):
@@ -113,8 +148,7 @@ class FALinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  seed: int = 0, layer: int = 0, scale: float | None = None):
         super().__init__(in_features, out_features, bias, device, dtype)
-        check_feedback_key(seed, layer)
-        self.seed, self.layer, self.scale = seed, layer, scale
+        (self.seed, self.layer), self.scale = check_key(seed, layer), scale
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return fa_linear(input, self.weight, self.bias, self.seed, self.layer, self.scale)
@@ -125,22 +159,17 @@ class FALinear(nn.Linear):
 
 class FAConv2d(nn.Conv2d):
     """nn.Conv2d trained by feedback alignment: backward sends conv_transpose(grad_out, B) to the
-    input, B of the weight's shape regenerated from (seed, layer). padding_mode 'zeros' only."""
+    input, B of the weight's shape regenerated from (seed, layer). Arguments as nn.Conv2d's."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  seed: int = 0, layer: int = 0, scale: float | None = None):
-        if padding_mode != "zeros":
-            raise NotImplementedError(f"FAConv2d supports padding_mode='zeros', got {padding_mode!r}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        _conv_padding(padding)  # reject 'same' now, not at the first call
-        check_feedback_key(seed, layer)
-        self.seed, self.layer, self.scale = seed, layer, scale
+        (self.seed, self.layer), self.scale = check_key(seed, layer), scale
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return fa_conv2d(input, self.weight, self.bias, self.seed, self.layer, self.scale, self.stride,
-                         self.padding, self.dilation, self.groups)
+        return fa_conv2d_forward(self, input, self.seed, self.layer, self.scale)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, seed={self.seed}, layer={self.layer}, scale={self.scale}"
