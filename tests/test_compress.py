@@ -2,6 +2,7 @@
 mk.nn.Linear / Conv2d against their own rules, torch's layers, and the bytes they keep."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -9,6 +10,7 @@ import torch.nn.functional as TF
 import memkernels as mk
 from memkernels import ops, reference as R
 from memkernels.activations.spec import packed_nbytes
+from memkernels.compress import MODES
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (3, 7), (5, 300), (2, 1023), (1, 4097), (0, 9), (9, 0)]
@@ -241,6 +243,53 @@ def test_linear_without_bias_and_frozen_parts(save):
     assert layer.weight.grad is not None
 
 
+@pytest.mark.parametrize("save", MODES)
+@pytest.mark.parametrize("make", [lambda save: mk.nn.Linear(64, 8, save=save, nonnegative=False),
+                                  lambda save: mk.nn.Conv2d(3, 4, 3, padding=1, save=save, nonnegative=False)])
+def test_frozen_weight_keeps_no_code(make, save):
+    # The codes serve only the weight gradient: a frozen weight keeps none, yet the forward (with
+    # asa's auxiliary term) and the input gradient are those of a trained one.
+    torch.manual_seed(0)
+    layer = make(save)
+    x = torch.randn(2, 64) if isinstance(layer, torch.nn.Linear) else torch.randn(2, 3, 6, 6)
+    y_trained, gx_trained, _, _, g = run_layer(layer, x)
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    assert mk.profile.saved_bytes(layer, x.detach().requires_grad_()) == 0
+    x_frozen = x.detach().requires_grad_()
+    torch.manual_seed(0)
+    y = layer(x_frozen)
+    y.backward(g)
+    assert torch.equal(y, y_trained) and torch.equal(x_frozen.grad, gx_trained)
+
+
+@pytest.mark.parametrize("save", MODES)
+def test_no_grad_draws_no_random_numbers(save):
+    # In eval under no_grad a coded layer, like torch.nn.Linear, leaves the random stream alone.
+    layer = mk.nn.Linear(8, 8, save=save)
+    torch.manual_seed(0)
+    want = torch.rand(4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer(torch.ones(2, 8))
+    assert torch.equal(torch.rand(4), want)
+
+
+@pytest.mark.parametrize("save", MODES)
+def test_empty_batch_and_zero_features(save):
+    conv = mk.nn.Conv2d(3, 4, 3, padding=1, save=save)
+    x = torch.randn(0, 3, 8, 8, requires_grad=True)
+    y = conv(x)
+    y.sum().backward()
+    assert y.shape == (0, 4, 8, 8) and x.grad.shape == x.shape and torch.equal(conv.weight.grad,
+                                                                                torch.zeros_like(conv.weight))
+    linear = mk.nn.Linear(0, 3, save=save)
+    x = torch.randn(4, 0, requires_grad=True)
+    y = linear(x)
+    y.sum().backward()
+    assert torch.equal(y, linear.bias.detach().expand(4, 3)) and x.grad.shape == (4, 0)
+
+
 @pytest.mark.parametrize("save", ["asa", "int8", "int4", "int2"])
 def test_linear_bytes_kept(save, device):
     rows, cols = 32, 1024
@@ -273,6 +322,16 @@ def test_linear_under_autocast(save, device):
         assert torch.equal(y, y_want)
     y.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("save", ["asa", "int4"])
+def test_autocast_leaves_float64_layers(save):
+    # As torch's autocast: float64 is not an eligible type, it stays float64.
+    torch_layer = torch.nn.Linear(8, 4, dtype=torch.float64)
+    layer = mk.nn.Linear.from_torch(torch_layer, save, nonnegative=False)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch_layer(x).dtype == layer(x).dtype == torch.float64
 
 
 @pytest.mark.parametrize("save", ["asa", "int2"])
@@ -308,8 +367,11 @@ def test_layer_argument_errors():
         mk.nn.Linear(4, 4, save="int3")
     with pytest.raises(ValueError, match="group_size must be a positive multiple of 8"):
         mk.nn.Linear(4, 4, save="int4", group_size=100)
-    with pytest.raises(ValueError, match="eps must be a positive number"):
-        mk.nn.Linear(4, 4, save="asa", eps=0)
+    for eps in (0, -0.1, float("inf"), float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+            mk.nn.Linear(4, 4, save="asa", eps=eps)
+    # numpy scalars are numbers too
+    assert mk.nn.Linear(4, 4, save="int4", eps=np.float32(0.1), group_size=np.int64(64)).group_size == 64
     layer = mk.nn.Linear(4, 4, save="int4")
     with pytest.raises(TypeError, match="input must be a floating-point tensor"):
         layer(torch.ones(2, 4, dtype=torch.int64))
@@ -357,6 +419,26 @@ def test_conv2d_against_its_rule(save, conv):
     want = torch.nn.grad.conv2d_weight(x_hat.view(padded.shape), torch_layer.weight.shape, g,
                                        torch_layer.stride, conv_padding, torch_layer.dilation, torch_layer.groups)
     torch.testing.assert_close(gw, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("save", ["asa", "int8"])
+def test_conv2d_same_padding_codes_no_padding(save):
+    # 'same' with an odd kernel is integer padding: the convolution pads, nothing padded is coded
+    # (nor given asa's auxiliary term); an even kernel codes only its one extra row and column.
+    odd = mk.nn.Conv2d(3, 4, 3, padding=2, dilation=2, save=save, nonnegative=False)
+    same = mk.nn.Conv2d(3, 4, 3, padding="same", dilation=2, save=save, nonnegative=False)
+    same.load_state_dict(odd.state_dict())
+    x = torch.randn(2, 3, 9, 10)
+    runs = [run_layer(layer, x, seed=1) for layer in (odd, same)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][:4], runs[1][:4]))
+    even = mk.nn.Conv2d(3, 4, (2, 4), padding="same", save=save, nonnegative=False)
+    y = even(x.requires_grad_())
+    torch_even = torch.nn.Conv2d(3, 4, (2, 4), padding="same")
+    assert y.shape == torch_even(x).shape
+    coded = 3 * 10 * 11  # C * (H + 1) * (W + 1)
+    kept = mk.profile.saved_bytes(even, x)
+    stats = 0 if save == "asa" else math.ceil(coded / 256) * 4  # a (min, scale) pair a group
+    assert kept == 2 * (packed_nbytes(coded, 1 if save == "asa" else 8) + stats)
 
 
 def test_conv2d_unbatched_and_bytes():

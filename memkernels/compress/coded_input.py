@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -38,22 +40,28 @@ def check_save(save, eps: float, nonnegative, group_size: int) -> None:
     """Raise ValueError / TypeError naming the bad argument of a compressed layer."""
     if save is not None and save not in MODES:
         raise ValueError(f"save must be None or one of {MODES}, got {save!r}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < eps < math.inf):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     if nonnegative not in (None, True, False):
         raise TypeError(f"nonnegative must be None (detect), True or False, got {nonnegative!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
+    if (isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size <= 0
+            or group_size % 8):
         raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
 
 
-def _encode(x: torch.Tensor, save: str, eps: float, nonnegative, group_size: int):
-    """(what forward computes with, codes, stats, _CodeFormat) for x [rows, cols]."""
+def _encode(x: torch.Tensor, save: str, eps: float, nonnegative, group_size: int, keep: bool):
+    """(what forward computes with, codes, stats, _CodeFormat) for x [rows, cols]; with keep False
+    (no weight gradient to come) only the first, the rest None."""
     if save == "asa":
         if nonnegative is None:  # one reduction; give nonnegative to skip it
             nonnegative = bool((x >= 0).all())
         x_aux, signs = ops.auxiliary_sign_forward(x, float(eps), nonnegative)
+        if not keep:
+            return x_aux, None, None, None
         lo, step = (0.0, 1.0) if nonnegative else (-1.0, 2.0)  # s(x) from the bit [x > 0]
         return x_aux, signs, None, _CodeFormat(x.shape[1], 1, group_size, lo, step)
+    if not keep:  # nor a draw from the generator: eval leaves the random stream as torch's Linear does
+        return x, None, None, None
     bits = _INT_BITS[save]
     seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64)  # torch's default CPU generator
     codes, stats = ops.quantize_groups(x, bits, group_size, seed)
@@ -73,21 +81,28 @@ def _check_layer_inputs(input: torch.Tensor, weight: torch.Tensor, bias) -> None
 
 
 def _under_autocast(input, weight, bias):
-    """torch's autocast rule for linear and conv2d (cast to the autocast dtype), then autocast off
-    so that the autograd function runs in that one dtype."""
+    """torch's autocast rule for linear and conv2d (floating tensors other than float64 cast to the
+    autocast dtype), then autocast off so that the autograd function runs in that one dtype."""
     device_type = input.device.type
     if not torch.is_autocast_enabled(device_type):
         return (input, weight, bias), contextlib.nullcontext()
     dtype = torch.get_autocast_dtype(device_type)
-    cast = [t if t is None or not t.is_floating_point() else t.to(dtype) for t in (input, weight, bias)]
+    cast = [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (input, weight, bias)]
     return tuple(cast), torch.autocast(device_type, enabled=False)
+
+
+def _keeps_codes(weight: torch.Tensor) -> bool:
+    """Whether a weight gradient may come: the codes serve nothing else, so a frozen weight (or no
+    grad mode) keeps none, as torch's linear keeps no input then."""
+    return torch.is_grad_enabled() and weight.requires_grad
 
 
 class _CodedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, save, eps, nonnegative, group_size):
-        x = input.reshape(-1, input.shape[-1])
-        x_forward, codes, stats, ctx.code_format = _encode(x, save, eps, nonnegative, group_size)
+    def forward(ctx, input, weight, bias, save, eps, nonnegative, group_size, keep):
+        x = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
+        x_forward, codes, stats, ctx.code_format = _encode(x, save, eps, nonnegative, group_size, keep)
         y = F.linear(x_forward, weight, bias)
         ctx.save_for_backward(weight, codes, stats)
         ctx.input_shape, ctx.has_bias = input.shape, bias is not None
@@ -104,16 +119,16 @@ class _CodedLinear(torch.autograd.Function):
             grad_weight = ctx.code_format.weight_grad(g, codes, stats).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0).to(weight.dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
 class _CodedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, dilation, groups, save, eps, nonnegative,
-                group_size):
+                group_size, keep):
         x = input.contiguous()
-        x_forward, codes, stats, ctx.code_format = _encode(x.reshape(x.shape[0], -1), save, eps, nonnegative,
-                                                           group_size)
+        x_forward, codes, stats, ctx.code_format = _encode(x.reshape(x.shape[0], math.prod(x.shape[1:])), save,
+                                                           eps, nonnegative, group_size, keep)
         y = F.conv2d(x_forward.view(x.shape), weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(weight, codes, stats)
         ctx.conv = (input.shape, bias is not None, stride, padding, dilation, groups)
@@ -123,14 +138,18 @@ class _CodedConv2d(torch.autograd.Function):
     def backward(ctx, grad_y):
         weight, codes, stats = ctx.saved_tensors
         input_shape, has_bias, stride, padding, dilation, groups = ctx.conv
-        # The input's values matter only for the weight gradient: dequantized whole, for the
-        # duration of this call (convolution_backward has no tile-wise form to hook into).
-        x_hat = ctx.code_format.dequantize(codes, stats, weight.dtype)
         needs = ctx.needs_input_grad
+        # The input's values matter only for the weight gradient: dequantized whole, for the
+        # duration of this call (convolution_backward has no tile-wise form to hook into); without
+        # one, a stand-in of the input's shape, as torch.nn.grad.conv2d_input passes.
+        if needs[1]:
+            x_hat = ctx.code_format.dequantize(codes, stats, weight.dtype).view(input_shape)
+        else:
+            x_hat = grad_y.new_empty(1).expand(input_shape)
         grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad_y, x_hat.view(input_shape), weight, [weight.shape[0]] if has_bias else None, stride,
+            grad_y, x_hat, weight, [weight.shape[0]] if has_bias else None, stride,
             padding, dilation, False, [0, 0], groups, [needs[0], needs[1], has_bias and needs[2]])
-        return (grad_input, grad_weight, grad_bias) + (None,) * 8
+        return (grad_input, grad_weight, grad_bias) + (None,) * 9
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, save: str | None = None,
@@ -151,7 +170,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         raise ValueError(f"input must be (..., {weight.shape[-1]}) for weight {tuple(weight.shape)}, "
                          f"got {tuple(input.shape)}")
     with mode:
-        return _CodedLinear.apply(input, weight, bias, save, eps, nonnegative, group_size)
+        return _CodedLinear.apply(input, weight, bias, save, eps, nonnegative, group_size, _keeps_codes(weight))
 
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
@@ -173,5 +192,5 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     batched = input if input.dim() == 4 else input.unsqueeze(0)
     with mode:
         y = _CodedConv2d.apply(batched, weight, bias, pair(stride), pair(padding), pair(dilation), groups, save,
-                               eps, nonnegative, group_size)
+                               eps, nonnegative, group_size, _keeps_codes(weight))
     return y if input.dim() == 4 else y.squeeze(0)
