@@ -76,6 +76,48 @@ def _replacement(module: nn.Module, bits, layers: dict):
     return None
 
 
+def _skip_reason(module: nn.Module, layers: dict):
+    """Why a module that derives from a class convert swaps is left alone, or None."""
+    if type(module).__module__.startswith("memkernels."):
+        return None  # already ours
+    for torch_cls, (_, save) in layers.items():
+        if save is not None and isinstance(module, torch_cls):
+            return f"subclass of nn.{torch_cls.__name__}; its forward may differ"
+    if isinstance(module, tuple(TORCH_ACTIVATIONS)):
+        return "subclass of a torch activation; its forward may differ"
+    return None
+
+
+# The forward / backward hooks registered on a module, moved to its replacement with the dicts
+# themselves, so that the handles the user holds still remove them.
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _carry_module_state(old: nn.Module, new: nn.Module) -> nn.Module:
+    """new with old's train/eval mode and hooks (the parameters are carried by from_torch)."""
+    new.train(old.training)
+    for name in _HOOK_DICTS:
+        if name in vars(old):
+            setattr(new, name, getattr(old, name))
+    if vars(old).get("_is_full_backward_hook") is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook
+    return new
+
+
+def _patterns(name: str, patterns):
+    """include / exclude as a tuple (a str is one pattern); raises TypeError on other items."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, (str, type)):
+        return (patterns,)
+    patterns = tuple(patterns) if hasattr(patterns, "__iter__") else (patterns,)
+    if any(not isinstance(p, (str, type)) for p in patterns):
+        raise TypeError(f"{name} must be a name pattern (str), a module class, or an iterable of those, "
+                        f"got {patterns!r}")
+    return patterns
+
+
 def _matches(name: str, module: nn.Module, patterns) -> bool:
     for p in patterns:
         if isinstance(p, str) and fnmatch.fnmatchcase(name, p):
@@ -97,36 +139,49 @@ def convert(model: nn.Module, bits: int | None = None, include=None, exclude=Non
         linear, conv2d: None (leave those layers) or "asa", "int8", "int4", "int2" (see
             memkernels.compress). The new layers hold the same Parameter objects as the old ones.
         include: if given, only modules whose qualified name matches one of these fnmatch
-            patterns (str) or that are instances of one of these classes (type) are swapped.
+            patterns (str) or that are instances of one of these classes (type) are swapped; a
+            single pattern or class may be given alone. The model itself is named "".
         exclude: modules matching any of these (same forms) are left alone.
         return_report: also return a :class:`ConversionReport`.
 
-    Returns ``model`` (or ``(model, report)``). Exact types only: a subclass of nn.GELU may do
-    something else, so it is skipped and reported. The state_dict keys do not change: the
-    activations hold no parameters or buffers, and the layers keep theirs under the same names.
+    Returns ``model`` (or ``(model, report)``); when ``model`` itself is one of the modules swapped
+    (e.g. a bare nn.GELU), the return value is its replacement. Each replacement takes over its
+    module's train/eval mode and hooks; a module held in two places gets one replacement held in
+    both. Exact types only: a subclass of nn.GELU or nn.Linear may do something else, so it is
+    skipped and reported. The state_dict keys do not change: the activations hold no parameters or
+    buffers, and the layers keep theirs under the same names.
     """
     check_bits(bits)
     for name, save in (("linear", linear), ("conv2d", conv2d)):
         if save is not None and save not in MODES:
             raise ValueError(f"{name} must be None or one of {MODES}, got {save!r}")
     layers = {nn.Linear: (mknn.Linear, linear), nn.Conv2d: (mknn.Conv2d, conv2d)}
-    for name, p in (("include", include), ("exclude", exclude)):
-        if p is not None and any(not isinstance(x, (str, type)) for x in p):
-            raise TypeError(f"{name} must be an iterable of name patterns (str) or module classes")
+    include, exclude = _patterns("include", include), _patterns("exclude", exclude)
     report = ConversionReport()
+    swapped = {}  # id of a module -> its replacement, so a module used twice stays one module
+
+    def swap(name: str, module: nn.Module):
+        """The module to put in module's place (itself if it stays)."""
+        if id(module) in swapped:
+            return swapped[id(module)]
+        if (include is not None and not _matches(name, module, include)) or (
+                exclude is not None and _matches(name, module, exclude)):
+            return module
+        new = _replacement(module, bits, layers)
+        if new is None:
+            why = _skip_reason(module, layers)
+            if why is not None:
+                report.skipped.append((name, type(module).__name__, why))
+            return module
+        swapped[id(module)] = _carry_module_state(module, new)
+        report.swapped.append((name, type(module).__name__, repr(new)))
+        return new
+
     for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if include is not None and not _matches(name, child, include):
-                continue
-            if exclude is not None and _matches(name, child, exclude):
-                continue
-            new = _replacement(child, bits, layers)
-            if new is None:
-                if isinstance(child, tuple(TORCH_ACTIVATIONS)):
-                    report.skipped.append((name, type(child).__name__,
-                                           "subclass of a torch activation; its forward may differ"))
-                continue
-            setattr(parent, child_name, new)
-            report.swapped.append((name, type(child).__name__, repr(new)))
+        for child_name, child in list(parent._modules.items()):  # _modules: a child held twice too
+            if child is not None:
+                new = swap(f"{parent_name}.{child_name}" if parent_name else child_name, child)
+                if new is not child:
+                    setattr(parent, child_name, new)
+    model = swap("", model)
     return (model, report) if return_report else model

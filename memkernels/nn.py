@@ -56,6 +56,9 @@ class _InplaceActivation(_FusedActivation):
         super().__init__(bits)
         self.inplace = inplace
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, inplace=True" if self.inplace else super().extra_repr()
+
 
 class SiLU(_InplaceActivation):
     def forward(self, input):
@@ -227,7 +230,9 @@ class Linear(_CodedInput, nn.Linear):
 class Conv2d(_CodedInput, nn.Conv2d):
     """torch.nn.Conv2d that keeps ``save``'s code of its input for backward; arguments as
     torch.nn.Conv2d's plus those of :class:`Linear`. The input is coded as [N, C * H * W] after
-    any padding that is not plain zeros (padding_mode, 'same') has been applied to it."""
+    any padding other than the convolution's own zeros has been applied to it: padding_mode
+    reflect / replicate / circular, and the extra row and column of zeros of 'same' with an even
+    kernel."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
@@ -247,10 +252,17 @@ class Conv2d(_CodedInput, nn.Conv2d):
         if self.save is None:
             return super().forward(input)
         padding = self.padding
-        if self.padding_mode != "zeros" or isinstance(padding, str):
-            # As nn.Conv2d._conv_forward: pad explicitly ('same' may pad unevenly), then none.
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            input, padding = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode), 0
+        if self.padding_mode != "zeros":  # as nn.Conv2d._conv_forward: pad explicitly, then none
+            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, self.padding_mode)
+            padding = 0
+        elif isinstance(padding, str):
+            # 'same' / 'valid': the convolution pads each side by the smaller of its two amounts
+            # (zeros it never codes, as with integer padding); 'same' with an even kernel pads the
+            # right / bottom one more, explicitly.
+            left, right, top, bottom = self._reversed_padding_repeated_twice
+            if (right, bottom) != (left, top):
+                input = torch.nn.functional.pad(input, (0, right - left, 0, bottom - top))
+            padding = (top, left)
         return coded_input.conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
                                   **self._save_args())
 
