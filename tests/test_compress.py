@@ -441,6 +441,24 @@ def test_conv2d_same_padding_codes_no_padding(save):
     assert kept == 2 * (packed_nbytes(coded, 1 if save == "asa" else 8) + stats)
 
 
+@pytest.mark.parametrize("save", ["asa", "int4"])
+def test_conv2d_keeps_channels_last(save):
+    # Coded in memory order ([N, H * W * C]), so the output is channels_last as torch's is, and
+    # asa (deterministic) gives the contiguous input's results.
+    layer = mk.nn.Conv2d(3, 8, 3, padding=1, save=save, nonnegative=False)
+    x = torch.randn(2, 3, 6, 7)
+    nhwc = run_layer(layer, x.to(memory_format=torch.channels_last))
+    layer.weight.grad = layer.bias.grad = None
+    nchw = run_layer(layer, x)
+    assert nhwc[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc[0], nchw[0])
+    torch.testing.assert_close(nhwc[1], nchw[1])
+    if save == "asa":
+        torch.testing.assert_close(nhwc[2], nchw[2])
+    assert mk.profile.saved_bytes(layer, x.to(memory_format=torch.channels_last).requires_grad_()) == \
+        mk.profile.saved_bytes(layer, x.requires_grad_())
+
+
 def test_conv2d_unbatched_and_bytes():
     layer = mk.nn.Conv2d(3, 4, 3, save="int4", group_size=64)
     x = torch.randn(3, 8, 8, requires_grad=True)

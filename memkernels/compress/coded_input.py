@@ -122,30 +122,39 @@ class _CodedLinear(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
+def _as_nchw(x: torch.Tensor, from_nhwc: bool) -> torch.Tensor:
+    """x [N, C, H, W], or x [N, H, W, C] seen as [N, C, H, W] (channels_last) when from_nhwc."""
+    return x.permute(0, 3, 1, 2) if from_nhwc else x
+
+
 class _CodedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, dilation, groups, save, eps, nonnegative,
                 group_size, keep):
-        x = input.contiguous()
+        # Rows of the code in the input's memory order: a channels_last input is coded as
+        # [N, H * W * C] and the convolution sees (and returns) channels_last, as torch's does.
+        to_nhwc = not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
+        x = input.permute(0, 2, 3, 1) if to_nhwc else input.contiguous()
         x_forward, codes, stats, ctx.code_format = _encode(x.reshape(x.shape[0], math.prod(x.shape[1:])), save,
                                                            eps, nonnegative, group_size, keep)
-        y = F.conv2d(x_forward.view(x.shape), weight, bias, stride, padding, dilation, groups)
+        y = F.conv2d(_as_nchw(x_forward.view(x.shape), to_nhwc), weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(weight, codes, stats)
-        ctx.conv = (input.shape, bias is not None, stride, padding, dilation, groups)
+        ctx.conv = (x.shape, to_nhwc, bias is not None, stride, padding, dilation, groups)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         weight, codes, stats = ctx.saved_tensors
-        input_shape, has_bias, stride, padding, dilation, groups = ctx.conv
+        coded_shape, to_nhwc, has_bias, stride, padding, dilation, groups = ctx.conv
         needs = ctx.needs_input_grad
         # The input's values matter only for the weight gradient: dequantized whole, for the
         # duration of this call (convolution_backward has no tile-wise form to hook into); without
         # one, a stand-in of the input's shape, as torch.nn.grad.conv2d_input passes.
         if needs[1]:
-            x_hat = ctx.code_format.dequantize(codes, stats, weight.dtype).view(input_shape)
+            x_hat = ctx.code_format.dequantize(codes, stats, weight.dtype).view(coded_shape)
         else:
-            x_hat = grad_y.new_empty(1).expand(input_shape)
+            x_hat = grad_y.new_empty(1).expand(coded_shape)
+        x_hat = _as_nchw(x_hat, to_nhwc)
         grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_y, x_hat, weight, [weight.shape[0]] if has_bias else None, stride,
             padding, dilation, False, [0, 0], groups, [needs[0], needs[1], has_bias and needs[2]])
