@@ -136,12 +136,39 @@ def test_split_blocks_of_a_sequential_and_of_a_list():
     assert len(blocks) == 2 and [type(m) for m in blocks[0].post] == [nn.Tanh]
 
 
+class Chain(nn.Sequential):
+    """A subclass of nn.Sequential that keeps its forward."""
+
+
+def test_split_blocks_flattens_subclasses_of_sequential():
+    post = [nn.BatchNorm1d(3), nn.PReLU(), nn.GroupNorm(1, 3)]  # parameters a block may train
+    for model in (Chain(nn.Linear(4, 3), *post, nn.Linear(3, 2)), nn.Sequential(Chain(nn.Linear(4, 3), *post),
+                                                                             nn.Linear(3, 2))):
+        _, blocks = mk.feedback.split_blocks(model)
+        assert [(type(b.weight), [type(m) for m in b.post]) for b in blocks] == [
+            (nn.Linear, [nn.BatchNorm1d, nn.PReLU, nn.GroupNorm]), (nn.Linear, [])]
+    _, blocks = mk.feedback.split_blocks([Chain(nn.Linear(4, 3), nn.Tanh()), nn.Linear(3, 2)])
+    assert [type(m) for m in blocks[0].post] == [nn.Tanh]
+
+
+class Doubled(nn.Sequential):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
 @pytest.mark.parametrize("model, message", [
     (nn.Sequential(nn.ReLU()), "no Linear"),
     (nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)), "parameter-free"),
     (nn.Sequential(nn.Linear(4, 4), nn.TransformerEncoderLayer(4, 1)), "chain"),
     ([nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))], "one Linear"),
     ([nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Linear(4, 2))], "must start"),
+    ([], "empty"),
+    (nn.Sequential(Doubled(nn.Linear(4, 4), nn.Tanh()), nn.Linear(4, 2)), "Doubled .*own forward"),
+    # Weight layers other than Linear and Conv2d would be trained by backprop inside a block.
+    (nn.Sequential(nn.Linear(8, 16), nn.Unflatten(1, (4, 4)), nn.Conv1d(4, 4, 3), nn.Flatten(), nn.Linear(8, 2)),
+     "Conv1d has parameters"),
+    (nn.Sequential(nn.Linear(8, 4), nn.Unflatten(1, (1, 2, 2)), nn.ConvTranspose2d(1, 1, 1)), "ConvTranspose2d"),
+    ([nn.Sequential(nn.Linear(8, 4), nn.Embedding(3, 3))], "Embedding"),
 ])
 def test_split_blocks_names_what_is_wrong(model, message):
     with pytest.raises(ValueError, match=message):

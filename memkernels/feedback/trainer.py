@@ -70,11 +70,20 @@ class Block:
 
 
 def _chain(modules: Sequence[nn.Module]) -> list[nn.Module]:
-    """Nested nn.Sequential flattened into one list of layers."""
+    """Nested nn.Sequential (subclasses too) flattened into one list of layers."""
     out = []
     for m in modules:
-        out += _chain(list(m.children())) if type(m) is nn.Sequential else [m]
+        if isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward:
+            # Flattened, its own forward would be lost: the trainer would train another model.
+            raise ValueError(f"{type(m).__name__} subclasses nn.Sequential with its own forward; the trainer "
+                             "runs a chain of layers, so give it as a plain chain")
+        out += _chain(list(m.children())) if isinstance(m, nn.Sequential) else [m]
     return out
+
+
+# Layers with parameters that a block may hold after its weight layer: DFA trains them by the
+# gradient through the block's own layers, as MEM-DFA's blocks train a norm's affine parameters.
+POST_LAYERS_WITH_PARAMETERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.PReLU)
 
 
 def _check_weight_free(module: nn.Module, where: str) -> None:
@@ -82,6 +91,10 @@ def _check_weight_free(module: nn.Module, where: str) -> None:
         raise ValueError(f"{where}: {type(module).__name__} holds a Linear or Conv2d inside; a block is a "
                          "chain: one weight layer, then weight-free layers (give the model as nested "
                          "nn.Sequential or as a list of blocks)")
+    for m in module.modules():
+        if not isinstance(m, POST_LAYERS_WITH_PARAMETERS) and any(True for _ in m.parameters(recurse=False)):
+            raise ValueError(f"{where}: {type(m).__name__} has parameters but is not a Linear, Conv2d, norm "
+                             "or PReLU layer; its weights would be trained by backprop inside a block")
 
 
 def split_blocks(model: nn.Module | Sequence[nn.Module]) -> tuple[nn.Sequential, list[Block]]:
@@ -100,6 +113,8 @@ def split_blocks(model: nn.Module | Sequence[nn.Module]) -> tuple[nn.Sequential,
         where = "blocks"
     else:
         raise TypeError(f"model must be an nn.Sequential or a list of blocks, got {type(model).__name__}")
+    if not groups:
+        raise ValueError("blocks is empty")
     prefix, blocks = [], []
     for i, layers in enumerate(groups):
         starts = [j for j, m in enumerate(layers) if isinstance(m, WEIGHT_LAYERS)]
