@@ -184,6 +184,22 @@ def test_trainer_checks_its_arguments():
         mk.feedback.Trainer(nn.Linear(2, 2), rule="dfa", loss=F.cross_entropy, optimizer=opt)
     with pytest.raises(ValueError, match="seed"):
         mk.feedback.Trainer(model, rule="dfa", loss=F.cross_entropy, optimizer=opt, seed=-1)
+    with pytest.raises(TypeError, match="seed"):
+        mk.feedback.Trainer(model, rule="dfa", loss=F.cross_entropy, optimizer=opt, seed=0.5)
+    with pytest.raises(TypeError, match="optimizer"):
+        mk.feedback.Trainer(model, rule="dfa", loss=F.cross_entropy, optimizer=None)
+    with pytest.raises(TypeError, match="loss"):
+        mk.feedback.Trainer(model, rule="dfa", loss="cross_entropy", optimizer=opt)
+    with pytest.raises(ValueError, match="empty"):
+        mk.feedback.Trainer([], rule="dfa", loss=F.cross_entropy, optimizer=opt)
+
+
+def test_fa_rule_rejects_weight_layers_whose_forward_it_cannot_reproduce():
+    for layer in (mk.nn.Linear(4, 4, save="asa"), mk.nn.Conv2d(1, 1, 1)):
+        model = nn.Sequential(layer, nn.Flatten(), nn.Linear(4, 2))  # construction only: shapes unchecked
+        with pytest.raises(ValueError, match=f"block 0's memkernels.nn.{type(layer).__name__}"):
+            mk.feedback.Trainer(model, rule="fa", loss=F.cross_entropy, optimizer=torch.optim.SGD([layer.weight]))
+        mk.feedback.Trainer(model, rule="dfa", loss=F.cross_entropy, optimizer=torch.optim.SGD([layer.weight]))
 
 
 # ---- the rules ----
@@ -199,9 +215,9 @@ def one_step(model, rule, x, y, lr=1.0, seed=0, optimizer=torch.optim.SGD):
     return model, loss
 
 
-def grads_of_step(model, rule, x, y):
+def grads_of_step(model, rule, x, y, seed=0):
     """-(change of each parameter) after one SGD step of lr 1: the gradients the rule computed."""
-    updated, _ = one_step(model, rule, x, y)
+    updated, _ = one_step(model, rule, x, y, seed=seed)
     return [p0.detach() - p1.detach() for p0, p1 in zip(model.parameters(), updated.parameters())]
 
 
@@ -262,6 +278,26 @@ def test_bp_rule_is_backprop_and_fa_differs_from_it():
     fa = grads_of_step(model, "fa", x, y)
     torch.testing.assert_close(fa[-2:], bp[-2:])  # the output layer's own gradient is exact
     assert not torch.allclose(fa[0], bp[0])  # the first layer's comes through B
+
+
+def test_fa_rule_trains_the_models_own_forward():
+    """Padding modes and 'same' are kept; FALinear keeps its own seed and layer; the gradients are those
+    of the same model built of FA layers, each plain layer l with (the trainer's seed, l)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Tanh(),
+                          nn.Conv2d(2, 2, 2, padding="same", padding_mode="circular"), nn.ReLU(),
+                          nn.Conv2d(2, 2, 2, padding="same"), nn.Flatten(), mk.nn.FALinear(32, 3, seed=5, layer=9))
+    fa_model = nn.Sequential(
+        mk.nn.FAConv2d(1, 2, 3, padding=1, padding_mode="reflect", seed=7, layer=0), nn.Tanh(),
+        mk.nn.FAConv2d(2, 2, 2, padding="same", padding_mode="circular", seed=7, layer=1), nn.ReLU(),
+        mk.nn.FAConv2d(2, 2, 2, padding="same", seed=7, layer=2), nn.Flatten(), mk.nn.FALinear(32, 3, seed=5, layer=9))
+    fa_model.load_state_dict(model.state_dict())
+    x, y = torch.randn(4, 1, 4, 4), torch.randint(0, 3, (4,))
+    F.cross_entropy(fa_model(x), y).backward()
+    _, trained_loss = one_step(model, "fa", x, y, seed=7)
+    torch.testing.assert_close(trained_loss, F.cross_entropy(model(x), y).detach())
+    for g, p in zip(grads_of_step(model, "fa", x, y, seed=7), fa_model.parameters()):
+        torch.testing.assert_close(g, p.grad)
 
 
 @pytest.mark.parametrize("make", [lambda: mlp(3, dropout=0.3, act=nn.GELU), lambda: mlp(2, act=nn.ReLU), cnn],

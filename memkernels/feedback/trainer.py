@@ -34,8 +34,7 @@ from torch import nn
 
 from memkernels import ops
 from memkernels.activations.spec import Activation
-from memkernels.feedback.layers import fa_conv2d, fa_linear
-from memkernels.reference import check_feedback_key
+from memkernels.feedback.layers import FAConv2d, FALinear, check_key, fa_conv2d_forward, fa_linear
 
 RULES = ("bp", "fa", "dfa", "memdfa")
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
@@ -57,13 +56,14 @@ class Block:
     post: nn.Sequential
 
     def linear_part(self, x: torch.Tensor, rule: str, seed: int, layer: int) -> torch.Tensor:
-        """a = weight(x); under "fa" with B of (seed, layer) in its backward."""
+        """a = weight(x); under "fa" with B of (seed, layer) in its backward, except for FALinear and
+        FAConv2d, which keep their own seed and layer."""
         w = self.weight
-        if rule != "fa":
+        if rule != "fa" or isinstance(w, (FALinear, FAConv2d)):
             return w(x)
-        if isinstance(w, nn.Linear):
+        if type(w) is nn.Linear:
             return fa_linear(x, w.weight, w.bias, seed, layer)
-        return fa_conv2d(x, w.weight, w.bias, seed, layer, None, w.stride, w.padding, w.dilation, w.groups)
+        return fa_conv2d_forward(w, x, seed, layer)
 
     def parameters(self):
         return [*self.weight.parameters(), *self.post.parameters()]
@@ -165,8 +165,19 @@ class Trainer:
                  scale: float | None = None):
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        check_feedback_key(seed, 0)
+        seed = check_key(seed, 0)[0]
+        if not callable(loss):
+            raise TypeError(f"loss must be callable, got {type(loss).__name__}")
+        if not (callable(getattr(optimizer, "step", None)) and callable(getattr(optimizer, "zero_grad", None))):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.prefix, self.blocks = split_blocks(model)
+        if rule == "fa":
+            for i, block in enumerate(self.blocks):
+                if not isinstance(block.weight, (FALinear, FAConv2d)) and type(block.weight) not in WEIGHT_LAYERS:
+                    w = type(block.weight)
+                    raise ValueError(f"rule 'fa' cannot train block {i}'s {w.__module__}.{w.__qualname__}: it "
+                                     "takes nn.Linear, nn.Conv2d, FALinear and FAConv2d, whose forward it "
+                                     "reproduces with B in the backward")
         self.model = model if isinstance(model, nn.Module) else nn.ModuleList(model)
         self.rule, self.loss, self.optimizer, self.seed, self.scale = rule, loss, optimizer, seed, scale
 
