@@ -323,6 +323,25 @@ def test_memdfa_updates_equal_dfa(make, optimizer):
     assert changed == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("frozen", [0, 2, 4], ids=["first", "hidden", "last"])
+def test_dfa_and_memdfa_train_around_a_frozen_layer(frozen):
+    torch.manual_seed(0)
+    model = mlp(2)
+    model[frozen].requires_grad_(False)
+    x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
+    trained = {}
+    for rule in ("dfa", "memdfa"):
+        m = copy.deepcopy(model)
+        trainer = mk.feedback.Trainer(m, rule=rule, loss=F.cross_entropy,
+                                      optimizer=torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1))
+        trainer.step(x, y)
+        trained[rule] = m
+    for i, layer in enumerate(model):
+        for p, p_dfa, p_mem in zip(layer.parameters(), trained["dfa"][i].parameters(), trained["memdfa"][i].parameters()):
+            assert torch.equal(p_dfa, p) == (i == frozen)  # the others train, from e
+            torch.testing.assert_close(p_mem, p_dfa)
+
+
 def test_memdfa_keeps_memory_constant_in_depth():
     kept, peak = {}, {}
     for rule in ("bp", "dfa", "memdfa"):

@@ -65,6 +65,10 @@ class Block:
             return fa_linear(x, w.weight, w.bias, seed, layer)
         return fa_conv2d_forward(w, x, seed, layer)
 
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
+
     def parameters(self):
         return [*self.weight.parameters(), *self.post.parameters()]
 
@@ -256,7 +260,11 @@ class Trainer:
         needs: (h with its graph, None), or with `fused` where post is a lone activation, (a with its
         graph, f'(a)) from the activation op, with no graph through the activation. DFA does not
         fuse: holding a and f'(a) of every block until e is known would keep more than autograd
-        keeps through the activation (its output, which is the next block's saved input)."""
+        keeps through the activation (its output, which is the next block's saved input). pending is
+        None where the block has nothing to train."""
+        if not block.trainable:
+            with torch.no_grad():
+                return block.post(block.weight(x)), None
         a = block.weight(x)
         act = _fused_activation(block.post[0]) if fused and len(block.post) == 1 else None
         if act is None:
@@ -267,6 +275,8 @@ class Trainer:
 
     def _block_backward(self, layer: int, pending, e: torch.Tensor) -> None:
         """Gradients of hidden block `layer` from dL/dh := e B_l."""
+        if pending is None:
+            return
         root, derivative = pending
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(max(1, e.shape[1]))
         if derivative is not None:  # fused: delta = (e B) * f'(a) in one kernel
@@ -279,9 +289,9 @@ class Trainer:
         with torch.set_grad_enabled(update):
             a = block.weight(x)
         with torch.enable_grad():
-            if update:
+            if a.requires_grad:
                 a.retain_grad()
-            else:
+            else:  # pass 1, or a frozen weight layer: e is needed all the same
                 a.requires_grad_()
             loss = self.loss(block.post(a), y)
             if update:
