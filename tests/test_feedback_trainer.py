@@ -300,8 +300,14 @@ def test_fa_rule_trains_the_models_own_forward():
         torch.testing.assert_close(g, p.grad)
 
 
-@pytest.mark.parametrize("make", [lambda: mlp(3, dropout=0.3, act=nn.GELU), lambda: mlp(2, act=nn.ReLU), cnn],
-                         ids=["mlp-dropout-gelu", "mlp-relu", "cnn-dropout"])
+def mlp_batchnorm():
+    """No bias before a BatchNorm: its gradient would be 0, and the test checks that every parameter moves."""
+    return nn.Sequential(nn.Linear(12, 16, bias=False), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 16, bias=False),
+                         nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5))
+
+
+@pytest.mark.parametrize("make", [lambda: mlp(3, dropout=0.3, act=nn.GELU), lambda: mlp(2, act=nn.ReLU), cnn,
+                                  mlp_batchnorm], ids=["mlp-dropout-gelu", "mlp-relu", "cnn-dropout", "mlp-batchnorm"])
 @pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
 def test_memdfa_updates_equal_dfa(make, optimizer):
     torch.manual_seed(0)
@@ -321,6 +327,8 @@ def test_memdfa_updates_equal_dfa(make, optimizer):
         torch.testing.assert_close(p_mem, p_dfa, atol=1e-6, rtol=1e-5)
         changed += not torch.equal(p_dfa, p)
     assert changed == len(list(model.parameters()))
+    for b_dfa, b_mem in zip(*(m.buffers() for m in models)):  # BatchNorm's running statistics
+        torch.testing.assert_close(b_mem, b_dfa, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("frozen", [0, 2, 4], ids=["first", "hidden", "last"])

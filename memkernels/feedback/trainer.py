@@ -162,7 +162,11 @@ class Trainer:
     `optimizer` over the model's parameters (MEM-DFA calls its step once a block, with only that
     block's gradients set; every parameter is stepped once a training step). `seed` names every
     B_l; `scale` bounds DFA's B_l entries (default 1 / sqrt(K), K the size of e per sample); FA's
-    B_l are scaled like W_l's initialisation. BatchNorm's running statistics see both MEM-DFA passes.
+    B_l are scaled like W_l's initialisation. Every rule trains the model's own forward: "fa" takes
+    nn.Linear, nn.Conv2d (any padding), FALinear and FAConv2d (these with their own seed and layer),
+    and rejects other weight layers, whose forward it cannot reproduce with B in its backward.
+    MEM-DFA restores the model's buffers after pass 1, so BatchNorm's running statistics are updated
+    once, as by DFA. Blocks with no parameter that requires grad are not trained; e is still computed.
     """
 
     def __init__(self, model: nn.Module | Sequence[nn.Module], rule: str, loss: Callable, optimizer, seed: int = 0,
@@ -230,9 +234,13 @@ class Trainer:
 
     def _step_memdfa(self, x, y):
         rng = _rng_state(x.device)
+        buffers = [b.clone() for b in self.model.buffers()]  # BatchNorm's statistics: pass 2 alone updates them
         with torch.no_grad():  # pass 1: the output error, keeping nothing
             h = self._forward_hidden(x)
         _, e = self._output_error(self.blocks[-1], h, y, update=False)
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), buffers):
+                b.copy_(saved)
         _set_rng_state(rng, x.device)  # pass 2 draws pass 1's dropout masks again
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
