@@ -208,8 +208,8 @@ def test_fa_rule_rejects_weight_layers_whose_forward_it_cannot_reproduce():
 def one_step(model, rule, x, y, lr=1.0, seed=0, optimizer=torch.optim.SGD):
     """(updated copy of model, loss) after one step of `rule`."""
     model = copy.deepcopy(model)
-    trainer = mk.feedback.Trainer(model, rule=rule, loss=F.cross_entropy, optimizer=optimizer(model.parameters(), lr=lr),
-                                  seed=seed)
+    trainer = mk.feedback.Trainer(model, rule=rule, loss=F.cross_entropy,
+                                  optimizer=optimizer(model.parameters(), lr=lr), seed=seed)
     torch.manual_seed(1234)  # dropout draws
     loss = trainer.step(x, y)
     return model, loss
@@ -346,7 +346,8 @@ def test_dfa_and_memdfa_train_around_a_frozen_layer(frozen):
         trainer.step(x, y)
         trained[rule] = m
     for i, layer in enumerate(model):
-        for p, p_dfa, p_mem in zip(layer.parameters(), trained["dfa"][i].parameters(), trained["memdfa"][i].parameters()):
+        trained_layers = (trained["dfa"][i].parameters(), trained["memdfa"][i].parameters())
+        for p, p_dfa, p_mem in zip(layer.parameters(), *trained_layers):
             assert torch.equal(p_dfa, p) == (i == frozen)  # the others train, from e
             torch.testing.assert_close(p_mem, p_dfa)
 
