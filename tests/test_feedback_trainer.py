@@ -325,7 +325,6 @@ def test_memdfa_updates_equal_dfa(make, optimizer):
     changed = 0
     for p, p_dfa, p_mem in zip(model.parameters(), *(m.parameters() for m in models)):
         torch.testing.assert_close(p_mem, p_dfa, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(p_mem.grad, p_dfa.grad, atol=1e-6, rtol=1e-5)  # the last step's
         changed += not torch.equal(p_dfa, p)
     assert changed == len(list(model.parameters()))
     for b_dfa, b_mem in zip(*(m.buffers() for m in models)):  # BatchNorm's running statistics

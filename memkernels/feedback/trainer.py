@@ -167,7 +167,6 @@ class Trainer:
     and rejects other weight layers, whose forward it cannot reproduce with B in its backward.
     MEM-DFA restores the model's buffers after pass 1, so BatchNorm's running statistics are updated
     once, as by DFA. Blocks with no parameter that requires grad are not trained; e is still computed.
-    After a step every rule leaves that step's gradients in p.grad.
     """
 
     def __init__(self, model: nn.Module | Sequence[nn.Module], rule: str, loss: Callable, optimizer, seed: int = 0,
@@ -234,10 +233,6 @@ class Trainer:
         return loss
 
     def _step_memdfa(self, x, y):
-        # The last step's gradients, reused in place block by block, so that a step after the first
-        # allocates no gradient memory; each optimizer step sees one block's gradients alone.
-        grads = {p: p.grad for p in self.model.parameters()}
-        self.optimizer.zero_grad(set_to_none=True)
         rng = _rng_state(x.device)
         buffers = [b.clone() for b in self.model.buffers()]  # BatchNorm's statistics: pass 2 alone updates them
         with torch.no_grad():  # pass 1: the output error, keeping nothing
@@ -247,19 +242,16 @@ class Trainer:
             for b, saved in zip(self.model.buffers(), buffers):
                 b.copy_(saved)
         _set_rng_state(rng, x.device)  # pass 2 draws pass 1's dropout masks again
+        self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             h = self.prefix(x)
         for layer, block in enumerate(self.blocks[:-1]):  # pass 2: one block's graph at a time
-            _take_grads(block, grads)
             h, kept = self._block_forward(block, h, fused=True)
             self._block_backward(layer, kept, e)
             del kept
-            self._apply(block, grads)  # after h was computed with the old weights: DFA's update
-        _take_grads(self.blocks[-1], grads)
+            self._apply(block)  # after h was computed with the old weights: DFA's update
         loss, _ = self._output_error(self.blocks[-1], h, y)
-        self._apply(self.blocks[-1], grads)
-        for p, grad in grads.items():  # the step's gradients, as the other rules leave them
-            p.grad = grad
+        self._apply(self.blocks[-1])
         return loss
 
     # ---- pieces ----
@@ -317,15 +309,8 @@ class Trainer:
                 (e,) = torch.autograd.grad(loss, a)
         return loss.detach(), e.reshape(len(e), -1)
 
-    def _apply(self, block: Block, grads: dict) -> None:
-        """Step the optimizer on this block's gradients alone, then set them aside in `grads`, so
-        that later steps skip this block."""
+    def _apply(self, block: Block) -> None:
+        """Step the optimizer on this block's gradients alone, then drop them."""
         self.optimizer.step()
         for p in block.parameters():
-            grads[p], p.grad = p.grad, None
-
-
-def _take_grads(block: Block, grads: dict) -> None:
-    """The block's gradient tensors from `grads`, zeroed, for its backward to accumulate into."""
-    for p in block.parameters():
-        p.grad = None if grads.get(p) is None else grads[p].zero_()
+            p.grad = None
