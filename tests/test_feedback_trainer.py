@@ -326,6 +326,7 @@ def test_memdfa_updates_equal_dfa(make, optimizer):
     for p, p_dfa, p_mem in zip(model.parameters(), *(m.parameters() for m in models)):
         torch.testing.assert_close(p_mem, p_dfa, atol=1e-6, rtol=1e-5)
         changed += not torch.equal(p_dfa, p)
+        assert p_dfa.grad is not None and p_mem.grad is None  # MEM-DFA freed each block's after its update
     assert changed == len(list(model.parameters()))
     for b_dfa, b_mem in zip(*(m.buffers() for m in models)):  # BatchNorm's running statistics
         torch.testing.assert_close(b_mem, b_dfa, atol=1e-6, rtol=1e-5)

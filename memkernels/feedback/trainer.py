@@ -167,6 +167,8 @@ class Trainer:
     and rejects other weight layers, whose forward it cannot reproduce with B in its backward.
     MEM-DFA restores the model's buffers after pass 1, so BatchNorm's running statistics are updated
     once, as by DFA. Blocks with no parameter that requires grad are not trained; e is still computed.
+    After a step bp, fa and dfa leave its gradients in p.grad; MEM-DFA frees each block's after its
+    update (never all at once) and leaves every p.grad None.
     """
 
     def __init__(self, model: nn.Module | Sequence[nn.Module], rule: str, loss: Callable, optimizer, seed: int = 0,
