@@ -1,7 +1,6 @@
 """linear and conv2d whose autograd keeps only a code of the input (see memkernels.compress)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import numbers
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from memkernels import ops
+from memkernels._autocast import autocast_inputs
 
 MODES = ("asa", "int8", "int4", "int2")
 _INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
@@ -78,18 +78,6 @@ def _check_layer_inputs(input: torch.Tensor, weight: torch.Tensor, bias) -> None
             raise ValueError(f"{name} must be on the device of input ({input.device}), got {t.device}")
         if t.dtype != input.dtype:
             raise TypeError(f"{name} must have the dtype of input ({input.dtype}), got {t.dtype}")
-
-
-def _under_autocast(input, weight, bias):
-    """torch's autocast rule for linear and conv2d (floating tensors other than float64 cast to the
-    autocast dtype), then autocast off so that the autograd function runs in that one dtype."""
-    device_type = input.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return (input, weight, bias), contextlib.nullcontext()
-    dtype = torch.get_autocast_dtype(device_type)
-    cast = [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-            for t in (input, weight, bias)]
-    return tuple(cast), torch.autocast(device_type, enabled=False)
 
 
 def _keeps_codes(weight: torch.Tensor) -> bool:
@@ -173,13 +161,12 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     check_save(save, eps, nonnegative, group_size)
     if save is None:
         return F.linear(input, weight, bias)
-    (input, weight, bias), mode = _under_autocast(input, weight, bias)
+    input, weight, bias = autocast_inputs(input, weight, bias)
     _check_layer_inputs(input, weight, bias)
     if input.dim() == 0 or input.shape[-1] != weight.shape[-1]:
         raise ValueError(f"input must be (..., {weight.shape[-1]}) for weight {tuple(weight.shape)}, "
                          f"got {tuple(input.shape)}")
-    with mode:
-        return _CodedLinear.apply(input, weight, bias, save, eps, nonnegative, group_size, _keeps_codes(weight))
+    return _CodedLinear.apply(input, weight, bias, save, eps, nonnegative, group_size, _keeps_codes(weight))
 
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
@@ -193,13 +180,12 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if isinstance(padding, str):
         raise ValueError("conv2d with save needs integer padding; mk.nn.Conv2d turns 'same' / 'valid' "
                          "into explicit padding")
-    (input, weight, bias), mode = _under_autocast(input, weight, bias)
+    input, weight, bias = autocast_inputs(input, weight, bias)
     _check_layer_inputs(input, weight, bias)
     if input.dim() not in (3, 4):
         raise ValueError(f"input must be (N, C, H, W) or (C, H, W), got shape {tuple(input.shape)}")
     pair = torch.nn.modules.utils._pair
     batched = input if input.dim() == 4 else input.unsqueeze(0)
-    with mode:
-        y = _CodedConv2d.apply(batched, weight, bias, pair(stride), pair(padding), pair(dilation), groups, save,
-                               eps, nonnegative, group_size, _keeps_codes(weight))
+    y = _CodedConv2d.apply(batched, weight, bias, pair(stride), pair(padding), pair(dilation), groups, save, eps,
+                           nonnegative, group_size, _keeps_codes(weight))
     return y if input.dim() == 4 else y.squeeze(0)

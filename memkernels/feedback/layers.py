@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memkernels import ops
+from memkernels._autocast import autocast_inputs
 from memkernels.reference import check_feedback_key
 
 
@@ -26,17 +27,6 @@ def check_key(seed, layer) -> tuple[int, int]:
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     check_feedback_key(int(seed), int(layer))
     return int(seed), int(layer)
-
-
-def _autocast(*tensors):
-    """The tensors in autocast's dtype where autocast is on for their device, as F.linear and F.conv2d
-    cast theirs (float64 stays), so that backward, which may run outside autocast, meets one dtype."""
-    device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in tensors)
 
 
 def default_scale(weight: torch.Tensor) -> float:
@@ -104,7 +94,7 @@ def fa_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     Keeps x for backward, as F.linear does, but not W."""
     seed, layer = check_key(seed, layer)
     scale = default_scale(weight) if scale is None else scale
-    return _FALinearFunction.apply(*_autocast(x, weight, bias), seed, layer, scale)
+    return _FALinearFunction.apply(*autocast_inputs(x, weight, bias), seed, layer, scale)
 
 
 def _conv_padding(padding) -> tuple[int, int]:
@@ -124,7 +114,7 @@ def fa_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         return fa_conv2d(x[None], weight, bias, seed, layer, scale, stride, padding, dilation, groups)[0]
     pair = torch.nn.modules.utils._pair
     scale = default_scale(weight) if scale is None else scale
-    return _FAConv2dFunction.apply(*_autocast(x, weight, bias), seed, layer, scale, pair(stride),
+    return _FAConv2dFunction.apply(*autocast_inputs(x, weight, bias), seed, layer, scale, pair(stride),
                                    _conv_padding(padding), pair(dilation), groups)
 
 
