@@ -2,6 +2,7 @@
 // CPU in csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(memkernels, CPU, m)); CUDA from Python
 // (memkernels/ops/_cuda.py), which picks the Triton or the CUDA C++ kernel (csrc/cuda/*.cu).
 // Fake kernels for torch.compile live in memkernels/ops/__init__.py.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(memkernels, m) {
@@ -9,6 +10,9 @@ TORCH_LIBRARY(memkernels, m) {
   // the interval of x among `borders` (float32, 2**bits - 1 values, sorted), uint8 of
   // ceil(numel / 8) * bits bytes. p0, p1: the activation's parameters (see spec.py).
   m.def("activation_forward(Tensor x, int activation, float p0, float p1, int bits, Tensor? borders) -> (Tensor, Tensor)");
+  // y = f(x) alone, the values of activation_forward bit for bit: the forward of a call that no
+  // gradient can need (no_grad, inference_mode, an input that does not require grad).
+  m.def("activation_value(Tensor x, int activation, float p0, float p1) -> Tensor");
   // grad_in = grad_out * f'(x): `saved` as activation_forward returned it; with bits > 0
   // f'(x) is levels[code], levels float32 of 2**bits values.
   m.def("activation_backward(Tensor grad_out, Tensor saved, int bits, Tensor? levels) -> Tensor");
@@ -46,4 +50,16 @@ TORCH_LIBRARY(memkernels, m) {
   // with entries uniform in [-scale, scale], generated from Philox and never stored (the rule is
   // in memkernels/reference.py); derivative (N, out_features) in e's dtype, or None.
   m.def("feedback_project(Tensor e, int seed, int layer, int out_features, float scale, Tensor? derivative) -> Tensor");
+}
+
+// The ops are the kernels under memkernels' autograd (mk.functional, mk.nn, mk.elementwise, the
+// compress and feedback layers), not differentiable ops themselves: called directly on a tensor
+// that requires grad, their outputs get a grad_fn whose backward raises "the derivative for
+// memkernels::<op> is not implemented", instead of silently giving no gradient.
+TORCH_LIBRARY_IMPL(memkernels, Autograd, m) {
+  for (const char* op : {"activation_forward", "activation_value", "activation_backward", "gated_forward",
+                         "gated_backward", "pack_bits", "unpack_bits", "auxiliary_sign_forward", "quantize_groups",
+                         "dequantize_groups", "weight_grad_from_codes", "feedback_project"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }

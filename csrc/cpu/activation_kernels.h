@@ -12,7 +12,8 @@ namespace memkernels::cpu {
 // Kernels on tensors that activations.cpp has checked: contiguous, of one floating dtype and
 // numel; outputs allocated; borders/levels float32 tables, undefined when bits == 0.
 struct ActivationKernels {
-  // y = f(x) and saved = f'(x) (bits == 0) or the packed code of x.
+  // y = f(x) and saved = f'(x) (bits == 0) or the packed code of x; saved undefined (bits == 0):
+  // y alone.
   void (*forward)(Activation act, const at::Tensor& x, double p0, double p1, int64_t bits, const at::Tensor& borders,
                   const at::Tensor& y, const at::Tensor& saved);
   // grad_in = grad_out * (saved (bits == 0) or levels[code]).

@@ -57,7 +57,8 @@ __attribute__((always_inline)) inline void for_each_vec_packing_codes(const scal
   dispatch_bits(bits, [&](auto k) { pack_codes<k.value>(xf, n, tree, codes); });
 }
 
-// y = f(x) and either d = f'(x) (d != nullptr) or the packed code of x (codes, bits, borders).
+// y = f(x) and either d = f'(x) (d != nullptr), the packed code of x (codes, bits, borders), or
+// nothing else (both nullptr: the forward of a call that no gradient can need).
 template <Activation A, typename scalar_t>
 void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint8_t* codes, int64_t bits,
                                const float* borders, int64_t numel, double p0_, double p1_) {
@@ -65,7 +66,8 @@ void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint
   using V = Vectorized<T>;
   using M = MathFor<scalar_t>;
   const V p0(static_cast<T>(p0_)), p1(static_cast<T>(p1_));
-  const std::optional<BorderTree> tree = d == nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
+  const std::optional<BorderTree> tree =
+      codes != nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
   const bool stream_y = stream_stores(y, numel), stream_d = stream_stores(d, numel);
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
     const scalar_t* xs = x + begin;
@@ -81,11 +83,15 @@ void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint
         store_vec(yv, ys + i, count, stream_y);
         store_vec(dv, ds + i, count, stream_d);
       });
-    } else {
+    } else if (codes != nullptr) {
       for_each_vec_packing_codes<T>(xs, n, bits, *tree, codes + begin / 8 * bits,
                                     [&](int64_t i, int64_t count, const V& xv) {
                                       store_vec(activation_value_of<A, M>(xv, p0, p1), ys + i, count, stream_y);
                                     });
+    } else {
+      for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+        store_vec(activation_value_of<A, M>(load_vec<T>(xs + i, count), p0, p1), ys + i, count, stream_y);
+      });
     }
   });
 }
@@ -96,7 +102,7 @@ void activation_forward(Activation act, const at::Tensor& x, double p0, double p
     dispatch_activation(act, [&](auto a) {
       activation_forward_kernel<a.value>(
           x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-          bits == 0 ? saved.mutable_data_ptr<scalar_t>() : nullptr,
+          bits == 0 && saved.defined() ? saved.mutable_data_ptr<scalar_t>() : nullptr,
           bits == 0 ? nullptr : saved.mutable_data_ptr<uint8_t>(), bits,
           bits == 0 ? nullptr : borders.const_data_ptr<float>(), x.numel(), p0, p1);
     });

@@ -1,4 +1,4 @@
-// CPU kernels of the fused activations: activation_forward/backward and gated_forward/backward
+// CPU kernels of the fused activations: activation_forward/value/backward and gated_forward/backward
 // (schemas in csrc/ops.cpp, semantics in memkernels/reference.py): the argument checks and the
 // outputs here, the kernels of this CPU's instruction set in activation_kernels_impl.h.
 #include <ATen/ATen.h>
@@ -120,6 +120,17 @@ std::tuple<at::Tensor, at::Tensor> activation_forward(const at::Tensor& x_in, in
   return {y, saved};
 }
 
+// y = f(x) alone, for calls that no gradient can need: the same kernel as activation_forward
+// (so the same values, bit for bit), without writing f'(x) or a code.
+at::Tensor activation_value(const at::Tensor& x_in, int64_t activation, double p0, double p1) {
+  check_floating(x_in, "x");
+  const Activation act = check_activation(activation);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = empty_output(x);
+  activation_kernels().forward(act, x, p0, p1, 0, at::Tensor(), y, at::Tensor());
+  return y;
+}
+
 std::tuple<at::Tensor, at::Tensor> gated_forward(const at::Tensor& a_in, const at::Tensor& b_in, int64_t activation,
                                                  int64_t bits, const std::optional<at::Tensor>& borders_in) {
   check_floating(a_in, "a");
@@ -177,6 +188,7 @@ std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& grad_out_in,
 
 TORCH_LIBRARY_IMPL(memkernels, CPU, m) {
   m.impl("activation_forward", &activation_forward);
+  m.impl("activation_value", &activation_value);
   m.impl("activation_backward", &activation_backward);
   m.impl("gated_forward", &gated_forward);
   m.impl("gated_backward", &gated_backward);

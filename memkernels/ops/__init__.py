@@ -58,6 +58,11 @@ def activation_forward(x: torch.Tensor, activation: int, p0: float, p1: float, b
     return _op("activation_forward")(x, activation, p0, p1, bits, borders)
 
 
+def activation_value(x: torch.Tensor, activation: int, p0: float, p1: float) -> torch.Tensor:
+    """f(x) alone, the values of activation_forward bit for bit: for calls no gradient can need."""
+    return _op("activation_value")(x, activation, p0, p1)
+
+
 def activation_backward(grad_out: torch.Tensor, saved: torch.Tensor, bits: int,
                         levels: torch.Tensor | None) -> torch.Tensor:
     """grad_out * f'(x), f'(x) read from what activation_forward saved."""
@@ -129,24 +134,92 @@ def _packed(t: torch.Tensor, numel, bits: int) -> torch.Tensor:
 
 if _C is not None:
     # Outputs are contiguous whatever the input's strides: the kernels write them densely.
+    # (memkernels.activations.autograd runs them on a contiguous permutation of a dense input,
+    # so that what users get keeps the input's layout.)
     def _dense_like(t):
         return t.new_empty(t.shape)
 
+    # The argument checks of the CPU kernels (csrc/cpu/activations.cpp, checks.h), with their
+    # messages: a fake or meta call must fail where the real one would, not return a tensor.
+    _FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+    def _check_floating(t, name):
+        torch._check(t.dtype in _FLOATING,
+                     lambda: f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+
+    def _check_like(t, name, ref, ref_name):
+        torch._check(t.device == ref.device,
+                     lambda: f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+        torch._check(t.dtype == ref.dtype,
+                     lambda: f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+        torch._check(t.shape == ref.shape,
+                     lambda: f"{name} must have the shape of {ref_name} {list(ref.shape)}, got {list(t.shape)}")
+
+    def _check_bits(bits):
+        torch._check(bits in (0, 1, 2, 3, 4, 8),
+                     lambda: f"bits must be 0 (exact) or one of 1, 2, 3, 4, 8, got {bits}")
+
+    def _check_table(table, name, size, bits, like):
+        torch._check(table is not None, lambda: f"{name} must be given when bits > 0 (bits = {bits})")
+        torch._check(table.dtype == torch.float32, lambda: f"{name} must be float32, got {table.dtype}")
+        torch._check(table.device == like.device,
+                     lambda: f"{name} must be on {like.device}, got {table.device}")
+        torch._check(table.numel() == size,
+                     lambda: f"{name} must have {size} values for bits = {bits}, got {table.numel()}")
+
+    def _check_saved(saved, name, bits, grad_out):
+        if bits == 0:
+            _check_like(saved, name, grad_out, "grad_out")
+            return
+        torch._check(saved.dtype == torch.uint8,
+                     lambda: f"{name} must be the uint8 packed code when bits > 0, got {saved.dtype}")
+        torch._check(saved.device == grad_out.device,
+                     lambda: f"{name} must be on {grad_out.device}, got {saved.device}")
+        want = packed_nbytes(grad_out.numel(), bits)
+        torch._check(saved.numel() == want,
+                     lambda: f"{name} must hold ceil(numel / 8) * bits = {want} bytes, got {saved.numel()}")
+
     @torch.library.register_fake("memkernels::activation_forward")
     def _(x, activation, p0, p1, bits, borders):
+        _check_floating(x, "x")
+        _check_bits(bits)
+        if bits:
+            _check_table(borders, "borders", 2 ** bits - 1, bits, x)
         return _dense_like(x), (_dense_like(x) if bits == 0 else _packed(x, x.numel(), bits))
+
+    @torch.library.register_fake("memkernels::activation_value")
+    def _(x, activation, p0, p1):
+        _check_floating(x, "x")
+        return _dense_like(x)
 
     @torch.library.register_fake("memkernels::activation_backward")
     def _(grad_out, saved, bits, levels):
+        _check_floating(grad_out, "grad_out")
+        _check_bits(bits)
+        _check_saved(saved, "saved", bits, grad_out)
+        if bits:
+            _check_table(levels, "levels", 2 ** bits, bits, grad_out)
         return _dense_like(grad_out)
 
     @torch.library.register_fake("memkernels::gated_forward")
     def _(a, b, activation, bits, borders):
+        _check_floating(a, "a")
+        _check_like(b, "b", a, "a")
+        _check_bits(bits)
+        if bits:
+            _check_table(borders, "borders", 2 ** bits - 1, bits, a)
         code = _packed(a, a.numel(), bits) if bits else a.new_empty((0,), dtype=torch.uint8)
         return _dense_like(a), code
 
     @torch.library.register_fake("memkernels::gated_backward")
     def _(grad_out, saved_a, b, activation, bits, levels, value_levels):
+        _check_floating(grad_out, "grad_out")
+        _check_like(b, "b", grad_out, "grad_out")
+        _check_bits(bits)
+        _check_saved(saved_a, "saved_a", bits, grad_out)
+        if bits:
+            _check_table(levels, "levels", 2 ** bits, bits, grad_out)
+            _check_table(value_levels, "value_levels", 2 ** bits, bits, grad_out)
         return _dense_like(grad_out), _dense_like(grad_out)
 
     @torch.library.register_fake("memkernels::pack_bits")
@@ -184,3 +257,11 @@ if _C is not None:
         return e.new_empty((e.shape[0], out_features))
 
     from memkernels.ops import _cuda  # noqa: E402,F401  (registers the CUDA kernels)
+
+    @torch.library.register_kernel("memkernels::activation_value", "cuda")
+    def _(x, activation, p0, p1):
+        # The GPU kernels have no value-only mode yet: run the forward with the 1-bit code (the
+        # same y; 1/8 byte an element besides it, where f'(x) would take the element's size).
+        from memkernels.activations.autograd import _cached_table
+        borders = _cached_table(activation, 1, p0, p1, x.device)[0]
+        return torch.ops.memkernels.activation_forward(x, activation, p0, p1, 1, borders)[0]
