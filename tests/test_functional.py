@@ -197,3 +197,72 @@ def test_bad_arguments():
         mk.functional.silu([1.0, 2.0])
     with pytest.raises(ValueError, match="alpha"):
         mk.functional.celu(x, alpha=0.0)
+
+
+@pytest.mark.parametrize("bits", [None, 3])
+@pytest.mark.parametrize("case", CASES[:3] + CASES[10:11], ids=IDS[:3] + IDS[10:11])
+def test_second_derivative_raises(case, bits, device):
+    """Only f'(x) is kept, so a double backward cannot have f''(x): a gradient penalty raises
+    instead of silently missing the f'' term."""
+    _, mfn, _, kwargs, _, _, _ = case
+    w = torch.tensor([1.5], dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.linspace(-2, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
+    y = mfn(w * x, **kwargs, bits=bits)
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        (y.sum() + g.pow(2).sum()).backward()
+
+
+@pytest.mark.parametrize("bits", [None, 3])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_no_grad_computes_values_only(case, bits, device):
+    """Where no gradient can be needed, y is computed alone: the same values, nothing kept, and
+    no more memory than torch's own activation."""
+    _, mfn, tfn, kwargs, _, _, _ = case
+    x = torch.randn(4096, device=device) * 3
+    y_grad = mfn(x.clone().requires_grad_(), **kwargs, bits=bits).detach()
+    with torch.no_grad():
+        y = mfn(x.requires_grad_(), **kwargs, bits=bits)
+    assert y.grad_fn is None and torch.equal(y, y_grad)
+    with torch.inference_mode():
+        assert torch.equal(mfn(x, **kwargs, bits=bits), y_grad)
+    x = x.detach()
+    assert torch.equal(mfn(x, **kwargs, bits=bits), y_grad)
+    assert mk.profile.saved_bytes(lambda t: mfn(t, **kwargs, bits=bits), x) == 0
+    if device.type == "cpu":
+        peak = mk.profile.peak_memory(lambda t: mfn(t, **kwargs, bits=bits), x, backward=False)
+        assert peak == mk.profile.peak_memory(lambda t: tfn(t, **kwargs), x, backward=False) == x.nbytes
+
+
+@pytest.mark.parametrize("bits", [None, 3])
+def test_dense_layout_is_kept(bits, device):
+    """y and x.grad keep a dense input's layout (channels_last, a transpose), as torch's do."""
+    for x in (torch.randn(2, 3, 4, 5, device=device).to(memory_format=torch.channels_last),
+              torch.randn(6, 7, device=device).t()):
+        x.requires_grad_()
+        g = torch.randn(x.shape, device=device)
+        y = mk.functional.silu(x, bits=bits)
+        y.backward(g)
+        ty = torch.nn.functional.silu(x.detach())
+        assert y.stride() == ty.stride() and x.grad.stride() == x.stride()
+        with torch.no_grad():
+            assert mk.functional.silu(x, bits=bits).stride() == ty.stride()
+        xc = x.detach().contiguous().requires_grad_()
+        yc = mk.functional.silu(xc, bits=bits)
+        yc.backward(g.contiguous())
+        torch.testing.assert_close(y, yc, rtol=0, atol=0)
+        torch.testing.assert_close(x.grad, xc.grad, rtol=0, atol=0)
+
+
+def test_leaky_relu_float64_slope_is_exact(device):
+    """The 1-bit code of LeakyReLU keeps x > 0; in float64 its slope multiplies at full precision
+    (a float32 level would make 0.1 into 0.10000000149011612)."""
+    x = torch.tensor([-1.0, 2.0, 0.0, -3.5], dtype=torch.float64, device=device, requires_grad=True)
+    mk.functional.leaky_relu(x, 0.1).sum().backward()
+    xt = x.detach().clone().requires_grad_()
+    torch.nn.functional.leaky_relu(xt, 0.1).sum().backward()
+    assert torch.equal(x.grad, xt.grad)
+    xs = _away_from_kinks(torch.randn(64, dtype=torch.float64), [0.0]).to(device).requires_grad_()
+    # 1e-9: the finite differences themselves err by ~1e-10 (torch's own fails at 1e-12)
+    assert torch.autograd.gradcheck(lambda t: mk.functional.leaky_relu(t, 0.1), (xs,), atol=1e-9, rtol=1e-9)
+    assert mk.profile.saved_bytes(lambda t: mk.functional.leaky_relu(t, 0.1), xs) == packed_nbytes(64, 1)

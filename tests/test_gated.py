@@ -97,3 +97,28 @@ def test_bad_arguments():
         mk.functional.swiglu(torch.randn(3), torch.arange(3))
     with pytest.raises(RuntimeError, match="shape"):
         mk.functional.swiglu(torch.randn(3), torch.randn(4))
+
+
+@pytest.mark.parametrize("bits", [None, 3])
+def test_second_derivative_raises(bits, device):
+    a = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, device=device)
+    y = mk.functional.swiglu(a, b, bits=bits)
+    (g,) = torch.autograd.grad(y.sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        (y.sum() + g.pow(2).sum()).backward()
+
+
+@pytest.mark.parametrize("bits", [None, 3])
+def test_no_grad_and_layout(bits, device):
+    """Without grad only y is computed (no code, nothing kept); a shared dense layout is kept."""
+    a, b = (torch.randn(2, 3, 4, 5, device=device).to(memory_format=torch.channels_last) for _ in range(2))
+    with torch.no_grad():
+        y = mk.functional.swiglu(a, b, bits=bits)
+    assert y.grad_fn is None
+    assert torch.equal(y, mk.functional.swiglu(a.clone().requires_grad_(), b, bits=bits).detach())
+    assert y.stride() == (TF.silu(a) * b).stride()
+    a.requires_grad_()
+    mk.functional.swiglu(a, b, bits=bits).sum().backward()
+    assert a.grad.stride() == a.stride()
+    assert mk.profile.saved_bytes(lambda s, t: mk.functional.swiglu(s, t, bits=bits), a.detach(), b) == 0

@@ -25,6 +25,8 @@ def op_samples(device):
     return [
         ("activation_forward", (x, int(A.GELU), 0.0, 0.0, 0, None)),
         ("activation_forward", (x.t(), int(A.SOFTPLUS), 2.0, 3.0, 3, borders)),
+        ("activation_value", (x, int(A.GELU), 0.0, 0.0)),
+        ("activation_value", (x.t(), int(A.LEAKY_RELU), 0.2, 0.0)),
         ("activation_backward", (g, code, 3, levels)),
         ("activation_backward", (g, g, 0, None)),
         ("gated_forward", (x, g, int(A.SILU), 0, None)),
@@ -95,6 +97,62 @@ def test_compile_elementwise_fullgraph(bits, device):
     torch.testing.assert_close(g, torch.autograd.grad(f(x).sum(), x)[0])
     if bits is None:
         torch.testing.assert_close(g, torch.tanh(x) + x * (1 - torch.tanh(x) ** 2))
+
+
+def test_activation_value_is_forward_without_derivative(device):
+    x = torch.randn(1000, device=device) * 3
+    for act, p0, p1 in ((A.GELU, 0.0, 0.0), (A.SOFTPLUS, 2.0, 3.0), (A.LEAKY_RELU, 0.2, 0.0)):
+        y = ops.activation_value(x, int(act), p0, p1)
+        assert torch.equal(y, ops.activation_forward(x, int(act), p0, p1, 0, None)[0])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (lambda t: mk.functional.gelu(t, bits=3)), lambda: mk.nn.GELU(bits=3), lambda: mk.nn.ReLU(),
+    lambda: mk.nn.LeakyReLU(0.2), lambda: mk.nn.Softplus(2.0, 5.0, bits=3), lambda: mk.nn.SwiGLU(bits=3),
+    lambda: mk.elementwise(lambda t: t * torch.tanh(t), bits=3)], ids=[
+    "gelu3", "GELU3", "ReLU", "LeakyReLU", "Softplus3", "SwiGLU3", "elementwise3"])
+def test_compile_dynamic_fullgraph(make, device):
+    """dynamic=True makes float parameters (module attributes, defaults) symbolic; the tables are
+    looked up by an op that takes them so (assume_constant_result could not)."""
+    torch._dynamo.reset()
+    fn = make()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in ((4, 16), (6, 10)):
+        x = torch.randn(shape, device=device, requires_grad=True)
+        (g,) = torch.autograd.grad(compiled(x).sum(), x)
+        torch.testing.assert_close(g, torch.autograd.grad(fn(x).sum(), x)[0])
+
+
+def test_ops_called_directly_have_no_derivative(device):
+    """The ops are the kernels under memkernels' autograd; on a tensor that requires grad their
+    outputs' backward raises rather than silently giving no gradient."""
+    x = torch.randn(5, device=device, requires_grad=True)
+    y, _ = ops.activation_forward(x, int(A.GELU), 0.0, 0.0, 0, None)
+    with pytest.raises(RuntimeError, match="derivative for .*memkernels::activation_forward.* not implemented"):
+        y.sum().backward()
+    e = torch.randn(4, 8, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="memkernels::feedback_project"):
+        ops.feedback_project(e, 0, 0, 3, 0.1).sum().backward()
+
+
+def test_fake_kernels_check_arguments():
+    """A meta (fake) argument takes the call to the fake kernels: they check devices, dtypes and
+    shapes as the real kernels do, instead of returning a tensor of garbage."""
+    a, b_meta = torch.randn(2, 3), torch.randn(2, 3, device="meta")
+    with pytest.raises(RuntimeError, match="b must be on the device of a"):
+        mk.functional.swiglu(a, b_meta)
+    with pytest.raises(RuntimeError, match="b must be on the device of a"):
+        torch.ops.memkernels.gated_forward(a, b_meta, int(A.SILU), 0, None)
+    meta = torch.randn(2, 3, device="meta")
+    with pytest.raises(RuntimeError, match="b must have the shape of a"):
+        torch.ops.memkernels.gated_forward(meta, torch.randn(5, device="meta"), int(A.SILU), 0, None)
+    with pytest.raises(RuntimeError, match="b must have the dtype of grad_out"):
+        torch.ops.memkernels.gated_backward(meta, meta, meta.double(), int(A.SILU), 0, None, None)
+    with pytest.raises(RuntimeError, match="saved must hold"):
+        torch.ops.memkernels.activation_backward(meta, torch.empty(2, dtype=torch.uint8, device="meta"), 3,
+                                                 torch.empty(8, device="meta"))
+    with pytest.raises(RuntimeError, match="borders must be given"):
+        torch.ops.memkernels.activation_forward(meta, int(A.GELU), 0.0, 0.0, 3, None)
 
 
 def test_gpu_backend_choice(monkeypatch):

@@ -3,8 +3,15 @@
 The tables (borders, levels) travel as ctx attributes rather than through save_for_backward:
 they are shared constants of a few hundred bytes, not per-call activations, so the bytes that
 autograd keeps per call are exactly the derivative or the packed code.
+
+Backward is once-differentiable: it multiplies by the kept f'(x), which has no f'' in it, so a
+second backward (``create_graph=True``: gradient penalties, Hessian-vector products) raises
+rather than silently dropping the f''(x) term. Calls that no gradient can need (``no_grad``,
+``inference_mode``, an input that does not require grad) compute y alone and keep nothing.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -14,10 +21,19 @@ from memkernels.activations.spec import TWO_VALUED, Activation, check_bits
 _device_tables: dict = {}
 
 
-@torch.compiler.assume_constant_result  # torch.compile takes the tables as constants, untraced
 def device_table(act: int, bits: int, p0: float, p1: float, device: torch.device):
-    """(borders, levels, value_levels) of activation `act` for `bits` on `device`, cached."""
-    key = (int(act), bits, float(p0), float(p1), device)
+    """(borders, levels, value_levels) of activation `act` for `bits` on `device`, cached.
+
+    Under torch.compile the lookup is the op memkernels::activation_table, which takes p0, p1 as
+    they come, symbolic floats included (dynamic=True makes a module's float attributes and a
+    function's float defaults symbolic, and a Python-side lookup cannot key on those)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.memkernels.activation_table(act, bits, p0, p1, device)
+    return _cached_table(act, bits, p0, p1, device)
+
+
+def _cached_table(act: int, bits: int, p0: float, p1: float, device: torch.device):
+    key = (int(act), bits, float(p0), float(p1), torch.device(device))
     entry = _device_tables.get(key)
     if entry is None:
         from memkernels.activations.tables import get_table
@@ -27,10 +43,105 @@ def device_table(act: int, bits: int, p0: float, p1: float, device: torch.device
     return entry
 
 
+@torch.library.custom_op("memkernels::activation_table", mutates_args=())
+def _activation_table(act: int, bits: int, p0: float, p1: float,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The table of :func:`device_table` as an op, for torch.compile: copies (at most 256 floats
+    each), so that no compiled graph holds or reuses the cached tensors' memory."""
+    return tuple(t.clone() for t in _cached_table(act, bits, p0, p1, device))
+
+
+@_activation_table.register_fake
+def _(act, bits, p0, p1, device):
+    torch._check(bits in (1, 2, 3, 4, 8), lambda: f"bits must be one of 1, 2, 3, 4, 8, got {bits}")
+    n = 2 ** bits
+    return (torch.empty(n - 1, device=device), torch.empty(n, device=device),
+            torch.empty(n, device=device))
+
+
+SECOND_DERIVATIVE_ERROR = (
+    "memkernels' fused activations keep only f'(x) for backward, so they have no second derivative: "
+    "a double backward (create_graph=True: gradient penalties, Hessian-vector products) through "
+    "mk.functional / mk.nn activations or mk.elementwise is not supported. Use torch's activation "
+    "where a second derivative is needed.")
+
+
+class _SecondDerivativeError(torch.autograd.Function):
+    """Identity whose backward raises SECOND_DERIVATIVE_ERROR."""
+
+    @staticmethod
+    def forward(ctx, *grads):
+        return grads[0] if len(grads) == 1 else grads
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
+
+
+def once_differentiable(backward):
+    """Mark an autograd.Function's backward as having no derivative itself.
+
+    Like torch.autograd.function.once_differentiable, but also where grad_out does not require
+    grad (``y.sum()``'s): with create_graph=True the gradients that backward returns get a grad_fn
+    that raises, so that a penalty on them fails instead of silently missing the f''(x) term (the
+    true gradient depends on x through f''(x), whatever grad_out is)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            outputs = backward(ctx, *grad_outputs)
+        if not create_graph:
+            return outputs
+        tensors = [i for i, t in enumerate(outputs) if isinstance(t, torch.Tensor)]
+        marked = _SecondDerivativeError.apply(*(outputs[i].detach().requires_grad_() for i in tensors))
+        marked = marked if isinstance(marked, tuple) else (marked,)
+        outputs = list(outputs)
+        for i, t in zip(tensors, marked):
+            outputs[i] = t
+        return tuple(outputs)
+
+    return wrapper
+
+
 def effective_bits(act: int, bits) -> int:
     """The kernels' bits for a user's `bits`: ReLU and LeakyReLU always keep their exact 1 bit."""
     bits = check_bits(bits)
     return 1 if act in TWO_VALUED else bits
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd would record a call on `tensors`: else only the forward values are needed."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def dense_order(*tensors: torch.Tensor):
+    """The dims of the first tensor by decreasing stride when that permutation makes every tensor
+    contiguous (a dense layout such as channels_last, shared by all), else None.
+
+    The kernels run on x.permute(order), contiguous, and the outputs are permuted back: they then
+    keep x's layout, as torch's element-wise ops do, and k-bit codes follow the order of the
+    permuted view in forward and backward alike. Other layouts (overlapping, with gaps) are
+    copied to a contiguous tensor by the ops and give contiguous outputs."""
+    x = tensors[0]
+    if x.dim() < 2 or x.is_contiguous():
+        return None
+    order = list(range(x.dim()))
+    for i in range(1, len(order)):  # a stable insertion sort: torch.compile traces it (not sorted(key=))
+        j = i
+        while j > 0 and x.stride(order[j - 1]) < x.stride(order[j]):
+            order[j - 1], order[j] = order[j], order[j - 1]
+            j -= 1
+    if all(t.permute(order).is_contiguous() for t in tensors):
+        return order
+    return None
+
+
+def _inverse(order):
+    inverse = [0] * len(order)
+    for i, d in enumerate(order):
+        inverse[d] = i
+    return inverse
 
 
 def keep_for_backward(ctx, saved: torch.Tensor, bits: int, levels) -> None:
@@ -47,21 +158,31 @@ def grad_from_kept(ctx, grad_out: torch.Tensor) -> torch.Tensor:
 
 class _ActivationFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, act, p0, p1, bits, borders, levels):
+    def forward(ctx, x, act, p0, p1, bits, borders, levels, float64_slope):
         y, saved = ops.activation_forward(x, act, p0, p1, bits, borders)
         keep_for_backward(ctx, saved, bits, levels)
+        ctx.float64_slope = float64_slope
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        return grad_from_kept(ctx, grad_out), None, None, None, None, None, None
+        if ctx.float64_slope is None:
+            grad_in = grad_from_kept(ctx, grad_out)
+        else:
+            # LeakyReLU in float64: the 1-bit code says x > 0; the slope, which a float32 level
+            # would round, multiplies at full precision (as torch's leaky_relu_backward does).
+            (saved,) = ctx.saved_tensors
+            positive = ops.unpack_bits(saved, 1, grad_out.numel()).view(grad_out.shape).bool()
+            grad_in = torch.where(positive, grad_out, grad_out * ctx.float64_slope)
+        return grad_in, None, None, None, None, None, None, None
 
 
 class _GatedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, act, bits, borders, levels, value_levels):
+    def forward(ctx, a, b, act, bits, borders, levels, value_levels, b_is_view):
         y, code = ops.gated_forward(a, b, act, bits, borders)
-        if bits and b._base is not None:
+        if bits and b_is_view:
             # b viewing a larger tensor (a half of [a, b]) would keep all of it alive: a's half too.
             b = b.clone(memory_format=torch.contiguous_format)
         ctx.save_for_backward(a if bits == 0 else code, b)
@@ -69,11 +190,12 @@ class _GatedFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         saved_a, b = ctx.saved_tensors
         grad_a, grad_b = ops.gated_backward(grad_out, saved_a, b, ctx.act, ctx.bits, ctx.levels,
                                             ctx.value_levels)
-        return grad_a, grad_b, None, None, None, None, None
+        return grad_a, grad_b, None, None, None, None, None, None
 
 
 def check_floating_input(name: str, t) -> None:
@@ -84,25 +206,52 @@ def check_floating_input(name: str, t) -> None:
                         f"float64), got {t.dtype}")
 
 
+def _float64_slope(act, bits, p0, x: torch.Tensor):
+    """LeakyReLU's slope where its 1-bit level (float32) would not be exact: float64 input and
+    the user's bits=None (exact). None elsewhere."""
+    if act == Activation.LEAKY_RELU and bits is None and x.dtype == torch.float64:
+        return float(p0)
+    return None
+
+
 def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.0,
                bits: int | None = None) -> torch.Tensor:
     """y = f(x) for activation `act`, keeping for backward only f'(x): in x's dtype when bits is
-    None, else a packed code of `bits` bits an element. Any shape; same shape and dtype out."""
+    None, else a packed code of `bits` bits an element. Any shape; same shape and dtype out, and
+    x's layout when it is dense (channels_last, a transpose). Where no gradient can be needed,
+    y alone is computed (the same values) and nothing is kept."""
     check_floating_input("input", x)
-    bits = effective_bits(act, bits)
-    borders = levels = None
-    if bits:
-        borders, levels, _ = device_table(act, bits, p0, p1, x.device)
-    return _ActivationFunction.apply(x, int(act), float(p0), float(p1), bits, borders, levels)
+    kernel_bits = effective_bits(act, bits)
+    order = dense_order(x)
+    if order is not None:
+        x = x.permute(order)
+    if not needs_grad(x):
+        y = ops.activation_value(x, int(act), p0, p1)
+    else:
+        borders = levels = None
+        if kernel_bits:
+            borders, levels, _ = device_table(int(act), kernel_bits, p0, p1, x.device)
+        y = _ActivationFunction.apply(x, int(act), p0, p1, kernel_bits, borders, levels,
+                                      _float64_slope(act, bits, p0, x))
+    return y if order is None else y.permute(_inverse(order))
 
 
 def gated(a: torch.Tensor, b: torch.Tensor, act: Activation, bits: int | None = None) -> torch.Tensor:
     """y = f(a) * b (a, b of one shape and dtype), keeping (a, b) when bits is None and
-    (k-bit code of a, b) otherwise; then grad_b uses the interval mean of f(a)."""
+    (k-bit code of a, b) otherwise; then grad_b uses the interval mean of f(a). y keeps the
+    layout of a and b when they share a dense one."""
     check_floating_input("a", a)
     check_floating_input("b", b)
     bits = check_bits(bits)
-    borders = levels = value_levels = None
-    if bits:
-        borders, levels, value_levels = device_table(act, bits, 0.0, 0.0, a.device)
-    return _GatedFunction.apply(a, b, int(act), bits, borders, levels, value_levels)
+    order = dense_order(a, b) if a.shape == b.shape else None
+    b_is_view = b._base is not None
+    if order is not None:
+        a, b = a.permute(order), b.permute(order)
+    if not needs_grad(a, b):
+        y, _ = ops.gated_forward(a, b, int(act), 0, None)
+    else:
+        borders = levels = value_levels = None
+        if bits:
+            borders, levels, value_levels = device_table(int(act), bits, 0.0, 0.0, a.device)
+        y = _GatedFunction.apply(a, b, int(act), bits, borders, levels, value_levels, b_is_view)
+    return y if order is None else y.permute(_inverse(order))
