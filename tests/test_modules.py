@@ -150,3 +150,46 @@ def test_elementwise_coded():
     assert (g - exact).pow(2).mean() < 0.01
     with pytest.raises(ValueError, match="bits"):
         mk.elementwise(swish_beta, bits=7)
+
+
+def test_elementwise_refuses_gradients_it_cannot_give():
+    """fn'(x) gives x's gradient only: a fn whose parameters or captured tensors require grad
+    raises where autograd records the call, instead of leaving their .grad silently None."""
+    beta = nn.Parameter(torch.tensor(1.5))
+    x = torch.randn(5, requires_grad=True)
+    for bits in (None, 3):
+        with pytest.raises(RuntimeError, match="require grad besides its input"):
+            mk.elementwise(lambda t: t * torch.sigmoid(beta * t), bits=bits)(x)
+        with pytest.raises(RuntimeError, match="require grad besides its input"):
+            mk.elementwise(lambda t: t * torch.sigmoid(beta * t), bits=bits)(x.detach())
+    with pytest.raises(RuntimeError, match="require grad besides its input"):
+        mk.elementwise(nn.PReLU())(x)
+    with torch.no_grad():
+        mk.elementwise(nn.PReLU())(x)
+    frozen = nn.PReLU().requires_grad_(False)
+    f = mk.elementwise(frozen)
+    torch.testing.assert_close(f(x), frozen(x))
+    assert list(f.state_dict()) == ["fn.weight"]  # no second registration as __wrapped__
+    assert mk.elementwise(swish_beta).__name__ == "swish_beta"
+
+
+@pytest.mark.parametrize("fn", [lambda t: torch.softmax(t, -1), lambda t: torch.cumsum(t, -1),
+                                lambda t: torch.flip(t, (-1,)), lambda t: t - t.mean()],
+                         ids=["softmax", "cumsum", "flip", "minus_mean"])
+def test_elementwise_refuses_functions_that_mix_elements(fn):
+    x = torch.randn(4, 9, requires_grad=True)
+    with pytest.raises(ValueError, match="not element-wise"):
+        mk.elementwise(fn)(x)
+    with pytest.raises(ValueError, match="must be element-wise.*shape"):
+        mk.elementwise(lambda t: t.sum(-1))(x)
+
+
+def test_elementwise_second_derivative_raises_and_no_grad_keeps_nothing():
+    f = mk.elementwise(swish_beta)
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(f(x * 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        g.pow(2).sum().backward()
+    assert mk.profile.saved_bytes(f, x.detach()) == 0
+    with torch.no_grad():
+        assert torch.equal(f(x), swish_beta(x))

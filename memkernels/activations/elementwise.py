@@ -11,7 +11,8 @@ import functools
 import torch
 
 from memkernels import ops, reference
-from memkernels.activations.autograd import check_floating_input, grad_from_kept, keep_for_backward
+from memkernels.activations.autograd import (check_floating_input, grad_from_kept, keep_for_backward,
+                                             needs_grad, once_differentiable)
 from memkernels.activations.spec import check_bits
 
 
@@ -19,14 +20,41 @@ def _value_and_derivative(fn, x):
     return torch.func.jvp(fn, (x,), (torch.ones_like(x),))
 
 
+def _no_other_grads(fn, *outputs) -> None:
+    """fn's outputs on a detached x must not require grad: if they do, fn uses parameters or
+    captured tensors that require grad, whose gradients fn'(x) alone cannot give."""
+    if any(t.requires_grad for t in outputs):
+        raise RuntimeError(
+            f"mk.elementwise({_name(fn)}): fn uses tensors that require grad besides its input "
+            "(parameters, or tensors it captures); mk.elementwise keeps only fn'(x) for backward, "
+            "so their gradients cannot be computed. Freeze them (requires_grad_(False)), or call fn "
+            "itself where they must train.")
+
+
+def _same_shape(fn, x, y) -> None:
+    if y.shape != x.shape:
+        raise ValueError(f"mk.elementwise({_name(fn)}): fn must be element-wise, but it maps an input "
+                         f"of shape {tuple(x.shape)} to {tuple(y.shape)}")
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
 class _ExactFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fn):
-        y, d = _value_and_derivative(fn, x)
+        # With grad on here, a fn that uses tensors requiring grad gives outputs that require it;
+        # on a detached x nothing else does, and no graph is built.
+        with torch.enable_grad():
+            y, d = _value_and_derivative(fn, x.detach())
+        _no_other_grads(fn, y, d)
+        _same_shape(fn, x, y)
         ctx.save_for_backward(d)
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         (d,) = ctx.saved_tensors
         return grad_out * d, None
@@ -35,15 +63,42 @@ class _ExactFunction(torch.autograd.Function):
 class _CodedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fn, bits, borders, levels):
-        with torch.no_grad():
-            y = fn(x)
+        with torch.enable_grad():
+            y = fn(x.detach())
+        _no_other_grads(fn, y)
+        _same_shape(fn, x, y)
         # The codes of the built-in activations' kernels, computed with torch ops for any fn.
         keep_for_backward(ctx, ops.pack_bits(reference.codes(x.detach(), borders), bits), bits, levels)
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         return grad_from_kept(ctx, grad_out), None, None, None, None
+
+
+def check_elementwise(fn, x: torch.Tensor) -> None:
+    """Raise unless fn is element-wise at x as far as one more jvp can tell: for such a fn the
+    jvp with any tangent v is fn'(x) * v, while a fn that mixes elements (softmax, cumsum, flip,
+    t - t.mean()) gives another value for a tangent that is not constant."""
+    with torch.no_grad():
+        x = x.detach()
+        flat = torch.arange(x.numel(), device=x.device) % 7 + 1
+        v = flat.to(x.dtype).reshape(x.shape)
+        y, d = _value_and_derivative(fn, x)
+        _same_shape(fn, x, y)
+        _, jv = torch.func.jvp(fn, (x,), (v,))
+        expected = d * v
+        finite = torch.isfinite(expected) & torch.isfinite(jv)
+        error = (jv - expected)[finite].abs().max()
+        tol = 1e-3 if x.dtype in (torch.float32, torch.float64) else 5e-2
+        scale = expected[finite].abs().max()
+        if error > tol * scale:
+            raise ValueError(
+                f"mk.elementwise({_name(fn)}): fn is not element-wise (an output element depends on "
+                f"other input elements: its jvp differs from fn'(x) * v by {error.item():.3g}); "
+                "mk.elementwise keeps the Jacobian's diagonal only, which gives wrong gradients for "
+                "such a fn. Use fn itself.")
 
 
 class Elementwise(torch.nn.Module):
@@ -51,15 +106,30 @@ class Elementwise(torch.nn.Module):
     only fn'(x) (``bits=None``, exact, x's dtype) or a packed ``bits``-bit code of it.
 
     The code's table is fitted on first use to fn' under a standard-normal input density, like
-    the built-in tables. ``fn`` must be element-wise: fn'(x) is taken as the jvp with tangent 1,
-    which is the diagonal of the Jacobian only when each output depends on its own input alone.
+    the built-in tables. What ``fn`` must be:
+
+    - element-wise: each output element depends only on the input element at the same index
+      (fn'(x) is taken as the jvp with tangent 1, which is the Jacobian's diagonal only then).
+      The output's shape must be the input's (checked on every call); on the first call in eager
+      mode one more jvp checks that fn is element-wise at that input (ValueError if not).
+    - without gradients of its own: fn'(x) gives x's gradient, not that of parameters or captured
+      tensors inside fn (``lambda t: t * torch.sigmoid(beta * t)`` with ``beta`` a Parameter, an
+      ``nn.PReLU``). Where such a tensor requires grad and autograd records the call, it raises a
+      RuntimeError rather than leave their ``.grad`` silently None; frozen ones are fine.
+
+    Backward is once-differentiable (a second backward raises). Where no gradient can be needed
+    (``no_grad``, ``inference_mode``, an input that does not require grad) it is ``fn(x)``.
     """
 
     def __init__(self, fn, bits: int | None = None):
         super().__init__()
         self.fn = fn
         self.bits = check_bits(bits) or None
-        functools.update_wrapper(self, fn, updated=())
+        self._checked = False
+        if not isinstance(fn, torch.nn.Module):
+            # __name__, __doc__ of a function; not for a module fn, whose __wrapped__ would be a
+            # second registration of fn (state_dict keys __wrapped__.* beside fn.*).
+            functools.update_wrapper(self, fn, updated=())
 
     def extra_repr(self) -> str:
         return f"fn={getattr(self.fn, '__name__', self.fn)!r}, bits={self.bits}"
@@ -70,6 +140,15 @@ class Elementwise(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_floating_input("input", x)
+        if not self._checked and x.numel() > 0 and not torch.compiler.is_compiling():
+            check_elementwise(self.fn, x)
+            self._checked = True
+        if not needs_grad(x):
+            y = self.fn(x)
+            if torch.is_grad_enabled():
+                _no_other_grads(self.fn, y)
+            _same_shape(self.fn, x, y)
+            return y
         if self.bits is None:
             return _ExactFunction.apply(x, self.fn)
         borders, levels = _device_table(self.fn, self.bits, x.device)
@@ -79,7 +158,8 @@ class Elementwise(torch.nn.Module):
 @functools.lru_cache(maxsize=None)
 def _fitted_table(fn, bits: int):
     from memkernels.activations.tables import fit_table
-    return fit_table(lambda t: _value_and_derivative(fn, t)[1], fn, bits)
+    with torch.no_grad():  # a fn with parameters that require grad fails later, with its own error
+        return fit_table(lambda t: _value_and_derivative(fn, t)[1], fn, bits)
 
 
 @torch.compiler.assume_constant_result  # torch.compile takes the table as a constant, untraced
