@@ -77,6 +77,8 @@ def test_activation_exact(act, custom, dtype):
     assert y.dtype == saved.dtype == dtype and y.shape == saved.shape == x.shape
     assert_close(y, y_ref)
     assert_close(saved, saved_ref)
+    # the value-only kernel: the same y, bit for bit
+    torch.testing.assert_close(tk.activation_value(x, int(act), p0, p1), y, atol=0, rtol=0, equal_nan=True)
     grad = torch.randn_like(x)
     assert_close(tk.activation_backward(grad, saved_ref, 0, None),
                  ref.activation_backward(grad, saved_ref, 0, None))

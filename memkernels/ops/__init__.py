@@ -257,11 +257,3 @@ if _C is not None:
         return e.new_empty((e.shape[0], out_features))
 
     from memkernels.ops import _cuda  # noqa: E402,F401  (registers the CUDA kernels)
-
-    @torch.library.register_kernel("memkernels::activation_value", "cuda")
-    def _(x, activation, p0, p1):
-        # The GPU kernels have no value-only mode yet: run the forward with the 1-bit code (the
-        # same y; 1/8 byte an element besides it, where f'(x) would take the element's size).
-        from memkernels.activations.autograd import _cached_table
-        borders = _cached_table(activation, 1, p0, p1, x.device)[0]
-        return torch.ops.memkernels.activation_forward(x, activation, p0, p1, 1, borders)[0]

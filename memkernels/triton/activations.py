@@ -208,8 +208,9 @@ def _to_compute(x, FP64: tl.constexpr):
 @triton.jit
 def _forward_kernel(x_ptr, b_ptr, y_ptr, deriv_ptr, packed_ptr, borders_ptr, numel, num_groups,
                     p0_hi, p0_lo, p1_hi, p1_lo, ACT: tl.constexpr, BITS: tl.constexpr,
-                    GATED: tl.constexpr, FP64: tl.constexpr, BLOCK_GROUPS: tl.constexpr):
-    """y = f(x) (GATED: f(x) * b); BITS == 0 and not GATED: deriv = f'(x); BITS > 0: packed code.
+                    GATED: tl.constexpr, FP64: tl.constexpr, SAVE: tl.constexpr, BLOCK_GROUPS: tl.constexpr):
+    """y = f(x) (GATED: f(x) * b); with SAVE, also: BITS == 0 and not GATED: deriv = f'(x);
+    BITS > 0: packed code.
 
     Pointers a configuration does not use are passed as x and never read.
     """
@@ -224,7 +225,9 @@ def _forward_kernel(x_ptr, b_ptr, y_ptr, deriv_ptr, packed_ptr, borders_ptr, num
     if GATED:
         value = value * _to_compute(tl.load(b_ptr + elements, mask=mask, other=0.0), FP64)
     tl.store(y_ptr + elements, value.to(y_ptr.dtype.element_ty), mask=mask)
-    if BITS == 0:
+    if not SAVE:
+        pass
+    elif BITS == 0:
         if not GATED:
             tl.store(deriv_ptr + elements, deriv.to(deriv_ptr.dtype.element_ty), mask=mask)
     else:
@@ -350,11 +353,11 @@ def _grid(numel: int) -> tuple[int]:
     return (triton.cdiv(triton.cdiv(numel, 8), BLOCK_GROUPS),)
 
 
-def _forward(x, b, activation, p0, p1, bits, borders, gated):
+def _forward(x, b, activation, p0, p1, bits, borders, gated, save=True):
     numel = x.numel()
     y = torch.empty_like(x)
     if bits == 0:
-        saved = torch.empty(0, dtype=torch.uint8, device=x.device) if gated else torch.empty_like(x)
+        saved = torch.empty(0, dtype=torch.uint8, device=x.device) if gated or not save else torch.empty_like(x)
     else:
         saved = torch.empty(packed_nbytes(numel, bits), dtype=torch.uint8, device=x.device)
     if numel:
@@ -364,7 +367,7 @@ def _forward(x, b, activation, p0, p1, bits, borders, gated):
             x, x if b is None else b, y, saved if bits == 0 and not gated else x,
             saved if bits else x, x if borders is None else borders.contiguous(),
             numel, triton.cdiv(numel, 8), p0_hi, p0_lo, p1_hi, p1_lo, ACT=activation, BITS=bits,
-            GATED=gated, FP64=x.dtype == torch.float64, BLOCK_GROUPS=BLOCK_GROUPS)
+            GATED=gated, FP64=x.dtype == torch.float64, SAVE=save, BLOCK_GROUPS=BLOCK_GROUPS)
     return y, saved
 
 
@@ -390,6 +393,13 @@ def activation_forward(x, activation, p0, p1, bits, borders):
            tables=[("borders", borders)] if bits else ())
     return _forward(x.contiguous(), None, int(activation), float(p0), float(p1), bits, borders,
                     gated=False)
+
+
+def activation_value(x, activation, p0, p1):
+    """f(x) alone, the values of activation_forward: for calls no gradient can need."""
+    _check(0, values=[("x", x)], activation=activation)
+    return _forward(x.contiguous(), None, int(activation), float(p0), float(p1), 0, None, gated=False,
+                    save=False)[0]
 
 
 def activation_backward(grad_out, saved, bits, levels):
