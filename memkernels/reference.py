@@ -25,7 +25,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def activation_value(x: torch.Tensor, act: int, p0: float = 0.0, p1: float = 0.0) -> torch.Tensor:
+def _compute_value(x: torch.Tensor, act: int, p0: float = 0.0, p1: float = 0.0) -> torch.Tensor:
     """f(x), computed in float32 (float64 for float64) and returned in that compute dtype."""
     act = Activation(act)
     x = x.to(_compute_dtype(x))
@@ -146,12 +146,17 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return c.reshape(-1)[:numel].to(torch.uint8)
 
 
+def activation_value(x, act, p0=0.0, p1=0.0):
+    """Reference of op activation_value: f(x) in x's dtype."""
+    return _compute_value(x, act, p0, p1).to(x.dtype)
+
+
 def activation_forward(x, act, p0, p1, bits, borders):
     """Reference of the op ``memkernels::activation_forward``: (f(x), saved).
 
     bits == 0: saved = f'(x) in x's dtype and shape. bits > 0: saved = packed code of x.
     """
-    y = activation_value(x, act, p0, p1).to(x.dtype)
+    y = activation_value(x, act, p0, p1)
     if bits == 0:
         return y, activation_derivative(x, act, p0, p1).to(x.dtype)
     return y, pack_bits(codes(x, borders), bits)
@@ -174,7 +179,7 @@ def gated_forward(a, b, act, bits, borders):
     uint8 tensor (backward keeps a and b themselves, exact).
     """
     cd = _compute_dtype(a)
-    y = (activation_value(a, act) * b.to(cd)).to(a.dtype)
+    y = (_compute_value(a, act) * b.to(cd)).to(a.dtype)
     if bits == 0:
         return y, torch.empty(0, dtype=torch.uint8, device=a.device)
     return y, pack_bits(codes(a, borders), bits)
@@ -190,7 +195,7 @@ def gated_backward(grad_out, saved_a, b, act, bits, levels, value_levels):
     g = grad_out.to(cd)
     if bits == 0:
         d = activation_derivative(saved_a, act)
-        v = activation_value(saved_a, act)
+        v = _compute_value(saved_a, act)
     else:
         c = unpack_bits(saved_a, bits, grad_out.numel()).long()
         d = levels.to(g.device, cd)[c].view(g.shape)
