@@ -266,3 +266,28 @@ def test_leaky_relu_float64_slope_is_exact(device):
     # 1e-9: the finite differences themselves err by ~1e-10 (torch's own fails at 1e-12)
     assert torch.autograd.gradcheck(lambda t: mk.functional.leaky_relu(t, 0.1), (xs,), atol=1e-9, rtol=1e-9)
     assert mk.profile.saved_bytes(lambda t: mk.functional.leaky_relu(t, 0.1), xs) == packed_nbytes(64, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("name", ["sigmoid", "tanh"])
+def test_sigmoid_tanh_exact_keep_their_output(name, dtype, device):
+    """f' of Sigmoid and Tanh is a function of y: with bits=None y itself is kept (no second
+    tensor), the gradient is torch's backward from y bit for bit, and y is guarded like torch's
+    (an in-place change raises in backward). A double backward still raises."""
+    x = (torch.randn(1023, generator=torch.Generator().manual_seed(3)) * 3).to(dtype).to(device)
+    x.requires_grad_()
+    g = torch.randn(x.shape, device=device).to(dtype)
+    y = getattr(mk.functional, name)(x)
+    (saved,) = y.grad_fn.saved_tensors
+    assert saved.data_ptr() == y.data_ptr() and saved.shape == y.shape
+    assert mk.profile.saved_bytes(getattr(mk.functional, name), x) == y.nbytes
+    y.backward(g)
+    expected = getattr(torch.ops.aten, f"{name}_backward")(g, y.detach())
+    assert torch.equal(x.grad, expected)
+    y = getattr(mk.functional, name)(x)
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    (g,) = torch.autograd.grad(getattr(mk.functional, name)(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        g.sum().backward()
