@@ -4,6 +4,7 @@ import torch
 
 import memkernels as mk
 from memkernels import reference
+from memkernels.activations.autograd import TORCH_BACKWARD
 from memkernels.activations.spec import TWO_VALUED, packed_nbytes
 from memkernels.activations.tables import get_table
 
@@ -143,7 +144,7 @@ def test_empty(case, bits, device):
 def test_nan_and_inf(case, device):
     """Forward propagates NaN, follows the reference at +-inf and matches torch wherever torch's
     value is not NaN (torch's own GELU gives NaN at +inf, where the limit is +inf). The exact
-    gradient is NaN at NaN and matches torch wherever torch's is finite (at +-inf ours is the
+    gradient is NaN at NaN (torch's where exact mode runs torch's backward) and matches torch wherever torch's is finite (at +-inf ours is the
     finite limit)."""
     _, mfn, tfn, kwargs, act, p0, p1 = case
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5, -2.0], device=device,
@@ -158,7 +159,9 @@ def test_nan_and_inf(case, device):
     finite[0] = False
     torch.testing.assert_close(x.grad[finite], tgrad[finite])
     assert torch.isfinite(x.grad[1:]).all()
-    if act not in TWO_VALUED:
+    if act in TORCH_BACKWARD:  # exact mode runs torch's backward: Hardswish's is finite at NaN
+        torch.testing.assert_close(x.grad[0], tgrad[0], equal_nan=True)
+    elif act not in TWO_VALUED:
         assert torch.isnan(x.grad[0])
     # Coded: NaN takes code 0, so its gradient is the first level (finite).
     x.grad = None
@@ -269,25 +272,31 @@ def test_leaky_relu_float64_slope_is_exact(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("name", ["sigmoid", "tanh"])
-def test_sigmoid_tanh_exact_keep_their_output(name, dtype, device):
-    """f' of Sigmoid and Tanh is a function of y: with bits=None y itself is kept (no second
-    tensor), the gradient is torch's backward from y bit for bit, and y is guarded like torch's
-    (an in-place change raises in backward). A double backward still raises."""
-    x = (torch.randn(1023, generator=torch.Generator().manual_seed(3)) * 3).to(dtype).to(device)
-    x.requires_grad_()
+@pytest.mark.parametrize("act", list(TORCH_BACKWARD), ids=lambda a: a.name)
+def test_exact_keeps_what_torch_keeps(act, dtype, device):
+    """Sigmoid and Tanh keep y, Hardswish and Hardsigmoid keep x with bits=None (f' costs less to
+    recompute than to write): one tensor of x's size, a contiguous copy where x is strided, the
+    gradient is torch's backward from it bit for bit, and a kept y is guarded like torch's (an
+    in-place change raises in backward). A double backward still raises."""
+    keeps_output, torch_backward = TORCH_BACKWARD[act]
+    fn = getattr(mk.functional, act.name.lower())
+    base = (torch.randn(1023, 3, generator=torch.Generator().manual_seed(3)) * 4).to(dtype).to(device)
+    x = base[:, 1].requires_grad_()
     g = torch.randn(x.shape, device=device).to(dtype)
-    y = getattr(mk.functional, name)(x)
-    (saved,) = y.grad_fn.saved_tensors
-    assert saved.data_ptr() == y.data_ptr() and saved.shape == y.shape
-    assert mk.profile.saved_bytes(getattr(mk.functional, name), x) == y.nbytes
+    y = fn(x)
+    (kept,) = y.grad_fn.saved_tensors
+    if keeps_output:
+        assert kept.data_ptr() == y.data_ptr()
+    else:
+        assert torch.equal(kept, x.detach()) and kept.is_contiguous()
+    assert mk.profile.saved_bytes(fn, x) == y.nbytes
     y.backward(g)
-    expected = getattr(torch.ops.aten, f"{name}_backward")(g, y.detach())
-    assert torch.equal(x.grad, expected)
-    y = getattr(mk.functional, name)(x)
-    y.mul_(2)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        y.sum().backward()
-    (g,) = torch.autograd.grad(getattr(mk.functional, name)(x).sum(), x, create_graph=True)
+    assert torch.equal(x.grad, torch_backward(g, kept))
+    if keeps_output:
+        y = fn(x)
+        y.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+    (g,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         g.sum().backward()

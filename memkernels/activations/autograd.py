@@ -1,5 +1,5 @@
 """Autograd of the fused activations: forward keeps f'(x) (or its k-bit code) and nothing else;
-Sigmoid and Tanh with bits=None keep their output y instead, from which f' is exact.
+with bits=None, Sigmoid and Tanh keep y and Hardswish and Hardsigmoid x instead (TORCH_BACKWARD).
 
 The tables (borders, levels) travel as ctx attributes rather than through save_for_backward:
 they are shared constants of a few hundred bytes, not per-call activations, so the bytes that
@@ -17,7 +17,7 @@ import functools
 import torch
 
 from memkernels import ops
-from memkernels.activations.spec import DERIVATIVE_FROM_OUTPUT, TWO_VALUED, Activation, check_bits
+from memkernels.activations.spec import TWO_VALUED, Activation, check_bits
 
 _device_tables: dict = {}
 
@@ -179,27 +179,34 @@ class _ActivationFunction(torch.autograd.Function):
         return grad_in, None, None, None, None, None, None, None
 
 
-# torch's own backward of an activation from its output: grad * y (1 - y), grad * (1 - y^2).
-_BACKWARD_FROM_OUTPUT = {Activation.SIGMOID: torch.ops.aten.sigmoid_backward,
-                         Activation.TANH: torch.ops.aten.tanh_backward}
+# Exact mode of the activations whose f' costs less to recompute than to write: they keep what
+# torch keeps, the output (Sigmoid: f' = y (1 - y), Tanh: 1 - y^2) or the input (Hardswish,
+# Hardsigmoid), the same bytes as f'(x), so forward writes y alone; backward is torch's own.
+# Maps the activation to (keeps the output, torch's backward op).
+TORCH_BACKWARD = {
+    Activation.SIGMOID: (True, torch.ops.aten.sigmoid_backward),
+    Activation.TANH: (True, torch.ops.aten.tanh_backward),
+    Activation.HARDSWISH: (False, torch.ops.aten.hardswish_backward),
+    Activation.HARDSIGMOID: (False, torch.ops.aten.hardsigmoid_backward),
+}
 
 
-class _OutputKeptFunction(torch.autograd.Function):
-    """Exact Sigmoid / Tanh: y is kept (the same bytes as f'(x)), so forward writes y alone and
-    backward is torch's, bit for bit."""
+class _TorchBackwardFunction(torch.autograd.Function):
+    """bits=None for the activations of TORCH_BACKWARD: y or x kept, backward bit for bit torch's."""
 
     @staticmethod
     def forward(ctx, x, act):
+        x = x.contiguous()  # a strided x would keep its whole base alive; the op copies it anyway
         y = ops.activation_value(x, act, 0.0, 0.0)
-        ctx.save_for_backward(y)
-        ctx.backward_from_output = _BACKWARD_FROM_OUTPUT[act]
+        keeps_output, ctx.torch_backward = TORCH_BACKWARD[act]
+        ctx.save_for_backward(y if keeps_output else x)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        (y,) = ctx.saved_tensors
-        return ctx.backward_from_output(grad_out, y), None
+        (kept,) = ctx.saved_tensors
+        return ctx.torch_backward(grad_out, kept), None
 
 
 class _GatedFunction(torch.autograd.Function):
@@ -241,7 +248,7 @@ def _float64_slope(act, bits, p0, x: torch.Tensor):
 def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.0,
                bits: int | None = None) -> torch.Tensor:
     """y = f(x) for activation `act`, keeping for backward only f'(x): in x's dtype when bits is
-    None (Sigmoid, Tanh: y, from which f' is exact), else a packed code of `bits` bits an element. Any shape; same shape and dtype out, and
+    None (Sigmoid, Tanh: y; Hardswish, Hardsigmoid: x; f' is exact from them), else a packed code of `bits` bits an element. Any shape; same shape and dtype out, and
     x's layout when it is dense (channels_last, a transpose). Where no gradient can be needed,
     y alone is computed (the same values) and nothing is kept."""
     check_floating_input("input", x)
@@ -251,8 +258,8 @@ def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.
         x = x.permute(order)
     if not needs_grad(x):
         y = ops.activation_value(x, int(act), p0, p1)
-    elif kernel_bits == 0 and act in DERIVATIVE_FROM_OUTPUT:
-        y = _OutputKeptFunction.apply(x, Activation(act))
+    elif kernel_bits == 0 and act in TORCH_BACKWARD:
+        y = _TorchBackwardFunction.apply(x, Activation(act))
     else:
         borders = levels = None
         if kernel_bits:

@@ -39,10 +39,6 @@ PARAMS: dict[Activation, tuple[tuple[str, float], ...]] = {
 # Activations whose derivative takes two values: kept in 1 exact bit whatever `bits` says.
 TWO_VALUED = (Activation.RELU, Activation.LEAKY_RELU)
 
-# Activations whose derivative is a function of their output (sigmoid: y (1 - y), tanh: 1 - y^2):
-# with bits=None they keep y, as torch does, so that forward writes one tensor rather than two.
-DERIVATIVE_FROM_OUTPUT = (Activation.SIGMOID, Activation.TANH)
-
 # The activations that may gate a GLU: y = f(a) * b.
 GATES = (Activation.SILU, Activation.GELU, Activation.GELU_TANH)
 
