@@ -344,6 +344,23 @@ def test_linear_compiles_without_graph_breaks(save):
     assert y.shape == (4, 8) and layer.weight.grad is not None and x.grad is not None
 
 
+@pytest.mark.parametrize("nonnegative_input", [False, True])
+@pytest.mark.parametrize("make", [lambda device: mk.nn.Linear(40, 8, save="asa", device=device),
+                                  lambda device: mk.nn.Conv2d(3, 4, 3, padding=1, save="asa", device=device)])
+def test_asa_detection_compiles_to_eager_results(make, nonnegative_input, device):
+    # With nonnegative=None the variant is read from the data, which cannot steer Python in a
+    # fullgraph trace: it flows as data there, and output and gradients are eager's exactly.
+    torch.manual_seed(0)
+    layer = make(device)
+    x = torch.randn((5, 40) if isinstance(layer, torch.nn.Linear) else (2, 3, 6, 6), device=device)
+    x = x.relu() if nonnegative_input else x
+    eager = run_layer(layer, x)
+    layer.weight.grad = layer.bias.grad = None
+    compiled = run_layer(torch.compile(layer, fullgraph=True, backend="aot_eager"), x)
+    for want, got in zip(eager, compiled):
+        assert torch.equal(got, want)
+
+
 def test_linear_state_dict_and_repr():
     torch_layer = torch.nn.Linear(8, 3)
     layer = mk.nn.Linear(8, 3, save="int2", group_size=64)

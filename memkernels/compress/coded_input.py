@@ -17,8 +17,8 @@ _INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
 
 @dataclasses.dataclass(frozen=True)
 class _CodeFormat:
-    """How to read the codes [rows, packed bytes] and stats (None for the sign code) that backward
-    keeps of an input [rows, cols]: the arguments of the op dequantize_groups."""
+    """How to read the codes [rows, packed bytes] and stats (for the sign code None, read with lo and
+    step) that backward keeps of an input [rows, cols]: the arguments of the op dequantize_groups."""
 
     cols: int
     bits: int
@@ -54,7 +54,10 @@ def _encode(x: torch.Tensor, save: str, eps: float, nonnegative, group_size: int
     (no weight gradient to come) only the first, the rest None."""
     if save == "asa":
         if nonnegative is None:  # one reduction; give nonnegative to skip it
-            nonnegative = bool((x >= 0).all())
+            nonnegative = (x >= 0).all()
+            if torch.compiler.is_compiling():
+                return _traced_sign_code(x, eps, nonnegative, group_size, keep)
+            nonnegative = bool(nonnegative)
         x_aux, signs = ops.auxiliary_sign_forward(x, float(eps), nonnegative)
         if not keep:
             return x_aux, None, None, None
@@ -66,6 +69,22 @@ def _encode(x: torch.Tensor, save: str, eps: float, nonnegative, group_size: int
     seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64)  # torch's default CPU generator
     codes, stats = ops.quantize_groups(x, bits, group_size, seed)
     return x, codes, stats, _CodeFormat(x.shape[1], bits, group_size)
+
+
+def _traced_sign_code(x: torch.Tensor, eps: float, nonnegative: torch.Tensor, group_size: int, keep: bool):
+    """_encode's asa with the variant detected under torch.compile: nonnegative, a 0-dim bool tensor,
+    is a value of the data, which cannot steer Python in a graph, so the choice flows as data (eager's
+    results, at the cost of one where)."""
+    x_signed, signs = ops.auxiliary_sign_forward(x, float(eps), False)  # the same bits in both variants
+    x_aux = torch.where(nonnegative & (x <= 0), x, x_signed)  # s = 0, not -1, where x <= 0
+    if not keep:
+        return x_aux, None, None, None
+    # s(x) = lo + step * bit: the ops take (lo, step) as floats fixed when tracing, or as every group's
+    # (min, scale) in stats, read at run time.
+    f = nonnegative.to(torch.bfloat16)
+    groups = (x.shape[1] + group_size - 1) // group_size
+    stats = torch.stack((f - 1, 2 - f)).expand(x.shape[0], groups, 2)
+    return x_aux, signs, stats, _CodeFormat(x.shape[1], 1, group_size)
 
 
 def _check_layer_inputs(input: torch.Tensor, weight: torch.Tensor, bias) -> None:
