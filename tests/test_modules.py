@@ -162,8 +162,8 @@ def test_elementwise_refuses_gradients_it_cannot_give():
             mk.elementwise(lambda t: t * torch.sigmoid(beta * t), bits=bits)(x)
         with pytest.raises(RuntimeError, match="require grad besides its input"):
             mk.elementwise(lambda t: t * torch.sigmoid(beta * t), bits=bits)(x.detach())
-    with pytest.raises(RuntimeError, match="require grad besides its input"):
-        mk.elementwise(nn.PReLU())(x)
+        with pytest.raises(RuntimeError, match="require grad besides its input"):
+            mk.elementwise(nn.PReLU(), bits=bits)(x)
     with torch.no_grad():
         mk.elementwise(nn.PReLU())(x)
     frozen = nn.PReLU().requires_grad_(False)
@@ -171,6 +171,26 @@ def test_elementwise_refuses_gradients_it_cannot_give():
     torch.testing.assert_close(f(x), frozen(x))
     assert list(f.state_dict()) == ["fn.weight"]  # no second registration as __wrapped__
     assert mk.elementwise(swish_beta).__name__ == "swish_beta"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elementwise_coded_module_with_parameters(dtype):
+    # The table fit evaluates fn in float64, a module fn as a float64 copy of itself: PReLU's
+    # two-valued f' is then coded exactly, and the module keeps its own dtype.
+    prelu = nn.PReLU(init=0.3, dtype=dtype).requires_grad_(False)
+    f = mk.elementwise(prelu, bits=3)
+    x = torch.randn(1000, dtype=dtype, requires_grad=True)
+    y = f(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (want,) = torch.autograd.grad(prelu(x).sum(), x)
+    assert torch.equal(y, prelu(x)) and torch.equal(g, want)
+    assert prelu.weight.dtype == dtype
+
+
+def test_elementwise_names_a_fn_the_table_fit_cannot_evaluate():
+    w = torch.tensor([0.25])  # float32, which prelu does not promote to float64
+    with pytest.raises(RuntimeError, match="fitting the table of fn' evaluates fn on float64"):
+        mk.elementwise(lambda t: nn.functional.prelu(t, w), bits=3)(torch.randn(5, requires_grad=True))
 
 
 @pytest.mark.parametrize("fn", [lambda t: torch.softmax(t, -1), lambda t: torch.cumsum(t, -1),

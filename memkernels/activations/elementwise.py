@@ -6,6 +6,7 @@ first use. Under torch.compile the jvp's ops fuse into one kernel with the funct
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -106,7 +107,8 @@ class Elementwise(torch.nn.Module):
     only fn'(x) (``bits=None``, exact, x's dtype) or a packed ``bits``-bit code of it.
 
     The code's table is fitted on first use to fn' under a standard-normal input density, like
-    the built-in tables. What ``fn`` must be:
+    the built-in tables, from fn on float64 CPU tensors (a module fn: a float64 CPU copy of it,
+    whatever its parameters' dtype and device). What ``fn`` must be:
 
     - element-wise: each output element depends only on the input element at the same index
       (fn'(x) is taken as the jvp with tangent 1, which is the Jacobian's diagonal only then).
@@ -159,7 +161,16 @@ class Elementwise(torch.nn.Module):
 def _fitted_table(fn, bits: int):
     from memkernels.activations.tables import fit_table
     with torch.no_grad():  # a fn with parameters that require grad fails later, with its own error
-        return fit_table(lambda t: _value_and_derivative(fn, t)[1], fn, bits)
+        try:
+            # The fit's grid is float64 on the CPU: a module's own tensors must be too (a copy, so
+            # that fn itself is left alone); PReLU's ops do not promote a float32 weight.
+            f = copy.deepcopy(fn).to("cpu", torch.float64) if isinstance(fn, torch.nn.Module) else fn
+            return fit_table(lambda t: _value_and_derivative(f, t)[1], f, bits)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"mk.elementwise({_name(fn)}, bits={bits}): fitting the table of fn' evaluates fn on "
+                f"float64 CPU tensors (a module fn on a float64 CPU copy of itself), where fn failed: {e}. "
+                "Hold the tensors fn uses in a module passed as fn, or give bits=None.") from e
 
 
 @torch.compiler.assume_constant_result  # torch.compile takes the table as a constant, untraced
