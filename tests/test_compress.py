@@ -486,20 +486,6 @@ def test_conv2d_unbatched_and_bytes():
     assert mk.profile.saved_bytes(layer, x) == 3 * 64 * 4 // 8 + 3 * 4
 
 
-def test_convert_swaps_layers_and_keeps_parameters():
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                                torch.nn.Linear(4 * 6 * 6, 10))
-    keys, params = list(model.state_dict()), list(model.parameters())
-    model, report = mk.convert(model, bits=None, linear="int4", conv2d="asa", return_report=True)
-    assert isinstance(model[0], mk.nn.Conv2d) and model[0].save == "asa"
-    assert isinstance(model[3], mk.nn.Linear) and model[3].save == "int4"
-    assert list(model.state_dict()) == keys
-    assert all(a is b for a, b in zip(model.parameters(), params))
-    assert len(report.swapped) == 3
-    model(torch.randn(2, 1, 8, 8)).sum().backward()
-    assert all(p.grad is not None for p in params)
-
-
 def test_device_mix_is_named():
     layer = mk.nn.Linear(4, 2, save="int4", device="meta")
     with pytest.raises(ValueError, match="weight must be on the device of input"):

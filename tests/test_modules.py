@@ -1,4 +1,4 @@
-"""mk.nn modules, mk.convert and mk.elementwise."""
+"""mk.nn modules and mk.elementwise."""
 import pytest
 import torch
 from torch import nn
@@ -21,104 +21,6 @@ def test_module_forward_matches_torch(pair):
     x = torch.randn(5, 9) * 3
     torch.testing.assert_close(ours(x), theirs(x))
     assert f"bits={ours.bits}" in repr(ours)
-
-
-def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.ReLU(inplace=True),
-                         nn.Sequential(nn.Linear(32, 32), nn.SiLU()), nn.Linear(32, 4))
-
-
-def test_convert_swaps_in_place_keeps_state_dict_and_reports():
-    model = mlp()
-    keys = list(model.state_dict())
-    x = torch.randn(8, 16)
-    before = model(x)
-    same, report = mk.convert(model, bits=3, return_report=True)
-    assert same is model and list(model.state_dict()) == keys
-    assert [name for name, _, _ in report.swapped] == ["1", "3", "4.1"]
-    assert isinstance(model[1], mk.nn.GELU) and model[1].bits == 3
-    assert isinstance(model[3], mk.nn.ReLU) and model[3].inplace
-    torch.testing.assert_close(model(x), before)
-    assert "swapped 3" in str(report)
-
-
-def test_convert_cuts_bytes_kept():
-    model, x = mlp(), torch.randn(64, 16)
-    before = mk.profile.saved_bytes(model, x)
-    mk.convert(model, bits=3)
-    after = mk.profile.saved_bytes(model, x)
-    # GELU and SiLU kept their 32-float inputs (4 bytes each), now 3 bits; ReLU kept its output
-    # (which the next Linear keeps anyway), now 1 bit more.
-    n = 64 * 32
-    assert before - after == 2 * 4 * n - 2 * packed_nbytes(n, 3) - packed_nbytes(n, 1)
-
-
-def test_convert_include_exclude():
-    model = mk.convert(mlp(), include=[nn.GELU, "4.*"])
-    assert isinstance(model[1], mk.nn.GELU) and isinstance(model[4][1], mk.nn.SiLU)
-    assert type(model[3]) is nn.ReLU
-    model = mk.convert(mlp(), exclude=["1"])
-    assert type(model[1]) is nn.GELU and isinstance(model[3], mk.nn.ReLU)
-    with pytest.raises(ValueError, match="bits"):
-        mk.convert(mlp(), bits=6)
-    with pytest.raises(TypeError, match="include"):
-        mk.convert(mlp(), include=[3])
-
-
-def test_convert_skips_subclasses_and_matches_transformers_names():
-    class MyGELU(nn.GELU):
-        def forward(self, x):
-            return super().forward(x) * 2
-
-    # A class named and placed like transformers' own, without needing transformers installed.
-    NewGELUActivation = type("NewGELUActivation", (nn.Module,), {
-        "__module__": "transformers.activations",
-        "forward": lambda self, x: nn.functional.gelu(x, approximate="tanh")})
-    model = nn.Sequential(MyGELU(), NewGELUActivation())
-    model, report = mk.convert(model, bits=2, return_report=True)
-    assert type(model[0]) is MyGELU and report.skipped[0][0] == "0"
-    assert isinstance(model[1], mk.nn.GELU) and model[1].approximate == "tanh" and model[1].bits == 2
-
-
-# transformers' ACT2FN names whose module computes exactly one of our activations.
-TRANSFORMERS_SWAPPED = ("gelu", "gelu_python", "gelu_new", "gelu_fast", "gelu_pytorch_tanh",
-                        "gelu_python_tanh", "silu", "swish", "mish", "relu", "leaky_relu",
-                        "sigmoid", "tanh", "hardswish")
-
-
-@pytest.mark.parametrize("name", TRANSFORMERS_SWAPPED)
-def test_convert_swaps_transformers_activations(name):
-    """The real transformers classes (their names change between versions): each is swapped and
-    the model's values and gradients stay the same."""
-    transformers = pytest.importorskip("transformers")
-    from transformers.activations import ACT2FN
-    if name not in ACT2FN:
-        pytest.skip(f"transformers {transformers.__version__} has no {name!r}")
-    theirs = ACT2FN[name]
-    model, report = mk.convert(nn.Sequential(ACT2FN[name]), return_report=True)
-    assert len(report.swapped) == 1, report
-    x = torch.linspace(-8, 8, 1001, dtype=torch.float64, requires_grad=True)
-    want, = torch.autograd.grad(theirs(x).sum(), x)
-    got, = torch.autograd.grad(model(x).sum(), x)
-    torch.testing.assert_close(model(x), theirs(x), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("bits", [None, 3])
-def test_training_step_converted_model(bits):
-    torch.manual_seed(0)
-    model, x, target = mlp(), torch.randn(32, 16), torch.randn(32, 4)
-    ref = mlp()
-    mk.convert(model, bits=bits)
-    for m in (model, ref):
-        nn.functional.mse_loss(m(x), target).backward()
-    for p, q in zip(model.parameters(), ref.parameters()):
-        if bits is None:
-            torch.testing.assert_close(p.grad, q.grad)
-        else:  # coded f': close in direction to the exact gradient
-            cos = nn.functional.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0)
-            assert cos > 0.9
 
 
 def swish_beta(x):
