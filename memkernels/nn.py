@@ -205,8 +205,8 @@ class Linear(_CodedInput, nn.Linear):
     """torch.nn.Linear that keeps ``save``'s code of its input for backward.
 
     save: None (torch's Linear) | "asa" | "int8" | "int4" | "int2". eps, nonnegative (None: detect
-    with one reduction a call; give it to skip that and to trace under torch.compile without a
-    break) apply to "asa", group_size (a multiple of 8) to "intk". Input (..., in_features).
+    with one reduction a call; give it to skip that) apply to "asa", group_size (a multiple of 8)
+    to "intk". Input (..., in_features).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
