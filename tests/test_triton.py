@@ -3,6 +3,8 @@
 On a GPU they run on CUDA tensors; without one, on CPU tensors under TRITON_INTERPRET=1 (small
 shapes: the interpreter runs about a million elements a second).
 """
+import contextlib
+
 from _triton_modules import DEVICE, triton_modules
 
 import pytest
@@ -270,3 +272,45 @@ def test_validation_devices():
     x = torch.zeros(10, device=DEVICE)
     with pytest.raises(ValueError, match="borders is on cpu"):
         tk.activation_forward(x, int(Activation.GELU), 0, 0, 3, torch.zeros(7))
+
+
+def test_cuda_kernels_make_their_tensors_device_current(monkeypatch):
+    """Triton launches on the current device, not on its arguments': the ops' CUDA kernels
+    (memkernels/ops/_cuda.py) launch inside torch.cuda.device_of(their first tensor)."""
+    from memkernels.ops import _cuda
+    events = []
+
+    @contextlib.contextmanager
+    def device_of(t):
+        events.append(("enter", t))
+        yield
+        events.append(("exit", t))
+
+    value = tk.activation_value
+    monkeypatch.setattr(torch.cuda, "device_of", device_of)
+    monkeypatch.setattr(tk, "activation_value", lambda *args: events.append("launch") or value(*args))
+    x = make_input((10,), torch.float32)
+    y = _cuda._kernel("activation_value")(x, int(Activation.GELU), 0.0, 0.0)  # always Triton
+    assert [e if e == "launch" else (e[0], e[1] is x) for e in events] == \
+        [("enter", True), "launch", ("exit", True)]
+    assert_close(y, ref.activation_value(x, int(Activation.GELU)))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_ops_on_a_device_that_is_not_current(monkeypatch, backend):
+    import memkernels as mk
+    if backend == "cuda" and not mk._C.with_cuda:
+        pytest.skip("memkernels._C was built without the CUDA C++ kernels")
+    monkeypatch.setenv("MEMKERNELS_BACKEND", backend)
+    x = make_input((4097,), torch.float32).to("cuda:1")
+    borders, levels, _ = (t.to("cuda:1") for t in make_tables(3, x))
+    gelu = int(Activation.GELU)
+    with torch.cuda.device(0):
+        y, packed = torch.ops.memkernels.activation_forward(x, gelu, 0.0, 0.0, 3, borders)
+        grad = torch.ops.memkernels.activation_backward(x, packed, 3, levels)
+    y_ref, packed_ref = ref.activation_forward(x, gelu, 0.0, 0.0, 3, borders)
+    assert y.device == packed.device == grad.device == x.device
+    assert_close(y, y_ref)
+    assert torch.equal(packed, packed_ref)
+    assert_close(grad, ref.activation_backward(x, packed_ref, 3, levels))

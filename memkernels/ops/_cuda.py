@@ -104,10 +104,14 @@ def _covered_by_cuda_cpp(op: str, args) -> bool:
 
 def _kernel(op: str):
     def run(*args):
-        if backend_for(op) == "cuda" and _covered_by_cuda_cpp(op, args):
-            return getattr(_C, op)(*args)
-        triton_kernels = importlib.import_module(f"memkernels.triton.{TRITON_MODULES[op]}")
-        return getattr(triton_kernels, op)(*args)
+        # Triton launches on the current device and its stream, not on its arguments' device (the
+        # dispatcher sets no guard for these kernels): with a tensor on cuda:1 while cuda:0 is
+        # current, the launch fails. Every op's first tensor is on the device it runs on.
+        with torch.cuda.device_of(next(a for a in args if isinstance(a, torch.Tensor))):
+            if backend_for(op) == "cuda" and _covered_by_cuda_cpp(op, args):
+                return getattr(_C, op)(*args)
+            triton_kernels = importlib.import_module(f"memkernels.triton.{TRITON_MODULES[op]}")
+            return getattr(triton_kernels, op)(*args)
     run.__name__ = f"{op}_cuda"
     return run
 
