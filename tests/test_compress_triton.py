@@ -82,6 +82,17 @@ def test_quantize_groups(cols, bits, group_size):
         assert_exact(stats.cpu(), stats_ref)
 
 
+@pytest.mark.parametrize("group_size", (1024, 2**21))
+def test_quantize_groups_wider_than_the_row(group_size):
+    """A group wider than the row is the row: its tile is the row's width, not group_size's (a tile
+    of 2**21 values is more than triton allows)."""
+    x = make_rows(6, 77, torch.float32)
+    codes, stats = tc.quantize_groups(x, 4, group_size, seed_tensor(5))
+    codes_ref, stats_ref = ref.quantize_groups(x.cpu(), 4, group_size, seed_tensor(5))
+    assert torch.equal(codes.cpu(), codes_ref)
+    assert_exact(stats.cpu(), stats_ref)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_quantize_groups_dtypes(dtype):
     x = make_rows(7, 300, dtype)

@@ -467,13 +467,18 @@ def quantize_groups(x, bits, group_size, seed):
     stats = torch.empty((rows, groups, 2), dtype=torch.bfloat16, device=x.device)
     if x.numel():
         key = int(seed.item()) & 0xFFFFFFFFFFFFFFFF
-        quads = triton.next_power_of_2(group_size // 4)
+        # A program's tile holds whole groups: one wider than the row (a group_size meant as "the
+        # whole row") is the row itself, the same codes and stats from a tile of the row's width,
+        # not of group_size (a group of 2**21 exceeded triton's largest tensor; 2**18 spilled 46 KB
+        # a thread on a GPU).
+        kernel_group = min(group_size, triton.cdiv(cols, 8) * 8)
+        quads = triton.next_power_of_2(kernel_group // 4)
         # About 1024 values a program (8192 under the interpreter), whole groups.
         items = max(1, (8192 if _interpreted() else 1024) // (quads * 4))
         _quantize_kernel[(triton.cdiv(rows * groups, items),)](
             x, codes, stats.view(torch.int16), rows, cols, groups, triton.cdiv(cols, 8),
             x.stride(0), x.stride(1), key & 0xFFFFFFFF, key >> 32, BITS=bits,
-            GROUP_SIZE=group_size, LOG2_QUADS=quads.bit_length() - 1, BLOCK_ITEMS=items,
+            GROUP_SIZE=kernel_group, LOG2_QUADS=quads.bit_length() - 1, BLOCK_ITEMS=items,
             num_warps=4, **_dequantize_launch_options())
     return codes, stats
 
