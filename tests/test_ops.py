@@ -72,7 +72,8 @@ def test_fake_shapes_match_real(device):
 def test_compile_fullgraph(bits, device):
     def step(x, a, b):
         return mk.functional.gelu(x, bits=bits).sum() + mk.functional.swiglu(a, b, bits=bits).sum() \
-            + mk.functional.softplus(x, beta=2.0, bits=bits).sum()
+            + mk.functional.softplus(x, beta=2.0, bits=bits).sum() + mk.functional.sigmoid(a, bits=bits).sum() \
+            + mk.functional.hardswish(b, bits=bits).sum()
 
     x, a, b = (torch.randn(129, device=device, requires_grad=True) for _ in range(3))
     compiled = torch.compile(step, fullgraph=True)
