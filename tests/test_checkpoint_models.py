@@ -1,6 +1,8 @@
 """Checkpoint plans on real small models on CPU: the measured peak of a forward+backward stays
 within the budget and does not rise as the budget falls, the predicted peak is close to it, and
 the planned model's gradients equal the unplanned model's bit for bit, dropout included."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,3 +213,44 @@ def test_least_budget_from_re_solving_is_called_an_estimate():
     estimated = ck.InfeasibleBudget("chain", 100, 120, estimated=True)
     assert "about" not in str(exact) and not exact.estimated
     assert "about 120 B (120 bytes), an estimate from the measured peaks" in str(estimated)
+
+
+def test_plan_re_solves_when_the_measured_peak_passes_the_budget(monkeypatch):
+    """A cost model that under-counts, simulated by measuring every plan at 1.25 times its
+    predicted peak: plan re-solves under a scaled budget until the measurement fits, and where
+    no scaled budget can fit it names an estimated least budget."""
+    plan_module = sys.modules["memkernels.checkpoint.plan"]  # the package's `plan` is the function
+    model, x = mlp(), torch.randn(16, 256)
+    graph = ck.trace(model, x)
+    measured = []
+
+    def under_counted_peak(applied, inputs):
+        predicted = applied_plans[-1].predicted_peak
+        measured.append(predicted * 5 // 4)
+        return measured[-1]
+
+    applied_plans = []
+    apply = plan_module.apply
+    monkeypatch.setattr(plan_module, "apply", lambda m, p: applied_plans.append(p) or apply(m, p))
+    monkeypatch.setattr(plan_module, "measure_peak", under_counted_peak)
+
+    full = ck.solve(graph, None, "none").predicted_peak
+    least = ck.least_budget(graph, "dp")
+    budget = (least * 5 // 4 + full) // 2  # fits once re-solved with budget / 1.25
+    plan = ck.plan(model, x, budget, "dp", graph=graph)
+    assert len(measured) >= 2 and measured[0] > budget  # the first plan's peak passed the budget
+    assert plan.measured_peak == measured[-1] <= budget and plan.solution.budget == budget
+
+    measured.clear()
+    applied_plans.clear()
+    tight = least + (least // 10)  # the model fits it, a 1.25x under-count cannot
+    with pytest.raises(ck.InfeasibleBudget, match="an estimate") as error:
+        ck.plan(model, x, tight, "dp", graph=graph)
+    assert error.value.estimated and error.value.budget == tight
+    assert error.value.least_budget > tight  # scaled up from the model's least by the measurement
+
+    calls = []
+    monkeypatch.setattr(plan_module, "measure_peak", lambda applied, inputs: calls.append(1) or full + 1)
+    with pytest.raises(ck.InfeasibleBudget, match="an estimate") as error:
+        ck.plan(model, x, full, "dp", graph=graph)  # each re-solve fits the model, none the measurement
+    assert len(calls) == 4 and error.value.estimated and error.value.least_budget == full + 1

@@ -125,7 +125,8 @@ def test_parse_budget(text, expected):
 
 
 @pytest.mark.parametrize("bad,error", [("2 parsecs", ValueError), ("GB", ValueError), (-1, ValueError),
-                                       (1.5, TypeError), (True, TypeError), (None, TypeError)])
+                                       ("1e400GB", ValueError), (1.5, TypeError), (True, TypeError),
+                                       (None, TypeError)])
 def test_parse_budget_rejects(bad, error):
     with pytest.raises(error, match="budget"):
         ck.parse_budget(bad)

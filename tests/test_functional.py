@@ -200,6 +200,8 @@ def test_bad_arguments():
         mk.functional.silu([1.0, 2.0])
     with pytest.raises(ValueError, match="alpha"):
         mk.functional.celu(x, alpha=0.0)
+    with pytest.raises(ValueError, match="beta must be non-zero"):
+        mk.functional.softplus(x, beta=0.0)
 
 
 @pytest.mark.parametrize("bits", [None, 3])
