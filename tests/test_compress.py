@@ -398,6 +398,17 @@ def test_layer_argument_errors():
         layer(torch.ones(2, 5))
     with pytest.raises(ValueError, match="linear must be None or one of"):
         mk.convert(torch.nn.Linear(2, 2), linear="int16")
+    with pytest.raises(TypeError, match="nonnegative must be None"):
+        mk.nn.Linear(4, 4, save="asa", nonnegative="yes")
+
+
+def test_conv2d_function_argument_errors():
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    assert torch.equal(mk.compress.conv2d(x, w, padding=1), TF.conv2d(x, w, padding=1))  # save=None
+    with pytest.raises(ValueError, match="conv2d with save needs integer padding"):
+        mk.compress.conv2d(x, w, padding="same", save="int4")
+    with pytest.raises(ValueError, match=r"input must be \(N, C, H, W\) or \(C, H, W\), got shape \(5, 5\)"):
+        mk.compress.conv2d(x[0, 0], w, save="int4")
 
 
 @pytest.mark.parametrize("save", ["asa", "int8", "int2"])

@@ -1,4 +1,5 @@
 """mk.profile: bytes kept for backward and peak bytes."""
+import pytest
 import torch
 from torch import nn
 
@@ -24,3 +25,8 @@ def test_peak_memory(device):
     assert 4 * n <= forward_only <= 4 * n + 4096  # the output
     with_backward = mk.profile.peak_memory(lambda t: t * 2, x)
     assert 8 * n <= with_backward <= 8 * n + 4096  # the output and the input's gradient
+
+
+def test_peak_memory_names_the_devices_it_measures():
+    with pytest.raises(NotImplementedError, match="peak_memory measures cpu and cuda, not meta"):
+        mk.profile.peak_memory(lambda t: t * 2, torch.empty(4, device="meta"))
