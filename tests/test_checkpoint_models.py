@@ -222,14 +222,12 @@ def test_plan_re_solves_when_the_measured_peak_passes_the_budget(monkeypatch):
     plan_module = sys.modules["memkernels.checkpoint.plan"]  # the package's `plan` is the function
     model, x = mlp(), torch.randn(16, 256)
     graph = ck.trace(model, x)
-    measured = []
+    applied_plans, measured = [], []
 
     def under_counted_peak(applied, inputs):
-        predicted = applied_plans[-1].predicted_peak
-        measured.append(predicted * 5 // 4)
+        measured.append(applied_plans[-1].predicted_peak * 5 // 4)
         return measured[-1]
 
-    applied_plans = []
     apply = plan_module.apply
     monkeypatch.setattr(plan_module, "apply", lambda m, p: applied_plans.append(p) or apply(m, p))
     monkeypatch.setattr(plan_module, "measure_peak", under_counted_peak)
