@@ -9,7 +9,8 @@ little-endian integer formed by bytes ``packed[g*k : g*k + k]``. So k = 3 packs 
 3 bytes, and no bit is wasted but the padding of the last group.
 
 Codes of an activation. ``code(x) = #{j : borders[j] < x}`` for sorted float32 ``borders`` of
-length ``2**k - 1`` (torch.bucketize with right=False); NaN gets code 0. Backward multiplies the
+length ``2**k - 1`` (torch.bucketize with right=False), x compared exactly (a float64 x is not
+rounded to float32 first); NaN gets code 0. Backward multiplies the
 incoming gradient by ``levels[code]``.
 """
 from __future__ import annotations
@@ -117,8 +118,8 @@ def activation_derivative(x: torch.Tensor, act: int, p0: float = 0.0, p1: float 
 
 def codes(x: torch.Tensor, borders: torch.Tensor) -> torch.Tensor:
     """Interval index of every element of x (flattened), uint8: #{j : borders[j] < x}; NaN -> 0."""
-    x = x.reshape(-1).to(torch.float32)
-    c = torch.bucketize(x, borders.to(x.device, torch.float32), right=False)
+    x = x.reshape(-1).to(_compute_dtype(x))
+    c = torch.bucketize(x, borders.to(x.device, torch.float32).to(x.dtype), right=False)
     return torch.where(torch.isnan(x), torch.zeros_like(c), c).to(torch.uint8)
 
 

@@ -12,6 +12,8 @@ import torch
 
 pytest.importorskip("memkernels._C", reason="the C++ extension is not built (python setup.py build_ext --inplace)")
 
+from _codes import exact_codes, float64_around_borders  # noqa: E402
+
 from memkernels import reference as ref  # noqa: E402
 from memkernels.activations.spec import GATES, VALID_BITS, Activation, default_params  # noqa: E402
 
@@ -190,6 +192,21 @@ def test_activation_codes_repeated_borders(bits):
     x = torch.cat([borders, borders + 0.5, torch.randn(4097) * 3])
     _, codes = ops.activation_forward(x, int(Activation.RELU), 0.0, 0.0, bits, borders)
     assert torch.equal(codes, ref.pack_bits(ref.codes(x, borders), bits))
+
+
+@pytest.mark.parametrize("bits", VALID_BITS)
+def test_float64_codes_compare_exactly(bits):
+    # A float64 x a hair above a border (or 1e-50 above ReLU's 0) is above it: its code is not
+    # that of x rounded to float32.
+    borders = random_borders(bits)
+    borders[0] = 0.0
+    borders = borders.sort().values
+    x = float64_around_borders(borders)
+    assert torch.equal(ref.codes(x, borders), exact_codes(x, borders))
+    _, codes = ops.activation_forward(x, int(Activation.GELU), 0.0, 0.0, bits, borders)
+    assert torch.equal(codes, ref.pack_bits(exact_codes(x, borders), bits))
+    _, codes = ops.gated_forward(x, torch.ones_like(x), int(Activation.SILU), bits, borders)
+    assert torch.equal(codes, ref.pack_bits(exact_codes(x, borders), bits))
 
 
 # ---- gated_forward / gated_backward ----

@@ -169,11 +169,12 @@ def test_nan_and_inf(case, device):
     assert torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_subnormal_inputs_keep_their_codes(case, dtype, device):
     """Subnormal x compare with the borders as the numbers they are: several tables have a border
-    at 0, and a kernel that flushes subnormals to zero (CUDA's fast math) would code +tiny as 0."""
+    at 0, and a kernel that flushes subnormals to zero (CUDA's fast math) would code +tiny as 0, as
+    would one that rounds a float64 x to float32 before comparing."""
     _, mfn, _, kwargs, act, p0, p1 = case
     tiny = torch.finfo(dtype).tiny
     x = torch.tensor([tiny / 4, -tiny / 4, tiny / 64, 0.0, -0.0], dtype=dtype, device=device,
@@ -262,7 +263,8 @@ def test_dense_layout_is_kept(bits, device):
 def test_leaky_relu_float64_slope_is_exact(device):
     """The 1-bit code of LeakyReLU keeps x > 0; in float64 its slope multiplies at full precision
     (a float32 level would make 0.1 into 0.10000000149011612)."""
-    x = torch.tensor([-1.0, 2.0, 0.0, -3.5], dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.tensor([-1.0, 2.0, 0.0, -3.5, 1e-50, -1e-50], dtype=torch.float64, device=device,
+                     requires_grad=True)
     mk.functional.leaky_relu(x, 0.1).sum().backward()
     xt = x.detach().clone().requires_grad_()
     torch.nn.functional.leaky_relu(xt, 0.1).sum().backward()

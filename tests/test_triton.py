@@ -5,6 +5,7 @@ shapes: the interpreter runs about a million elements a second).
 """
 import contextlib
 
+from _codes import exact_codes, float64_around_borders
 from _triton_modules import DEVICE, triton_modules
 
 import pytest
@@ -140,6 +141,19 @@ def test_codes_of_special_values():
     _, packed = tk.activation_forward(x, int(Activation.GELU), 0.0, 0.0, 2, borders)
     # NaN -> 0; +inf above every border; a value equal to a border is not above it.
     assert tk.unpack_bits(packed, 2, x.numel()).tolist() == [0, 3, 0, 1, 0, 2, 3]
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_float64_codes_compare_exactly(bits):
+    # float64 x is compared with the float32 borders as it is, not rounded to float32 first.
+    borders = torch.cat([torch.zeros(1), torch.randn((1 << bits) - 2) * 3]).sort().values
+    x = float64_around_borders(borders)
+    expected = ref.pack_bits(exact_codes(x, borders), bits)
+    borders, x = borders.to(DEVICE), x.to(DEVICE)
+    _, packed = tk.activation_forward(x, int(Activation.GELU), 0.0, 0.0, bits, borders)
+    assert torch.equal(packed.cpu(), expected)
+    _, packed = tk.gated_forward(x, torch.ones_like(x), int(Activation.SILU), bits, borders)
+    assert torch.equal(packed.cpu(), expected)
 
 
 @pytest.mark.parametrize("bits", (0,) + BITS)

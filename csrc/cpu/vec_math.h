@@ -10,6 +10,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -381,9 +382,11 @@ __attribute__((always_inline)) inline void for_each_vec(int64_t n, const F& fn) 
   }
 }
 
-// The n elements at src as float, for codes (borders are float32: the reference compares x cast
-// to float32): src itself for float, else converted into buf (kTile long). Kernels that convert
-// bfloat16/float16 anyway keep their float vectors instead.
+// The n elements at src as float, for codes, which count the float32 borders below x: src itself
+// for float, else converted into buf (kTile long). Kernels that convert bfloat16/float16 anyway
+// keep their float vectors instead. float64 is rounded up, not to nearest: for every float b,
+// b < x exactly when b < (x rounded up), so each comparison is the one float64 x would make (a
+// positive 1e-50 is above ReLU's border 0, where rounding to nearest would make it 0).
 template <typename scalar_t>
 const float* float_tile(const scalar_t* src, int64_t n, float* buf) {
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -393,7 +396,10 @@ const float* float_tile(const scalar_t* src, int64_t n, float* buf) {
     return buf;
   } else {
     for (int64_t i = 0; i < n; ++i) {
-      buf[i] = static_cast<float>(src[i]);
+      const float rounded = static_cast<float>(src[i]);
+      buf[i] = static_cast<double>(rounded) < src[i]
+                   ? std::nextafter(rounded, std::numeric_limits<float>::infinity())
+                   : rounded;
     }
     return buf;
   }

@@ -157,8 +157,9 @@ __device__ __forceinline__ void store_word(uint8_t* __restrict__ packed, int64_t
 }
 
 // #{j : borders[j] < x} over 2**bits - 1 sorted borders: binary search, `bits` steps. NaN
-// compares false everywhere and gets 0.
-__device__ __forceinline__ uint32_t code_of(float x, const float* borders, int bits) {
+// compares false everywhere and gets 0. x in acc_t: a float64 x is compared as it is.
+template <typename acc_t>
+__device__ __forceinline__ uint32_t code_of(acc_t x, const float* borders, int bits) {
   uint32_t code = 0;
   for (uint32_t half = 1u << (bits - 1); half > 0; half >>= 1) {
     if (borders[code + half - 1] < x) code += half;
@@ -204,13 +205,13 @@ forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ b,
       store_group(deriv, first, numel, vec, out);
     }
     if (packed != nullptr) {
-      // Codes compare x rounded to float with float borders, as reference.codes does; the
-      // padding of the last group gets code 0.
+      // Codes compare x, exactly, with float borders, as reference.codes does; the padding of
+      // the last group gets code 0.
       uint64_t word = 0;
 #pragma unroll
       for (int i = 0; i < kGroup; ++i) {
         if (first + i < numel) {
-          word |= uint64_t(code_of(static_cast<float>(xs[i]), s_borders, bits)) << (i * bits);
+          word |= uint64_t(code_of(xs[i], s_borders, bits)) << (i * bits);
         }
       }
       store_word(packed, g, bits, word);

@@ -181,7 +181,8 @@ def _value_and_derivative(x, p0, p1, ACT: tl.constexpr):
 
 @triton.jit
 def _codes(x, borders_ptr, BITS: tl.constexpr):
-    """#{j : borders[j] < x} (int32) for float32 x; NaN compares false everywhere and gets 0."""
+    """#{j : borders[j] < x} (int32) for float32 or float64 x (float32 borders are compared
+    exactly with either); NaN compares false everywhere and gets 0."""
     code = tl.full(x.shape, 0, tl.int32)
     if BITS <= 4:
         # At most 15 borders: compare with each, loaded once a program as a scalar.
@@ -231,8 +232,9 @@ def _forward_kernel(x_ptr, b_ptr, y_ptr, deriv_ptr, packed_ptr, borders_ptr, num
         if not GATED:
             tl.store(deriv_ptr + elements, deriv.to(deriv_ptr.dtype.element_ty), mask=mask)
     else:
-        # Codes compare x rounded to float32 with float32 borders, as reference.codes does.
-        code = tl.where(mask, _codes(x_in.to(tl.float32), borders_ptr, BITS), 0)
+        # Codes compare x, exactly (x in float64 for float64), with float32 borders, as
+        # reference.codes does.
+        code = tl.where(mask, _codes(x, borders_ptr, BITS), 0)
         pack_groups(code, packed_ptr, groups, groups < num_groups, BITS)
 
 
