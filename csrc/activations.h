@@ -32,6 +32,12 @@ enum class Activation : int64_t {
 };
 constexpr int64_t kNumActivations = 14;
 
+// Codes count the borders below x, except Hardsigmoid's, which count those below -|x|: its
+// two-valued f' (1/6 on (-3, 3); 0 outside, at +-3 and at NaN) is then one border, -3, and one
+// exact bit (CODES_NEGATED_MAGNITUDE in spec.py).
+template <Activation A>
+constexpr bool kCodesNegatedMagnitude = A == Activation::HARDSIGMOID;
+
 constexpr float kSeluAlpha = 1.6732632423543772848170429916717f;
 constexpr float kSeluScale = 1.0507009873554804934193349852946f;
 

@@ -7,8 +7,8 @@
 
 TORCH_LIBRARY(memkernels, m) {
   // y = f(x) and what backward keeps: f'(x) in x's dtype (bits == 0) or a packed k-bit code of
-  // the interval of x among `borders` (float32, 2**bits - 1 values, sorted), uint8 of
-  // ceil(numel / 8) * bits bytes. p0, p1: the activation's parameters (see spec.py).
+  // the interval of x (Hardsigmoid: of -|x|) among `borders` (float32, 2**bits - 1 values,
+  // sorted), uint8 of ceil(numel / 8) * bits bytes. p0, p1: the activation's parameters (spec.py).
   m.def("activation_forward(Tensor x, int activation, float p0, float p1, int bits, Tensor? borders) -> (Tensor, Tensor)");
   // y = f(x) alone, the values of activation_forward bit for bit: the forward of a call that no
   // gradient can need (no_grad, inference_mode, an input that does not require grad).

@@ -3,7 +3,8 @@
 Each computes the same forward values as its torch twin and keeps for backward only f'(x):
 ``bits=None`` keeps it in the input's dtype (exact); ``bits`` in {1, 2, 3, 4, 8} keeps a packed
 code of that many bits an element whose level is the optimal piecewise-constant f' (tables in
-memkernels/activations/tables.json). ``relu`` and ``leaky_relu`` always keep 1 exact bit.
+memkernels/activations/tables.json). ``relu``, ``leaky_relu`` and ``hardsigmoid``, whose f' takes
+two values, always keep 1 exact bit.
 
 ``inplace`` is accepted for signature compatibility; the result is always a new tensor (the
 memory saved comes from not keeping the input, which is freed when nothing else holds it).

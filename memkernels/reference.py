@@ -11,7 +11,8 @@ little-endian integer formed by bytes ``packed[g*k : g*k + k]``. So k = 3 packs 
 Codes of an activation. ``code(x) = #{j : borders[j] < x}`` for sorted float32 ``borders`` of
 length ``2**k - 1`` (torch.bucketize with right=False), x compared exactly (a float64 x is not
 rounded to float32 first); NaN gets code 0. Backward multiplies the
-incoming gradient by ``levels[code]``.
+incoming gradient by ``levels[code]``. An activation's code is that of x, except Hardsigmoid's,
+which is that of -|x| (``activation_codes``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import math
 
 import torch
 
-from memkernels.activations.spec import SELU_ALPHA, SELU_SCALE, Activation
+from memkernels.activations.spec import CODES_NEGATED_MAGNITUDE, SELU_ALPHA, SELU_SCALE, Activation
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -123,6 +124,12 @@ def codes(x: torch.Tensor, borders: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(x), torch.zeros_like(c), c).to(torch.uint8)
 
 
+def activation_codes(x: torch.Tensor, act: int, borders: torch.Tensor) -> torch.Tensor:
+    """codes() of what activation `act` codes: x, or -|x| for Hardsigmoid (its two-valued f' is
+    1/6 exactly where -|x| > -3)."""
+    return codes(-x.abs() if act in CODES_NEGATED_MAGNITUDE else x, borders)
+
+
 def pack_bits(codes_u8: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack a 1-D uint8 tensor of values < 2**bits into ceil(N/8)*bits bytes (layout above)."""
     n = codes_u8.numel()
@@ -155,12 +162,12 @@ def activation_value(x, act, p0=0.0, p1=0.0):
 def activation_forward(x, act, p0, p1, bits, borders):
     """Reference of the op ``memkernels::activation_forward``: (f(x), saved).
 
-    bits == 0: saved = f'(x) in x's dtype and shape. bits > 0: saved = packed code of x.
+    bits == 0: saved = f'(x) in x's dtype and shape. bits > 0: saved = packed activation_codes.
     """
     y = activation_value(x, act, p0, p1)
     if bits == 0:
         return y, activation_derivative(x, act, p0, p1).to(x.dtype)
-    return y, pack_bits(codes(x, borders), bits)
+    return y, pack_bits(activation_codes(x, act, borders), bits)
 
 
 def activation_backward(grad_out, saved, bits, levels):

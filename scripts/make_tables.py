@@ -2,9 +2,9 @@
 
     python scripts/make_tables.py
 
-Fits every activation except ReLU and LeakyReLU (exact in 1 bit, built on the fly) at torch's default
-parameters for bits 1, 2, 3, 4, 8, writes the file (deterministic: same code, same bytes) and prints
-the integrated error E_{x ~ N(0,1)} (f'(x) - levels[code(x)])**2 of every table.
+Fits every activation except ReLU, LeakyReLU and Hardsigmoid (exact in 1 bit, built on the fly) at
+torch's default parameters for bits 1, 2, 3, 4, 8, writes the file (deterministic: same code, same
+bytes) and prints the integrated error E_{x ~ N(0,1)} (f'(x) - levels[code(x)])**2 of every table.
 """
 from __future__ import annotations
 

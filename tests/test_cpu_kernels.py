@@ -15,7 +15,8 @@ pytest.importorskip("memkernels._C", reason="the C++ extension is not built (pyt
 from _codes import exact_codes, float64_around_borders  # noqa: E402
 
 from memkernels import reference as ref  # noqa: E402
-from memkernels.activations.spec import GATES, VALID_BITS, Activation, default_params  # noqa: E402
+from memkernels.activations.spec import (  # noqa: E402
+    CODES_NEGATED_MAGNITUDE, GATES, VALID_BITS, Activation, default_params)
 
 ops = torch.ops.memkernels
 
@@ -108,12 +109,13 @@ def test_activation_coded_3bits(act, params, dtype, shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits", VALID_BITS)
-def test_activation_codes_every_bits(bits, dtype, shape):
+@pytest.mark.parametrize("act", (Activation.GELU, Activation.HARDSIGMOID), ids=lambda a: a.name)
+def test_activation_codes_every_bits(act, bits, dtype, shape):
     borders, levels = random_borders(bits), random_levels(bits)
     x = random_input(shape, dtype)
     x.view(-1)[: min(x.numel(), borders.numel())] = borders[: x.numel()].to(dtype)  # ties: borders < x is strict
-    y, saved = ops.activation_forward(x, int(Activation.GELU), 0.0, 0.0, bits, borders)
-    y_ref, saved_ref = ref.activation_forward(x, int(Activation.GELU), 0.0, 0.0, bits, borders)
+    y, saved = ops.activation_forward(x, int(act), 0.0, 0.0, bits, borders)
+    y_ref, saved_ref = ref.activation_forward(x, int(act), 0.0, 0.0, bits, borders)
     assert_matches(y, y_ref)
     assert saved.dtype == torch.uint8 and saved.numel() == (x.numel() + 7) // 8 * bits
     assert torch.equal(saved, saved_ref)
@@ -135,8 +137,10 @@ def test_activation_special_values(act, params, dtype):
         borders = random_borders(bits)
         _, codes = ops.activation_forward(x, int(act), *params, bits, borders)
         unpacked = ops.unpack_bits(codes, bits, x.numel())
-        assert unpacked[0] == 0 and unpacked[1] == 2**bits - 1 and unpacked[2] == 0  # NaN, +inf, -inf
-        assert torch.equal(codes, ref.pack_bits(ref.codes(x, borders), bits))
+        # NaN, +inf, -inf (Hardsigmoid codes -|x|: -inf for both infinities)
+        top = 0 if act in CODES_NEGATED_MAGNITUDE else 2**bits - 1
+        assert unpacked[0] == 0 and unpacked[1] == top and unpacked[2] == 0
+        assert torch.equal(codes, ref.pack_bits(ref.activation_codes(x, act, borders), bits))
 
 
 def float32_ulps(out: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
@@ -207,6 +211,10 @@ def test_float64_codes_compare_exactly(bits):
     assert torch.equal(codes, ref.pack_bits(exact_codes(x, borders), bits))
     _, codes = ops.gated_forward(x, torch.ones_like(x), int(Activation.SILU), bits, borders)
     assert torch.equal(codes, ref.pack_bits(exact_codes(x, borders), bits))
+    # Hardsigmoid codes -|x|: negated before it is rounded
+    _, codes = ops.activation_forward(x, int(Activation.HARDSIGMOID), 0.0, 0.0, bits, borders)
+    assert torch.equal(codes, ref.pack_bits(exact_codes(-x.abs(), borders), bits))
+    assert torch.equal(ref.activation_codes(x, Activation.HARDSIGMOID, borders), exact_codes(-x.abs(), borders))
 
 
 # ---- gated_forward / gated_backward ----

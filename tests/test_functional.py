@@ -70,9 +70,9 @@ def test_coded_backward_is_level_of_code(case, dtype, bits, device):
     y.backward(g)
     torch.testing.assert_close(y, tfn(x.detach(), **kwargs))
     table = get_table(act, bits, p0, p1)
-    expected = g.float() * table.levels.to(device)[reference.codes(x.detach(), table.borders).long()]
+    expected = g.float() * table.levels.to(device)[reference.activation_codes(x.detach(), act, table.borders).long()]
     torch.testing.assert_close(x.grad, expected.to(dtype), rtol=0, atol=0)
-    if act in TWO_VALUED:  # and for these two the code is exact
+    if act in TWO_VALUED:  # and for these the code is exact
         torch.testing.assert_close(x.grad, torch_grad(tfn, kwargs, x, g)[1], rtol=0, atol=0)
 
 
@@ -183,7 +183,7 @@ def test_subnormal_inputs_keep_their_codes(case, dtype, device):
         x.grad = None
         mfn(x, **kwargs, bits=bits).sum().backward()
         table = get_table(act, bits, p0, p1)
-        expected = table.levels.to(device)[reference.codes(x.detach(), table.borders).long()]
+        expected = table.levels.to(device)[reference.activation_codes(x.detach(), act, table.borders).long()]
         torch.testing.assert_close(x.grad, expected.to(dtype), rtol=0, atol=0)
 
 
@@ -278,8 +278,8 @@ def test_leaky_relu_float64_slope_is_exact(device):
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 @pytest.mark.parametrize("act", list(TORCH_BACKWARD), ids=lambda a: a.name)
 def test_exact_keeps_what_torch_keeps(act, dtype, device):
-    """Sigmoid and Tanh keep y, Hardswish and Hardsigmoid keep x with bits=None (f' costs less to
-    recompute than to write): one tensor of x's size, a contiguous copy where x is strided, the
+    """Sigmoid and Tanh keep y, Hardswish keeps x with bits=None (f' costs less to recompute than
+    to write): one tensor of x's size, a contiguous copy where x is strided, the
     gradient is torch's backward from it bit for bit, and a kept y is guarded like torch's (an
     in-place change raises in backward). A double backward still raises."""
     keeps_output, torch_backward = TORCH_BACKWARD[act]

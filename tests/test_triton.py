@@ -89,7 +89,8 @@ def test_activation_exact(act, custom, dtype):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("act", [Activation.GELU, Activation.SOFTPLUS], ids=lambda a: a.name)
+@pytest.mark.parametrize("act", [Activation.GELU, Activation.SOFTPLUS, Activation.HARDSIGMOID],
+                         ids=lambda a: a.name)
 def test_activation_codes(act, dtype, bits):
     x = make_input((1023,), dtype)
     borders, levels, _ = make_tables(bits, x)
@@ -154,6 +155,8 @@ def test_float64_codes_compare_exactly(bits):
     assert torch.equal(packed.cpu(), expected)
     _, packed = tk.gated_forward(x, torch.ones_like(x), int(Activation.SILU), bits, borders)
     assert torch.equal(packed.cpu(), expected)
+    _, packed = tk.activation_forward(x, int(Activation.HARDSIGMOID), 0.0, 0.0, bits, borders)
+    assert torch.equal(packed.cpu(), ref.pack_bits(exact_codes(-x.abs().cpu(), borders.cpu()), bits))
 
 
 @pytest.mark.parametrize("bits", (0,) + BITS)

@@ -21,10 +21,10 @@ namespace {
 // ---- forward ----
 
 // fn(i, count, xv) for the vectors xv of the tile's n elements at xs (in the compute type T),
-// packing their codes into the tile's codes on the way. On AVX512 with float vectors and up to 4
-// bits the codes are packed from the vector in registers; otherwise x goes through a float
-// buffer to pack_codes after the loop.
-template <typename T, typename scalar_t, typename F>
+// packing activation A's codes into the tile's codes on the way. On AVX512 with float vectors and
+// up to 4 bits the codes are packed from the vector in registers; otherwise the code inputs go
+// through a float buffer to pack_codes after the loop.
+template <typename T, Activation A, typename scalar_t, typename F>
 __attribute__((always_inline)) inline void for_each_vec_packing_codes(const scalar_t* xs, int64_t n, int64_t bits,
                                                                       const BorderTree& tree, uint8_t* codes,
                                                                       const F& fn) {
@@ -37,7 +37,7 @@ __attribute__((always_inline)) inline void for_each_vec_packing_codes(const scal
           for_each_vec<T>(n, [&](int64_t i, int64_t count) {
             const Vectorized<T> xv = load_vec<T>(xs + i, count);
             fn(i, count, xv);
-            pack_vector_codes(borders, xv, count, codes + i / 8 * k.value);
+            pack_vector_codes(borders, code_input_of<A>(xv), count, codes + i / 8 * k.value);
           });
         }
       });
@@ -45,15 +45,18 @@ __attribute__((always_inline)) inline void for_each_vec_packing_codes(const scal
     }
   }
 #endif
-  alignas(64) float f_buf[kTile];  // x as float for the codes (borders are float32) if it is not
+  alignas(64) float f_buf[kTile];  // the code inputs as float (borders are float32)
   for_each_vec<T>(n, [&](int64_t i, int64_t count) {
     const Vectorized<T> xv = load_vec<T>(xs + i, count);
     fn(i, count, xv);
     if constexpr (kConvertsToFloat<scalar_t>) {
-      xv.store(f_buf + i);
+      code_input_of<A>(xv).store(f_buf + i);
     }
   });
-  const float* xf = kConvertsToFloat<scalar_t> ? f_buf : float_tile(xs, n, f_buf);
+  const float* xf = f_buf;
+  if constexpr (!kConvertsToFloat<scalar_t>) {
+    xf = code_input_tile<A>(xs, n, f_buf);
+  }
   dispatch_bits(bits, [&](auto k) { pack_codes<k.value>(xf, n, tree, codes); });
 }
 
@@ -84,7 +87,7 @@ void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint
         store_vec(dv, ds + i, count, stream_d);
       });
     } else if (codes != nullptr) {
-      for_each_vec_packing_codes<T>(xs, n, bits, *tree, codes + begin / 8 * bits,
+      for_each_vec_packing_codes<T, A>(xs, n, bits, *tree, codes + begin / 8 * bits,
                                     [&](int64_t i, int64_t count, const V& xv) {
                                       store_vec(activation_value_of<A, M>(xv, p0, p1), ys + i, count, stream_y);
                                     });
@@ -128,7 +131,7 @@ void gated_forward_kernel(const scalar_t* a, const scalar_t* b, scalar_t* y, uin
       store_vec(activation_value_of<A, M>(av, zero, zero) * load_vec<T>(bs + i, count), ys + i, count, stream_y);
     };
     if (codes != nullptr) {
-      for_each_vec_packing_codes<T>(as, n, bits, *tree, codes + begin / 8 * bits, value);
+      for_each_vec_packing_codes<T, A>(as, n, bits, *tree, codes + begin / 8 * bits, value);
     } else {
       for_each_vec<T>(n, [&](int64_t i, int64_t count) { value(i, count, load_vec<T>(as + i, count)); });
     }

@@ -382,24 +382,42 @@ __attribute__((always_inline)) inline void for_each_vec(int64_t n, const F& fn) 
   }
 }
 
-// The n elements at src as float, for codes, which count the float32 borders below x: src itself
-// for float, else converted into buf (kTile long). Kernels that convert bfloat16/float16 anyway
-// keep their float vectors instead. float64 is rounded up, not to nearest: for every float b,
-// b < x exactly when b < (x rounded up), so each comparison is the one float64 x would make (a
-// positive 1e-50 is above ReLU's border 0, where rounding to nearest would make it 0).
-template <typename scalar_t>
-const float* float_tile(const scalar_t* src, int64_t n, float* buf) {
+// What activation A's code compares with its borders: x, or -|x| (kCodesNegatedMagnitude).
+// V: a Vectorized or a scalar.
+template <Activation A, typename V>
+inline V code_input_of(const V& x) {
+  if constexpr (!kCodesNegatedMagnitude<A>) {
+    return x;
+  } else if constexpr (std::is_floating_point_v<V>) {
+    return -std::abs(x);
+  } else {
+    return x.abs().neg();
+  }
+}
+
+// code_input_of<A> of the n float or double elements at src, as float, for comparing with float32
+// borders: src itself where nothing changes it, else written into buf (kTile long). (bfloat16
+// and float16 kernels convert to float anyway and keep their float vectors instead.) float64 is
+// rounded up, not to nearest: for every float b, b < x exactly when b < (x rounded up), so each
+// comparison is the one float64 x would make (a positive 1e-50 is above ReLU's border 0, where
+// rounding to nearest would make it 0).
+template <Activation A, typename scalar_t>
+const float* code_input_tile(const scalar_t* src, int64_t n, float* buf) {
+  static_assert(std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>);
   if constexpr (std::is_same_v<scalar_t, float>) {
-    return src;
-  } else if constexpr (kConvertsToFloat<scalar_t>) {
-    for_each_vec<float>(n, [&](int64_t i, int64_t count) { load_vec<float>(src + i, count).store(buf + i); });
+    if constexpr (!kCodesNegatedMagnitude<A>) {
+      return src;
+    }
+    for_each_vec<float>(n, [&](int64_t i, int64_t count) {
+      code_input_of<A>(load_vec<float>(src + i, count)).store(buf + i, count);
+    });
     return buf;
   } else {
     for (int64_t i = 0; i < n; ++i) {
-      const float rounded = static_cast<float>(src[i]);
-      buf[i] = static_cast<double>(rounded) < src[i]
-                   ? std::nextafter(rounded, std::numeric_limits<float>::infinity())
-                   : rounded;
+      const double x = code_input_of<A>(src[i]);
+      const float rounded = static_cast<float>(x);
+      buf[i] = static_cast<double>(rounded) < x ? std::nextafter(rounded, std::numeric_limits<float>::infinity())
+                                                : rounded;
     }
     return buf;
   }

@@ -1,5 +1,6 @@
 """Autograd of the fused activations: forward keeps f'(x) (or its k-bit code) and nothing else;
-with bits=None, Sigmoid and Tanh keep y and Hardswish and Hardsigmoid x instead (TORCH_BACKWARD).
+with bits=None, Sigmoid and Tanh keep y and Hardswish x instead (TORCH_BACKWARD). ReLU, LeakyReLU
+and Hardsigmoid, whose f' takes two values, keep one exact bit whatever bits is.
 
 The tables (borders, levels) travel as ctx attributes rather than through save_for_backward:
 they are shared constants of a few hundred bytes, not per-call activations, so the bytes that
@@ -180,14 +181,13 @@ class _ActivationFunction(torch.autograd.Function):
 
 
 # Exact mode of the activations whose f' costs less to recompute than to write: they keep what
-# torch keeps, the output (Sigmoid: f' = y (1 - y), Tanh: 1 - y^2) or the input (Hardswish,
-# Hardsigmoid), the same bytes as f'(x), so forward writes y alone; backward is torch's own.
+# torch keeps, the output (Sigmoid: f' = y (1 - y), Tanh: 1 - y^2) or the input (Hardswish), the
+# same bytes as f'(x), so forward writes y alone; backward is torch's own.
 # Maps the activation to (keeps the output, torch's backward op).
 TORCH_BACKWARD = {
     Activation.SIGMOID: (True, torch.ops.aten.sigmoid_backward),
     Activation.TANH: (True, torch.ops.aten.tanh_backward),
     Activation.HARDSWISH: (False, torch.ops.aten.hardswish_backward),
-    Activation.HARDSIGMOID: (False, torch.ops.aten.hardsigmoid_backward),
 }
 
 
@@ -248,8 +248,8 @@ def _float64_slope(act, bits, p0, x: torch.Tensor):
 def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.0,
                bits: int | None = None) -> torch.Tensor:
     """y = f(x) for activation `act`, keeping for backward only f'(x): in x's dtype when bits is
-    None (Sigmoid, Tanh: y; Hardswish, Hardsigmoid: x; f' is exact from them), else a packed code
-    of `bits` bits an element. Any shape; same shape and dtype out, and x's layout when it is
+    None (Sigmoid, Tanh: y; Hardswish: x; f' is exact from them), else a packed code of `bits`
+    bits an element (ReLU, LeakyReLU, Hardsigmoid: 1 exact bit in either case). Any shape; same shape and dtype out, and x's layout when it is
     dense (channels_last, a transpose). Where no gradient can be needed, y alone is computed (the
     same values) and nothing is kept."""
     check_floating_input("input", x)

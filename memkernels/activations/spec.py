@@ -37,7 +37,11 @@ PARAMS: dict[Activation, tuple[tuple[str, float], ...]] = {
 }
 
 # Activations whose derivative takes two values: kept in 1 exact bit whatever `bits` says.
-TWO_VALUED = (Activation.RELU, Activation.LEAKY_RELU)
+TWO_VALUED = (Activation.RELU, Activation.LEAKY_RELU, Activation.HARDSIGMOID)
+
+# Activations whose code is that of -|x|, not x: Hardsigmoid's f' is 1/6 on (-3, 3) and 0 outside
+# (and at +-3 and NaN), which one border, -3, on -|x| codes exactly in one bit.
+CODES_NEGATED_MAGNITUDE = (Activation.HARDSIGMOID,)
 
 # The activations that may gate a GLU: y = f(a) * b.
 GATES = (Activation.SILU, Activation.GELU, Activation.GELU_TANH)

@@ -16,15 +16,18 @@ so every level is the N(0, 1)-weighted mean of f' over its interval, and the bor
    stationary, f'(b_i) = (levels[i] + levels[i+1]) / 2 wherever f' is continuous at b_i.
 
 The k-bit result is the better of (1)+(3) and (2)+(3). Where f' is flat the optimum is not unique
-(Hardsigmoid needs 3 levels, not 256): among border positions whose error is equal, the one that
-splits the probability mass most evenly is taken, so no interval is empty, adjacent intervals share a
-level, and the output is deterministic. Grid nodes are dyadic, so every border is exactly a float32;
+(a step function needs as many levels as it has steps, not 256): among border positions whose error
+is equal, the one that splits the probability mass most evenly is taken, so no interval is empty,
+adjacent intervals share a level, and the output is deterministic. Grid nodes are dyadic, so every border is exactly a float32;
 integers are nodes, so the jumps of the built-in derivatives (0, +-3) fall on cell edges (a jump
 inside a cell costs that one cell: its mean comes from 3 Gauss points). Mass beyond +-8 (about 1e-15)
 is ignored; the end intervals stand for (-inf, b_0] and (b_last, inf).
 
 ``value_levels[i]`` is the weighted mean of f itself over interval i: gated units (y = f(a) * b) need
 f(a) in backward and keep only the code of a.
+
+ReLU, LeakyReLU and Hardsigmoid are not fitted: their f' takes two values, which one border codes
+exactly (Hardsigmoid's on -|x|), so they keep 1 bit whatever ``bits`` is.
 
 Shipped tables (tables.json, written by scripts/make_tables.py) cover every activation at torch's
 default parameters for bits 1, 2, 3, 4 and 8; other parameters are fitted on demand (~0.3 s) and
@@ -311,14 +314,26 @@ def fit_activation_table(act: Activation | int, bits: int, p0: float | None = No
                      lambda x: reference.activation_value(x, act, p0, p1), bits)
 
 
+# The exact 1-bit table of a two-valued f': its border, and an x of code 0 and one of code 1.
+_TWO_VALUED_CODES = {
+    Activation.RELU: (0.0, (-1.0, 1.0)),  # code: x > 0
+    Activation.LEAKY_RELU: (0.0, (-1.0, 1.0)),
+    Activation.HARDSIGMOID: (-3.0, (4.0, 0.0)),  # code: -|x| > -3, that is -3 < x < 3
+}
+
+
 def _two_valued_table(act: Activation, p0: float) -> Table:
-    """ReLU / LeakyReLU: f' is exactly levels[x > 0] with one border at 0."""
-    borders = torch.zeros(1, dtype=torch.float32)
-    sides = torch.tensor([-1.0, 1.0], dtype=torch.float64)
-    levels = reference.activation_derivative(sides, act, p0).to(torch.float32)
+    """ReLU, LeakyReLU, Hardsigmoid: f' is exactly levels[code] with one border."""
+    border, sides = _TWO_VALUED_CODES[act]
+    borders = torch.tensor([border], dtype=torch.float32)
+    levels = reference.activation_derivative(torch.tensor(sides, dtype=torch.float64), act, p0)
     x, weights = _quadrature(_grid_nodes())
-    values = _interval_means(weights, reference.activation_value(x, act, p0), borders)
-    return Table(1, borders, levels, values.to(torch.float32))
+    codes = reference.activation_codes(x, act, borders).view(x.shape).long()
+    # value_levels: the mean of f over each code, as _interval_means takes it over an interval
+    mass = torch.zeros(2, dtype=torch.float64).index_add_(0, codes.reshape(-1), weights.reshape(-1))
+    values = torch.zeros(2, dtype=torch.float64).index_add_(
+        0, codes.reshape(-1), (weights * reference.activation_value(x, act, p0)).reshape(-1)) / mass
+    return Table(1, borders, levels.to(torch.float32), values.to(torch.float32))
 
 
 @functools.cache
@@ -349,7 +364,8 @@ def _table(act: Activation, bits: int, p0: float, p1: float) -> Table:
 def get_table(act: Activation | int, bits: int, p0: float | None = None, p1: float | None = None) -> Table:
     """The ``bits``-bit table of a built-in activation with parameters (p0, p1) (None: torch's default).
 
-    ReLU and LeakyReLU get their exact 1-bit table whatever ``bits`` is. Others: the shipped table at
+    ReLU, LeakyReLU and Hardsigmoid get their exact 1-bit table whatever ``bits`` is (Hardsigmoid's
+    codes -|x|: reference.activation_codes). Others: the shipped table at
     default parameters, else fitted now; cached per (act, bits, p0, p1). Parameters an activation does
     not use are ignored.
     """

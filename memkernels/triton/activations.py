@@ -6,7 +6,7 @@ specification:
 
     activation_forward(x, activation, p0, p1, bits, borders) -> (y, saved)
         y = f(x) in x's dtype; saved = f'(x) in x's dtype (bits == 0) or the packed k-bit code of
-        x among `borders`, (ceil(numel / 8) * bits,) uint8
+        x (Hardsigmoid: -|x|) among `borders`, (ceil(numel / 8) * bits,) uint8
     activation_backward(grad_out, saved, bits, levels) -> grad_out * f'(x)  (f' = levels[code])
     gated_forward(a, b, activation, bits, borders) -> (f(a) * b, code of a or empty uint8)
     gated_backward(grad_out, saved_a, b, activation, bits, levels, value_levels)
@@ -232,9 +232,13 @@ def _forward_kernel(x_ptr, b_ptr, y_ptr, deriv_ptr, packed_ptr, borders_ptr, num
         if not GATED:
             tl.store(deriv_ptr + elements, deriv.to(deriv_ptr.dtype.element_ty), mask=mask)
     else:
-        # Codes compare x, exactly (x in float64 for float64), with float32 borders, as
-        # reference.codes does.
-        code = tl.where(mask, _codes(x, borders_ptr, BITS), 0)
+        # Codes compare x (Hardsigmoid: -|x|) exactly, in float64 for float64, with float32
+        # borders, as reference.activation_codes does.
+        if ACT == HARDSIGMOID:
+            code_input = -tl.abs(x)
+        else:
+            code_input = x
+        code = tl.where(mask, _codes(code_input, borders_ptr, BITS), 0)
         pack_groups(code, packed_ptr, groups, groups < num_groups, BITS)
 
 
@@ -390,7 +394,8 @@ def _backward(grad_out, saved, b, activation, bits, levels, value_levels, gated)
 
 def activation_forward(x, activation, p0, p1, bits, borders):
     """(f(x), saved): saved = f'(x) in x's dtype and shape (bits == 0) or the packed code of x,
-    (ceil(numel / 8) * bits,) uint8, code = #{borders < x} for borders (2**bits - 1,) float32."""
+    (ceil(numel / 8) * bits,) uint8, code = #{borders < x} (Hardsigmoid: < -|x|) for borders
+    (2**bits - 1,) float32."""
     _check(bits, values=[("x", x)], activation=activation,
            tables=[("borders", borders)] if bits else ())
     return _forward(x.contiguous(), None, int(activation), float(p0), float(p1), bits, borders,
