@@ -1,7 +1,10 @@
-// Every op of memkernels, declared once. Kernels attach per device elsewhere:
+// The ops of memkernels, each declared once. Kernels attach per device elsewhere:
 // CPU in csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(memkernels, CPU, m)); CUDA from Python
 // (memkernels/ops/_cuda.py), which picks the Triton or the CUDA C++ kernel (csrc/cuda/*.cu).
 // Fake kernels for torch.compile live in memkernels/ops/__init__.py.
+// One op is not here: memkernels::activation_table (memkernels/activations/autograd.py), the
+// lookup of the Python-side derivative tables under torch.compile, which is defined in Python so
+// that it exists when this extension is not built too.
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
