@@ -398,8 +398,9 @@ def test_layer_argument_errors():
         layer(torch.ones(2, 5))
     with pytest.raises(ValueError, match="linear must be None or one of"):
         mk.convert(torch.nn.Linear(2, 2), linear="int16")
-    with pytest.raises(TypeError, match="nonnegative must be None"):
-        mk.nn.Linear(4, 4, save="asa", nonnegative="yes")
+    for nonnegative in ("yes", 1, 0.0):  # 1 == True, yet not a bool: a typo of some other argument
+        with pytest.raises(TypeError, match="nonnegative must be None"):
+            mk.nn.Linear(4, 4, save="asa", nonnegative=nonnegative)
 
 
 def test_conv2d_function_argument_errors():

@@ -42,7 +42,7 @@ def check_save(save, eps: float, nonnegative, group_size: int) -> None:
         raise ValueError(f"save must be None or one of {MODES}, got {save!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < eps < math.inf):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    if nonnegative not in (None, True, False):
+    if not (nonnegative is None or isinstance(nonnegative, bool)):
         raise TypeError(f"nonnegative must be None (detect), True or False, got {nonnegative!r}")
     if (isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size <= 0
             or group_size % 8):
