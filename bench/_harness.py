@@ -66,15 +66,15 @@ def time_ms_interleaved(fns: dict[str, Callable[[], object]], device: torch.devi
                         repeats: int) -> dict[str, Timing]:
     """time_ms of several functions, taking turns call by call: the k-th call of each is timed
     next to the k-th call of the others, so when the machine's speed drifts (a shared CPU, a GPU's
-    clocks) it slows them alike, rather than whichever was timed during the slow spell. The order
-    of a turn rotates, so that none is always the one after a given other (whose freed memory or
-    cache state it would inherit)."""
+    clocks) it slows them alike, rather than whichever was timed during the slow spell. The orders
+    of the turns are balanced (turn_orders), so that each follows every other equally often: a
+    call inherits the freed memory and cache state of the one before it."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     synchronize(device)
     names = list(fns)
-    turns = [names[k % len(names):] + names[:k % len(names)] for k in range(repeats)]
+    turns = [[names[i] for i in order] for order in turn_orders(len(names), repeats)]
     times: dict[str, list[float]] = {name: [] for name in fns}
     if device.type == "cuda":
         events = {name: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -97,6 +97,21 @@ def time_ms_interleaved(fns: dict[str, Callable[[], object]], device: torch.devi
     return {name: summarize(t) for name, t in times.items()}
 
 
+def turn_orders(n: int, repeats: int) -> list[list[int]]:
+    """`repeats` orders of range(n), cycling through a Williams design: in each n orders (2n for
+    odd n) every index takes every position equally often and directly follows every other index
+    equally often. (Rotating one order would not do: each index would keep the same predecessor.)"""
+    if n == 0:
+        return [[] for _ in range(repeats)]
+    first = [0]  # 0, 1, n-1, 2, n-2, ...
+    for j in range(1, n):
+        first.append((j + 1) // 2 if j % 2 else n - j // 2)
+    rows = [[(r + i) % n for i in first] for r in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return [rows[k % len(rows)] for k in range(repeats)]
+
+
 def summarize(times: list[float]) -> Timing:
     """Median and 20th/80th percentiles of per-call times (ms)."""
     if len(times) == 1:
@@ -108,7 +123,8 @@ def summarize(times: list[float]) -> Timing:
 BACKWARD_METHOD = (
     "backward is timed alone: one forward, then torch.autograd.grad(..., retain_graph=True) "
     "re-run on that graph; fwd+bwd is a forward and a backward timed together; the methods of a "
-    "row (eager, torch.compile, memkernels) take turns call by call, in a rotating order"
+    "row (eager, torch.compile, memkernels) take turns call by call, in balanced orders (each "
+    "follows every other equally often)"
 )
 
 

@@ -5,6 +5,7 @@ bytes the bench reports are the ones memkernels.profile.saved_bytes measures.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import importlib.util
 import math
@@ -243,3 +244,28 @@ def test_harness_runs_forward_and_backward_in_each_functions_context(bench_modul
     assert seen["a"] == {("forward", "a"), ("backward", "a")}
     assert seen["b"] == {("forward", None), ("backward", None)}
     assert set(timings) == {"a", "b"} and all(t["fwdbwd"].repeats == 3 for t in timings.values())
+
+
+@pytest.mark.parametrize("n", range(1, 8))
+def test_turn_orders_are_balanced(bench_module, n):
+    """Each function runs once a turn, and over a full design every one holds every position and
+    directly follows every other equally often (n orders for even n, 2n for odd)."""
+    h = bench_module("_harness")
+    rows = 2 * n if n % 2 else n
+    orders = h.turn_orders(n, 3 * rows + 1)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    assert orders[rows:2 * rows] == orders[:rows] and orders[-1] == orders[0]  # the design repeats
+    follows = collections.Counter((o[i], o[i + 1]) for o in orders[:rows] for i in range(n - 1))
+    assert len(follows) == n * (n - 1) and len(set(follows.values())) <= 1
+    positions = collections.Counter((o[i], i) for o in orders[:rows] for i in range(n))
+    assert len(positions) == n * n and len(set(positions.values())) == 1
+
+
+def test_interleaved_timing_follows_the_turn_orders(bench_module):
+    h = bench_module("_harness")
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    h.time_ms_interleaved(fns, torch.device("cpu"), warmup=1, repeats=6)
+    timed = calls[3:]  # after one warm-up call each
+    expected = [["abc"[i] for i in order] for order in h.turn_orders(3, 6)]
+    assert timed == [name for order in expected for name in order]
