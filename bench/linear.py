@@ -5,7 +5,7 @@
 
 Part 1: one training step (forward + backward: input, weight and bias gradients) of a Linear at
 GPT-2 shapes (768 -> 3072 and 3072 -> 768, tokens 4096 to 16384), torch.nn.Linear against
-mk.nn.Linear in each save mode sharing its parameters, measured in the same run; the ratio is
+mk.nn.Linear in each save mode sharing its parameters, taking turns call by call; the ratio is
 memkernels' time over torch's. Bytes kept: what autograd keeps for backward of the layer's input
 (memkernels.profile.saved_bytes; parameters are not counted).
 Part 2: a GPT-2 MLP block, Linear(768, 3072), GELU, Linear(3072, 768), against the same block with
@@ -98,28 +98,32 @@ def accuracy_rows(steps: int) -> list[dict]:
 
 # ---- parts 1 and 2: step time and bytes ----
 
-def step_timing(module, x, device, repeats: int) -> float:
-    """Median ms of forward + backward (grads of x and every parameter) of module(x)."""
-    wrt = [x, *module.parameters()]
-    grad_out = torch.randn_like(module(x))
+def step_times(modules: dict, x, device, repeats: int) -> dict:
+    """Median ms of a training step, forward + backward (grads of x and every parameter), of each
+    module(x); the modules take turns call by call (H.time_ms_interleaved), so that a drift of the
+    machine's speed slows torch's and memkernels' steps alike."""
+    grad_out = torch.randn_like(next(iter(modules.values()))(x))
 
-    def step():
-        torch.autograd.grad(module(x), wrt, grad_out)
-    return H.time_ms(step, device, warmup=1, repeats=repeats).median_ms
+    def step(module):
+        wrt = [x, *module.parameters()]
+        return lambda: torch.autograd.grad(module(x), wrt, grad_out)
+    timings = H.time_ms_interleaved({name: step(m) for name, m in modules.items()}, device, warmup=1,
+                                    repeats=repeats)
+    return {name: t.median_ms for name, t in timings.items()}
 
 
 def layer_rows(device, dtype, token_counts, repeats: int) -> list[dict]:
     rows = []
     for fan_in, fan_out in GPT2_LAYERS:
         torch_layer = nn.Linear(fan_in, fan_out, device=device, dtype=dtype)
+        layers = {save: torch_layer if save is None else mk.nn.Linear.from_torch(torch_layer, save)
+                  for save in MODES}
         for tokens in token_counts:
             x = torch.randn(tokens, fan_in, device=device, dtype=dtype, requires_grad=True)
-            torch_ms = step_timing(torch_layer, x, device, repeats)
-            torch_bytes = mk.profile.saved_bytes(torch_layer, x)
-            for save in MODES:
-                layer = torch_layer if save is None else mk.nn.Linear.from_torch(torch_layer, save)
-                ms = torch_ms if save is None else step_timing(layer, x, device, repeats)
-                kept = torch_bytes if save is None else mk.profile.saved_bytes(layer, x)
+            times = step_times(layers, x, device, repeats)
+            torch_ms, torch_bytes = times[None], mk.profile.saved_bytes(torch_layer, x)
+            for save, layer in layers.items():
+                ms, kept = times[save], mk.profile.saved_bytes(layer, x)
                 rows.append({"part": "layer", "layer": f"{fan_in}->{fan_out}", "tokens": tokens,
                              "dtype": str(dtype).removeprefix("torch."), "mode": mode_name(save), "step_ms": ms,
                              "time_over_torch": ms / torch_ms, "kept_bytes": kept,
@@ -145,9 +149,11 @@ def block_rows(device, dtype, token_counts, repeats: int) -> list[dict]:
     for tokens in token_counts:
         x = torch.randn(tokens, 768, device=device, dtype=dtype, requires_grad=True)
         hidden = torch.randn(tokens, 3072, device=device, dtype=dtype, requires_grad=True)
-        torch_ms = step_timing(torch_block, x, device, repeats)
-        for name, block in (("torch", torch_block), ("gelu bits=3 + int2", fused_block)):
-            ms = torch_ms if block is torch_block else step_timing(block, x, device, repeats)
+        blocks = {"torch": torch_block, "gelu bits=3 + int2": fused_block}
+        times = step_times(blocks, x, device, repeats)
+        torch_ms = times["torch"]
+        for name, block in blocks.items():
+            ms = times[name]
             # What the block keeps of its hidden tensor: the GELU's and the second Linear's saves,
             # also in bfloat16 (bytes only) when the bench runs in another dtype.
             kept = mk.profile.saved_bytes(block[1:], hidden)
@@ -201,7 +207,10 @@ def main(argv=None) -> None:
     H.write_csv(rows, stem.with_suffix(".csv"))
     H.write_markdown(stem.with_suffix(".md"), "Compressed saved inputs of Linear",
                      H.environment_lines(device, [H.command_line()]),
-                     ["## One Linear at GPT-2 shapes: step time and bytes kept of the input", layer_table,
+                     ["## One Linear at GPT-2 shapes: step time and bytes kept of the input",
+                      "Step times are medians of per-call timings; torch.nn.Linear and the modes of a "
+                      "shape take turns call by call, in orders where each follows every other equally "
+                      "often. The MLP blocks below are timed the same way.", layer_table,
                       "## GPT-2 MLP block: Linear, GELU, Linear", block_table,
                       "## Test accuracy on digits (75/25 split), same seed, steps and Adam", accuracy_table])
 
