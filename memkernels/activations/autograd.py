@@ -249,9 +249,9 @@ def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.
                bits: int | None = None) -> torch.Tensor:
     """y = f(x) for activation `act`, keeping for backward only f'(x): in x's dtype when bits is
     None (Sigmoid, Tanh: y; Hardswish: x; f' is exact from them), else a packed code of `bits`
-    bits an element (ReLU, LeakyReLU, Hardsigmoid: 1 exact bit in either case). Any shape; same shape and dtype out, and x's layout when it is
-    dense (channels_last, a transpose). Where no gradient can be needed, y alone is computed (the
-    same values) and nothing is kept."""
+    bits an element (ReLU, LeakyReLU, Hardsigmoid: 1 exact bit in either case). Any shape; same
+    shape and dtype out, and x's layout when it is dense (channels_last, a transpose). Where no
+    gradient can be needed, y alone is computed (the same values) and nothing is kept."""
     check_floating_input("input", x)
     kernel_bits = effective_bits(act, bits)
     order = dense_order(x)

@@ -18,10 +18,10 @@ so every level is the N(0, 1)-weighted mean of f' over its interval, and the bor
 The k-bit result is the better of (1)+(3) and (2)+(3). Where f' is flat the optimum is not unique
 (a step function needs as many levels as it has steps, not 256): among border positions whose error
 is equal, the one that splits the probability mass most evenly is taken, so no interval is empty,
-adjacent intervals share a level, and the output is deterministic. Grid nodes are dyadic, so every border is exactly a float32;
-integers are nodes, so the jumps of the built-in derivatives (0, +-3) fall on cell edges (a jump
-inside a cell costs that one cell: its mean comes from 3 Gauss points). Mass beyond +-8 (about 1e-15)
-is ignored; the end intervals stand for (-inf, b_0] and (b_last, inf).
+adjacent intervals share a level, and the output is deterministic. Grid nodes are dyadic, so every
+border is exactly a float32; integers are nodes, so the jumps of the built-in derivatives (0, +-3)
+fall on cell edges (a jump inside a cell costs that one cell: its mean comes from 3 Gauss points).
+Mass beyond +-8 (about 1e-15) is ignored; the end intervals stand for (-inf, b_0] and (b_last, inf).
 
 ``value_levels[i]`` is the weighted mean of f itself over interval i: gated units (y = f(a) * b) need
 f(a) in backward and keep only the code of a.
