@@ -255,14 +255,19 @@ def _optimal_edges(moments: _CellMoments, bits: int) -> np.ndarray:
     return edges
 
 
+def _code_means(weights: torch.Tensor, weighted_values: torch.Tensor, codes: torch.Tensor,
+                count: int) -> torch.Tensor:
+    """sum(weighted_values) / sum(weights) over the entries of each code in range(count); 1-D
+    tensors of one length."""
+    mass = torch.zeros(count, dtype=torch.float64).index_add_(0, codes, weights)
+    return torch.zeros(count, dtype=torch.float64).index_add_(0, codes, weighted_values) / mass
+
+
 def _interval_means(weights: torch.Tensor, values: torch.Tensor, borders: torch.Tensor) -> torch.Tensor:
     """Weighted mean of `values` over each interval; weights, values (S, 3) on the fine grid."""
     # Borders are grid nodes: the cell [t, t + h) lies in interval #{borders <= t}.
     cell_codes = torch.bucketize(_grid_nodes()[:-1], borders.to(torch.float64), right=True)
-    intervals = borders.numel() + 1
-    mass = torch.zeros(intervals, dtype=torch.float64).index_add_(0, cell_codes, weights.sum(1))
-    total = torch.zeros(intervals, dtype=torch.float64).index_add_(0, cell_codes, (weights * values).sum(1))
-    return total / mass
+    return _code_means(weights.sum(1), (weights * values).sum(1), cell_codes, borders.numel() + 1)
 
 
 def fit_table(derivative: Callable[[torch.Tensor], torch.Tensor],
@@ -328,11 +333,10 @@ def _two_valued_table(act: Activation, p0: float) -> Table:
     borders = torch.tensor([border], dtype=torch.float32)
     levels = reference.activation_derivative(torch.tensor(sides, dtype=torch.float64), act, p0)
     x, weights = _quadrature(_grid_nodes())
-    codes = reference.activation_codes(x, act, borders).view(x.shape).long()
-    # value_levels: the mean of f over each code, as _interval_means takes it over an interval
-    mass = torch.zeros(2, dtype=torch.float64).index_add_(0, codes.reshape(-1), weights.reshape(-1))
-    values = torch.zeros(2, dtype=torch.float64).index_add_(
-        0, codes.reshape(-1), (weights * reference.activation_value(x, act, p0)).reshape(-1)) / mass
+    # value_levels: the mean of f over each code (Hardsigmoid's code 1 is not one interval of x)
+    codes = reference.activation_codes(x, act, borders).long()
+    values = _code_means(weights.reshape(-1), (weights * reference.activation_value(x, act, p0)).reshape(-1),
+                         codes, 2)
     return Table(1, borders, levels.to(torch.float32), values.to(torch.float32))
 
 
