@@ -104,9 +104,8 @@ def test_second_derivative_raises(bits, device):
     a = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
     b = torch.randn(6, dtype=torch.float64, device=device)
     y = mk.functional.swiglu(a, b, bits=bits)
-    (g,) = torch.autograd.grad(y.sum(), a, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
-        (y.sum() + g.pow(2).sum()).backward()
+        torch.autograd.grad(y.sum(), a, create_graph=True)
 
 
 @pytest.mark.parametrize("bits", [None, 3])

@@ -109,9 +109,8 @@ def test_elementwise_refuses_functions_that_mix_elements(fn):
 def test_elementwise_second_derivative_raises_and_no_grad_keeps_nothing():
     f = mk.elementwise(swish_beta)
     x = torch.randn(64, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(f(x * 2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
-        g.pow(2).sum().backward()
+        torch.autograd.grad(f(x * 2).sum(), x, create_graph=True)
     assert mk.profile.saved_bytes(f, x.detach()) == 0
     with torch.no_grad():
         assert torch.equal(f(x), swish_beta(x))

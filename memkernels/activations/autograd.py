@@ -7,8 +7,9 @@ they are shared constants of a few hundred bytes, not per-call activations, so t
 autograd keeps per call are exactly the derivative or the packed code.
 
 Backward is once-differentiable: it multiplies by the kept f'(x), which has no f'' in it, so a
-second backward (``create_graph=True``: gradient penalties, Hessian-vector products) raises
-rather than silently dropping the f''(x) term. Calls that no gradient can need (``no_grad``,
+backward with ``create_graph=True`` (gradient penalties, Hessian-vector products) raises rather
+than give a gradient whose own derivative would miss the f''(x) term. The exception is the exact
+mode of TORCH_BACKWARD: its backward is torch's, twice differentiable as torch's is. Calls that no gradient can need (``no_grad``,
 ``inference_mode``, an input that does not require grad) compute y alone and keep nothing.
 """
 from __future__ import annotations
@@ -63,45 +64,26 @@ def _(act, bits, p0, p1, device):
 
 SECOND_DERIVATIVE_ERROR = (
     "memkernels' fused activations keep only f'(x) for backward, so they have no second derivative: "
-    "a double backward (create_graph=True: gradient penalties, Hessian-vector products) through "
+    "a backward with create_graph=True (gradient penalties, Hessian-vector products, MAML) through "
     "mk.functional / mk.nn activations or mk.elementwise is not supported. Use torch's activation "
-    "where a second derivative is needed.")
-
-
-class _SecondDerivativeError(torch.autograd.Function):
-    """Identity whose backward raises SECOND_DERIVATIVE_ERROR."""
-
-    @staticmethod
-    def forward(ctx, *grads):
-        return grads[0] if len(grads) == 1 else grads
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
+    "where a second derivative is needed (mk.convert(..., exclude=...) leaves chosen modules alone); "
+    "exact (bits=None) Sigmoid, Tanh and Hardswish keep what torch keeps and have one.")
 
 
 def once_differentiable(backward):
-    """Mark an autograd.Function's backward as having no derivative itself.
+    """Mark an autograd.Function's backward as having no derivative itself: it raises
+    SECOND_DERIVATIVE_ERROR when called with create_graph=True (the engine turns grad mode on in
+    backward exactly then).
 
-    Like torch.autograd.function.once_differentiable, but also where grad_out does not require
-    grad (``y.sum()``'s): with create_graph=True the gradients that backward returns get a grad_fn
-    that raises, so that a penalty on them fails instead of silently missing the f''(x) term (the
-    true gradient depends on x through f''(x), whatever grad_out is)."""
+    torch.autograd.function.once_differentiable raises only later, and only on a path through a
+    grad_out that requires grad. A gradient of ``y.sum()`` has none, yet it depends on x through
+    f''(x): a second derivative taken from it with respect to x would silently miss that term."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grad_outputs):
-        create_graph = torch.is_grad_enabled()
-        with torch.no_grad():
-            outputs = backward(ctx, *grad_outputs)
-        if not create_graph:
-            return outputs
-        tensors = [i for i, t in enumerate(outputs) if isinstance(t, torch.Tensor)]
-        marked = _SecondDerivativeError.apply(*(outputs[i].detach().requires_grad_() for i in tensors))
-        marked = marked if isinstance(marked, tuple) else (marked,)
-        outputs = list(outputs)
-        for i, t in zip(tensors, marked):
-            outputs[i] = t
-        return tuple(outputs)
+        if torch.is_grad_enabled():
+            raise RuntimeError(SECOND_DERIVATIVE_ERROR)
+        return backward(ctx, *grad_outputs)
 
     return wrapper
 
@@ -192,18 +174,18 @@ TORCH_BACKWARD = {
 
 
 class _TorchBackwardFunction(torch.autograd.Function):
-    """bits=None for the activations of TORCH_BACKWARD: y or x kept, backward bit for bit torch's."""
+    """bits=None for the activations of TORCH_BACKWARD: y or x kept, backward bit for bit torch's.
+    x must be contiguous (a strided x would keep its whole base alive). With create_graph=True the
+    kept x or y come back with their grad_fn, so torch's backward op differentiates again."""
 
     @staticmethod
     def forward(ctx, x, act):
-        x = x.contiguous()  # a strided x would keep its whole base alive; the op copies it anyway
         y = ops.activation_value(x, act, 0.0, 0.0)
         keeps_output, ctx.torch_backward = TORCH_BACKWARD[act]
         ctx.save_for_backward(y if keeps_output else x)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         (kept,) = ctx.saved_tensors
         return ctx.torch_backward(grad_out, kept), None
@@ -260,7 +242,8 @@ def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.
     if not needs_grad(x):
         y = ops.activation_value(x, int(act), p0, p1)
     elif kernel_bits == 0 and act in TORCH_BACKWARD:
-        y = _TorchBackwardFunction.apply(x, Activation(act))
+        # The copy of a strided x outside the Function: autograd records it, for a second backward.
+        y = _TorchBackwardFunction.apply(x.contiguous(), Activation(act))
     else:
         borders = levels = None
         if kernel_bits:
