@@ -36,10 +36,14 @@ MODEL_METHODS = ("chain", "dp-approx", "chen-greedy", "sqrt", "log", "all")
 SOLVER_METHODS = ("chain", "dp-approx", "chen-greedy", "sqrt", "dp")
 
 
-def step_ms(model, x, repeats: int) -> float:
-    def step():
-        torch.autograd.backward(model(x).sum())
-    return H.time_ms(step, torch.device("cpu"), warmup=1, repeats=repeats).median_ms
+def step_times(models: dict, x, repeats: int) -> dict:
+    """{name: median ms of one forward+backward step} of models taking turns call by call
+    (H.time_ms_interleaved), so that the step-time ratios do not carry the machine's drift."""
+    def step(model):
+        return lambda: torch.autograd.backward(model(x).sum())
+    timings = H.time_ms_interleaved({name: step(m) for name, m in models.items()}, torch.device("cpu"),
+                                    warmup=1, repeats=repeats)
+    return {name: t.median_ms for name, t in timings.items()}
 
 
 class SqrtSequential(torch.nn.Module):
@@ -61,17 +65,17 @@ def model_rows(quick: bool, repeats: int) -> list[dict]:
         torch.manual_seed(0)
         model, x = build(), make_input()
         graph = ck.trace(model, x)
-        base_ms = step_ms(model, x, repeats)
-        base_peak = ck.measure_peak(model, x)
-        rows.append(dict(part="model", model=name, method="eager", nodes=len(graph), budget=None,
-                         predicted=None, measured=base_peak, step_ms=base_ms, extra=0.0))
+        # Every row's model (the unplanned one, torch's checkpoint_sequential, each plan) is timed
+        # after the plans are made, all taking turns: row["timed"] names its entry in `models`.
+        models = {"eager": model}
+        entries = [dict(part="model", model=name, method="eager", nodes=len(graph), budget=None,
+                              predicted=None, measured=ck.measure_peak(model, x), timed="eager")]
         if isinstance(model, torch.nn.Sequential):
-            wrapped = SqrtSequential(model)
-            rows.append(dict(part="model", model=name, method="torch checkpoint_sequential sqrt(n)",
-                             nodes=len(graph), budget=None, predicted=None,
-                             measured=ck.measure_peak(wrapped, x),
-                             step_ms=step_ms(wrapped, x, repeats),
-                             extra=step_ms(wrapped, x, repeats) / base_ms - 1))
+            models["sqrt_sequential"] = SqrtSequential(model)
+            entries.append(dict(part="model", model=name, method="torch checkpoint_sequential sqrt(n)",
+                                      nodes=len(graph), budget=None, predicted=None,
+                                      measured=ck.measure_peak(models["sqrt_sequential"], x),
+                                      timed="sqrt_sequential"))
         high = ck.solve(graph, None, "none").predicted_peak
         for method in MODEL_METHODS:
             low = ck.least_budget(graph, method)
@@ -83,13 +87,19 @@ def model_rows(quick: bool, repeats: int) -> list[dict]:
                 try:
                     plan = ck.plan(model, x, budget, method, graph=graph)
                 except ck.InfeasibleBudget as error:
-                    rows.append({**row, "error": H.error_summary(error)})
+                    entries.append({**row, "error": H.error_summary(error)})
                     continue
-                planned = ck.apply(model, plan)
-                ms = step_ms(planned, x, repeats)
-                rows.append({**row, "predicted": plan.predicted_peak, "measured": plan.measured_peak,
-                             "step_ms": ms, "extra": ms / base_ms - 1,
-                             "predicted_extra": plan.extra_time / sum(n.time for n in graph.nodes)})
+                timed = f"{method} {budget}"
+                models[timed] = ck.apply(model, plan)
+                entries.append({**row, "predicted": plan.predicted_peak, "measured": plan.measured_peak,
+                                      "timed": timed,
+                                      "predicted_extra": plan.extra_time / sum(n.time for n in graph.nodes)})
+        times = step_times(models, x, repeats)
+        for row in entries:
+            timed = row.pop("timed", None)
+            if timed is not None:
+                row.update(step_ms=times[timed], extra=times[timed] / times["eager"] - 1)
+        rows += entries
     return rows
 
 
