@@ -119,8 +119,9 @@ class Elementwise(torch.nn.Module):
       ``nn.PReLU``). Where such a tensor requires grad and autograd records the call, it raises a
       RuntimeError rather than leave their ``.grad`` silently None; frozen ones are fine.
 
-    Backward is once-differentiable (a second backward raises). Where no gradient can be needed
-    (``no_grad``, ``inference_mode``, an input that does not require grad) it is ``fn(x)``.
+    Backward is once-differentiable (a backward with create_graph=True raises). Where no gradient
+    can be needed (``no_grad``, ``inference_mode``, an input that does not require grad) it is
+    ``fn(x)``.
     """
 
     def __init__(self, fn, bits: int | None = None):
