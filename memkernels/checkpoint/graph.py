@@ -208,7 +208,9 @@ class _Program:
             if isinstance(a, _Attr):
                 return _get_attr(model, a.target)
             return a
-        return tree_map(one, template)
+        # fx's own walk over the containers that map_arg built the template from (tuple, list,
+        # dict, slice): several times cheaper per node than a pytree map.
+        return torch.fx.node.map_aggregate(template, one)
 
     def run_step(self, v: int, model: nn.Module, inputs: Sequence, env: dict[int, Any]):
         step = self.steps[v]
