@@ -45,6 +45,11 @@ TRANSFORMERS_ACTIVATIONS = {
 }
 
 
+# transformers' Linear with its weight stored (in, out), GPT-2's projections (matched by name like
+# the activations): swapped for mk.nn.TransposedLinear when `linear` is given.
+TRANSFORMERS_LINEAR = "Conv1D"
+
+
 @dataclasses.dataclass
 class ConversionReport:
     """What :func:`convert` did: ``swapped`` holds (qualified name, old class, new module repr)."""
@@ -69,6 +74,9 @@ def _replacement(module: nn.Module, bits, layers: dict):
         cls, args = entry
         return cls(**args(module), bits=bits)
     if type(module).__module__.startswith("transformers."):
+        save = layers[nn.Linear][1]
+        if type(module).__name__ == TRANSFORMERS_LINEAR and save is not None:
+            return mknn.TransposedLinear.from_torch(module, save)
         entry = TRANSFORMERS_ACTIVATIONS.get(type(module).__name__)
         if entry is not None:
             cls, kwargs = entry
@@ -131,7 +139,8 @@ def convert(model: nn.Module, bits: int | None = None, include=None, exclude=Non
             return_report: bool = False, linear: str | None = None, conv2d: str | None = None):
     """Replace, in place, every torch activation of ``model`` by its memkernels twin with ``bits``,
     and, if ``linear`` / ``conv2d`` is given, every nn.Linear / nn.Conv2d by mk.nn.Linear /
-    mk.nn.Conv2d with that ``save`` mode.
+    mk.nn.Conv2d with that ``save`` mode (and, with ``linear``, transformers' Conv1D by
+    mk.nn.TransposedLinear).
 
     Args:
         model: any nn.Module; it is modified in place and returned.

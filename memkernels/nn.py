@@ -18,8 +18,8 @@ from memkernels.activations.spec import check_bits
 from memkernels.compress import coded_input
 
 __all__ = ["GELU", "SiLU", "Mish", "Softplus", "ELU", "SELU", "CELU", "LeakyReLU", "ReLU",
-           "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "SwiGLU", "GeGLU", "Linear", "Conv2d", "FALinear",
-           "FAConv2d"]
+           "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "SwiGLU", "GeGLU", "Linear", "TransposedLinear", "Conv2d",
+           "FALinear", "FAConv2d"]
 
 
 class _FusedActivation(nn.Module):
@@ -225,6 +225,38 @@ class Linear(_CodedInput, nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._save_repr()}"
+
+
+class TransposedLinear(_CodedInput, nn.Module):
+    """y = input @ weight + bias with weight (in_features, out_features): the layout of
+    transformers' Conv1D (GPT-2's projections), whose state_dict it shares; keeps ``save``'s code
+    of its input for backward, as :class:`Linear`. mk.convert(..., linear=...) puts one in place of
+    each Conv1D. Input (..., in_features); initialised as Conv1D (weight N(0, 0.02^2), bias 0).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 save: str | None = None, eps: float = 0.01, nonnegative: bool | None = None,
+                 group_size: int = 256):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features, device=device, dtype=dtype))
+        self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias
+                     else None)
+        if self.weight.device.type != "meta":
+            nn.init.normal_(self.weight, std=0.02)
+        self._set_save(save, eps, nonnegative, group_size)
+
+    @classmethod
+    def _empty_like(cls, module, save, **kwargs):
+        in_features, out_features = module.weight.shape
+        return cls(in_features, out_features, module.bias is not None, device="meta", save=save, **kwargs)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return coded_input.linear(input, self.weight.t(), self.bias, **self._save_args())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self._save_repr()}")
 
 
 class Conv2d(_CodedInput, nn.Conv2d):

@@ -379,6 +379,37 @@ def test_linear_save_none_is_torch():
     assert mk.profile.saved_bytes(layer, x.requires_grad_()) == x.nbytes
 
 
+@pytest.mark.parametrize("save", [None, *MODES])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_transposed_linear_is_linear_of_the_transposed_weight(save, dtype, device):
+    """TransposedLinear (weight [in, out], transformers' Conv1D layout) computes what Linear does
+    with weight.t(): the same forward, gradients (the weight's transposed) and bytes kept."""
+    torch.manual_seed(0)
+    transposed = mk.nn.TransposedLinear(40, 6, save=save, group_size=8, device=device, dtype=dtype)
+    torch.nn.init.uniform_(transposed.bias, -1, 1)
+    linear = mk.nn.Linear(40, 6, save=save, group_size=8, device=device, dtype=dtype)
+    # The transposed view of the same weight: the same GEMMs (BLAS rounds a copy's differently).
+    linear.weight = torch.nn.Parameter(transposed.weight.detach().t())
+    linear.bias = torch.nn.Parameter(transposed.bias.detach().clone())
+    x = torch.randn(2, 5, 40, device=device, dtype=dtype)
+    y, gx, gw, gb, _ = run_layer(linear, x, seed=3)
+    y_t, gx_t, gw_t, gb_t, _ = run_layer(transposed, x, seed=3)
+    assert torch.equal(y_t, y) and torch.equal(gx_t, gx) and torch.equal(gb_t, gb)
+    assert gw_t.shape == (40, 6) and torch.equal(gw_t, gw.t())
+    x.requires_grad_()
+    assert mk.profile.saved_bytes(transposed, x) == mk.profile.saved_bytes(linear, x)
+
+
+def test_transposed_linear_without_bias_state_dict_and_repr():
+    layer = mk.nn.TransposedLinear(8, 3, bias=False, save="int2", group_size=64)
+    assert list(layer.state_dict()) == ["weight"] and layer.weight.shape == (8, 3)
+    assert "in_features=8, out_features=3, bias=False, save='int2', group_size=64" in repr(layer)
+    x = torch.randn(4, 8)
+    assert torch.equal(layer(x), x @ layer.weight)
+    with pytest.raises(ValueError, match="save must be"):
+        mk.nn.TransposedLinear(8, 3, save="int3")
+
+
 def test_layer_argument_errors():
     with pytest.raises(ValueError, match="save must be None or one of"):
         mk.nn.Linear(4, 4, save="int3")

@@ -88,6 +88,34 @@ def test_convert_swaps_transformers_activations(name):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("linear", ["int4", "asa"])
+def test_convert_swaps_transformers_conv1d(linear):
+    """GPT-2's projections are transformers' Conv1D (weight [in, out]): with `linear` each becomes a
+    TransposedLinear holding the same Parameters; the state_dict is unchanged, and int codes leave
+    the forward as it was (to the ulps of the swapped GELU) while keeping less."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()  # eval: no dropout, so outputs compare
+    ids = torch.randint(0, 50, (2, 16))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before, kept_before = model(ids).logits, mk.profile.saved_bytes(lambda i: model(i).logits, ids)
+    conv1d = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    weights = [model.get_submodule(name).weight for name in conv1d]
+    _, report = mk.convert(model, linear=linear, return_report=True)
+    assert {name for name, old, _ in report.swapped if old == "Conv1D"} == set(conv1d) and len(conv1d) == 4
+    for name, weight in zip(conv1d, weights):
+        layer = model.get_submodule(name)
+        assert isinstance(layer, mk.nn.TransposedLinear) and layer.weight is weight and layer.save == linear
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    if linear == "int4":
+        torch.testing.assert_close(model(ids).logits, before)
+    assert mk.profile.saved_bytes(lambda i: model(i).logits, ids) < kept_before
+    model(ids).logits.sum().backward()
+    assert all(w.grad is not None and w.grad.shape == w.shape for w in weights)
+
+
 @pytest.mark.parametrize("bits", [None, 3])
 def test_training_step_converted_model(bits):
     torch.manual_seed(0)
