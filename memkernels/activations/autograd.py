@@ -9,8 +9,10 @@ autograd keeps per call are exactly the derivative or the packed code.
 Backward is once-differentiable: it multiplies by the kept f'(x), which has no f'' in it, so a
 backward with ``create_graph=True`` (gradient penalties, Hessian-vector products) raises rather
 than give a gradient whose own derivative would miss the f''(x) term. The exception is the exact
-mode of TORCH_BACKWARD: its backward is torch's, twice differentiable as torch's is. Calls that no gradient can need (``no_grad``,
-``inference_mode``, an input that does not require grad) compute y alone and keep nothing.
+mode of TORCH_BACKWARD: its backward is torch's, twice differentiable as torch's is.
+
+Calls that no gradient can need (``no_grad``, ``inference_mode``, an input that does not require
+grad) compute y alone and keep nothing.
 """
 from __future__ import annotations
 
@@ -142,7 +144,10 @@ def grad_from_kept(ctx, grad_out: torch.Tensor) -> torch.Tensor:
 
 class _ActivationFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, act, p0, p1, bits, borders, levels, float64_slope):
+    def forward(ctx, x, call):
+        # call = (act, p0, p1, bits, borders, levels, float64_slope), one argument: apply's cost
+        # grows with the number of arguments, a measurable share of a small tensor's call.
+        act, p0, p1, bits, borders, levels, float64_slope = call
         y, saved = ops.activation_forward(x, act, p0, p1, bits, borders)
         keep_for_backward(ctx, saved, bits, levels)
         ctx.float64_slope = float64_slope
@@ -159,7 +164,7 @@ class _ActivationFunction(torch.autograd.Function):
             (saved,) = ctx.saved_tensors
             positive = ops.unpack_bits(saved, 1, grad_out.numel()).view(grad_out.shape).bool()
             grad_in = torch.where(positive, grad_out, grad_out * ctx.float64_slope)
-        return grad_in, None, None, None, None, None, None, None
+        return grad_in, None
 
 
 # Exact mode of the activations whose f' costs less to recompute than to write: they keep what
@@ -193,7 +198,8 @@ class _TorchBackwardFunction(torch.autograd.Function):
 
 class _GatedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, act, bits, borders, levels, value_levels, b_is_view):
+    def forward(ctx, a, b, call):
+        act, bits, borders, levels, value_levels, b_is_view = call  # one argument, as _ActivationFunction
         y, code = ops.gated_forward(a, b, act, bits, borders)
         if bits and b_is_view:
             # b viewing a larger tensor (a half of [a, b]) would keep all of it alive: a's half too.
@@ -208,7 +214,7 @@ class _GatedFunction(torch.autograd.Function):
         saved_a, b = ctx.saved_tensors
         grad_a, grad_b = ops.gated_backward(grad_out, saved_a, b, ctx.act, ctx.bits, ctx.levels,
                                             ctx.value_levels)
-        return grad_a, grad_b, None, None, None, None, None, None
+        return grad_a, grad_b, None
 
 
 def check_floating_input(name: str, t) -> None:
@@ -248,8 +254,8 @@ def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.
         borders = levels = None
         if kernel_bits:
             borders, levels, _ = device_table(int(act), kernel_bits, p0, p1, x.device)
-        y = _ActivationFunction.apply(x, int(act), p0, p1, kernel_bits, borders, levels,
-                                      _float64_slope(act, bits, p0, x))
+        y = _ActivationFunction.apply(x, (int(act), p0, p1, kernel_bits, borders, levels,
+                                          _float64_slope(act, bits, p0, x)))
     return y if order is None else y.permute(_inverse(order))
 
 
@@ -270,5 +276,5 @@ def gated(a: torch.Tensor, b: torch.Tensor, act: Activation, bits: int | None = 
         borders = levels = value_levels = None
         if bits:
             borders, levels, value_levels = device_table(int(act), bits, 0.0, 0.0, a.device)
-        y = _GatedFunction.apply(a, b, int(act), bits, borders, levels, value_levels, b_is_view)
+        y = _GatedFunction.apply(a, b, (int(act), bits, borders, levels, value_levels, b_is_view))
     return y if order is None else y.permute(_inverse(order))
