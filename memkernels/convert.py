@@ -1,8 +1,12 @@
 """Swap a model's torch activations (and, on request, Linear / Conv2d layers) for memkernels' ones, in place."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import fnmatch
+import functools
+import inspect
+import textwrap
 
 from torch import nn
 
@@ -50,6 +54,49 @@ TRANSFORMERS_ACTIVATIONS = {
 TRANSFORMERS_LINEAR = "Conv1D"
 
 
+# The forward of the gated MLPs of transformers' decoders (Llama, Mistral, Qwen, Gemma, ... over a
+# hundred classes, each its own copy): swapped for mk.nn.GatedMLP where act_fn is SiLU or GELU.
+GATED_MLP_FORWARD = "self.down_proj(self.act_fn(self.gate_proj({x})) * self.up_proj({x}))"
+
+
+@functools.lru_cache(maxsize=None)
+def _computes_gated_mlp(cls: type) -> bool:
+    """Whether cls.forward(self, x) is ``return GATED_MLP_FORWARD`` (directly or through one
+    assignment), read from its source: the class's name and attributes would not say that."""
+    try:
+        function = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return False
+    args = function.args
+    if (not isinstance(function, ast.FunctionDef) or len(args.args) != 2 or args.vararg or args.kwarg
+            or args.kwonlyargs or args.posonlyargs):
+        return False
+    body = [s for s in function.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    if len(body) == 1 and isinstance(body[0], ast.Return):
+        value = body[0].value
+    elif (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
+          and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
+          and isinstance(body[1].value, ast.Name) and body[1].value.id == body[0].targets[0].id):
+        value = body[0].value
+    else:
+        return False
+    return value is not None and ast.unparse(value) == GATED_MLP_FORWARD.format(x=args.args[1].arg)
+
+
+def _gated_activation(module: nn.Module):
+    """mk.nn.GatedMLP's (activation, approximate) for a transformers gated MLP, or None."""
+    if not (_from_transformers(module) and _computes_gated_mlp(type(module))):
+        return None
+    if not all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")):
+        return None
+    act = _activation_twin(getattr(module, "act_fn", None), None)
+    if isinstance(act, mknn.SiLU):
+        return "silu", "none"
+    if isinstance(act, mknn.GELU):
+        return "gelu", act.approximate
+    return None
+
+
 @dataclasses.dataclass
 class ConversionReport:
     """What :func:`convert` did: ``swapped`` holds (qualified name, old class, new module repr)."""
@@ -69,19 +116,27 @@ def _replacement(module: nn.Module, bits, layers: dict):
     for torch_cls, (mk_cls, save) in layers.items():
         if type(module) is torch_cls and save is not None:
             return mk_cls.from_torch(module, save)
+    save = layers[nn.Linear][1]
+    if type(module).__name__ == TRANSFORMERS_LINEAR and _from_transformers(module) and save is not None:
+        return mknn.TransposedLinear.from_torch(module, save)
+    return _activation_twin(module, bits)
+
+
+def _activation_twin(module, bits):
+    """The memkernels activation computing what activation `module` computes, or None."""
     entry = TORCH_ACTIVATIONS.get(type(module))
     if entry is not None:
         cls, args = entry
         return cls(**args(module), bits=bits)
-    if type(module).__module__.startswith("transformers."):
-        save = layers[nn.Linear][1]
-        if type(module).__name__ == TRANSFORMERS_LINEAR and save is not None:
-            return mknn.TransposedLinear.from_torch(module, save)
-        entry = TRANSFORMERS_ACTIVATIONS.get(type(module).__name__)
-        if entry is not None:
-            cls, kwargs = entry
-            return cls(**kwargs, bits=bits)
+    entry = TRANSFORMERS_ACTIVATIONS.get(type(module).__name__) if _from_transformers(module) else None
+    if entry is not None:
+        cls, kwargs = entry
+        return cls(**kwargs, bits=bits)
     return None
+
+
+def _from_transformers(module) -> bool:
+    return type(module).__module__.startswith("transformers.")
 
 
 def _skip_reason(module: nn.Module, layers: dict):
@@ -136,11 +191,14 @@ def _matches(name: str, module: nn.Module, patterns) -> bool:
 
 
 def convert(model: nn.Module, bits: int | None = None, include=None, exclude=None,
-            return_report: bool = False, linear: str | None = None, conv2d: str | None = None):
+            return_report: bool = False, linear: str | None = None, conv2d: str | None = None,
+            gated_mlp: bool = True):
     """Replace, in place, every torch activation of ``model`` by its memkernels twin with ``bits``,
     and, if ``linear`` / ``conv2d`` is given, every nn.Linear / nn.Conv2d by mk.nn.Linear /
     mk.nn.Conv2d with that ``save`` mode (and, with ``linear``, transformers' Conv1D by
-    mk.nn.TransposedLinear).
+    mk.nn.TransposedLinear). With ``gated_mlp``, a transformers MLP whose forward is
+    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with a SiLU or GELU act_fn (Llama's and its
+    kin's) becomes an mk.nn.GatedMLP holding its (converted) projections, its product fused.
 
     Args:
         model: any nn.Module; it is modified in place and returned.
@@ -150,8 +208,10 @@ def convert(model: nn.Module, bits: int | None = None, include=None, exclude=Non
         include: if given, only modules whose qualified name matches one of these fnmatch
             patterns (str) or that are instances of one of these classes (type) are swapped; a
             single pattern or class may be given alone. The model itself is named "".
-        exclude: modules matching any of these (same forms) are left alone.
+        exclude: modules matching any of these (same forms) are left alone. An MLP is fused
+            only where it and its act_fn both pass include / exclude.
         return_report: also return a :class:`ConversionReport`.
+        gated_mlp: fuse transformers' gated MLPs as above (False: only their act_fn is swapped).
 
     Returns ``model`` (or ``(model, report)``); when ``model`` itself is one of the modules swapped
     (e.g. a bare nn.GELU), the return value is its replacement. Each replacement takes over its
@@ -169,24 +229,39 @@ def convert(model: nn.Module, bits: int | None = None, include=None, exclude=Non
     report = ConversionReport()
     swapped = {}  # id of a module -> its replacement, so a module used twice stays one module
 
+    def selected(name: str, module: nn.Module) -> bool:
+        return not ((include is not None and not _matches(name, module, include)) or (
+            exclude is not None and _matches(name, module, exclude)))
+
+    def fused_mlp(name: str, module: nn.Module):
+        """The mk.nn.GatedMLP for a transformers gated MLP, its projections swapped first, or None."""
+        activation = _gated_activation(module) if gated_mlp else None
+        if activation is None or not selected(f"{name}.act_fn" if name else "act_fn", module.act_fn):
+            return None
+        projections = [swap(f"{name}.{p}" if name else p, getattr(module, p))
+                       for p in ("gate_proj", "up_proj", "down_proj")]
+        return mknn.GatedMLP(*projections, *activation, bits=bits)
+
     def swap(name: str, module: nn.Module):
         """The module to put in module's place (itself if it stays)."""
         if id(module) in swapped:
             return swapped[id(module)]
-        if (include is not None and not _matches(name, module, include)) or (
-                exclude is not None and _matches(name, module, exclude)):
+        if not selected(name, module):
             return module
-        new = _replacement(module, bits, layers)
+        new = fused_mlp(name, module) or _replacement(module, bits, layers)
         if new is None:
             why = _skip_reason(module, layers)
             if why is not None:
                 report.skipped.append((name, type(module).__name__, why))
             return module
         swapped[id(module)] = _carry_module_state(module, new)
-        report.swapped.append((name, type(module).__name__, repr(new)))
+        # One line (a fused MLP's own repr lists its children).
+        report.swapped.append((name, type(module).__name__, f"{type(new).__name__}({new.extra_repr()})"))
         return new
 
     for parent_name, parent in list(model.named_modules()):
+        if swapped.get(id(parent), parent) is not parent:
+            continue  # replaced already (a fused MLP, built from its converted children)
         for child_name, child in list(parent._modules.items()):  # _modules: a child held twice too
             if child is not None:
                 new = swap(f"{parent_name}.{child_name}" if parent_name else child_name, child)

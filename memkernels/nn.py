@@ -18,8 +18,8 @@ from memkernels.activations.spec import check_bits
 from memkernels.compress import coded_input
 
 __all__ = ["GELU", "SiLU", "Mish", "Softplus", "ELU", "SELU", "CELU", "LeakyReLU", "ReLU",
-           "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "SwiGLU", "GeGLU", "Linear", "TransposedLinear", "Conv2d",
-           "FALinear", "FAConv2d"]
+           "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "SwiGLU", "GeGLU", "GatedMLP", "Linear",
+           "TransposedLinear", "Conv2d", "FALinear", "FAConv2d"]
 
 
 class _FusedActivation(nn.Module):
@@ -173,6 +173,38 @@ class GeGLU(_GLU):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         return F.geglu(*self._halves(a, b), self.approximate, bits=self.bits)
+
+
+class GatedMLP(nn.Module):
+    """down_proj(f(gate_proj(x)) * up_proj(x)) with f(a) * b fused (:func:`F.swiglu` for f = SiLU,
+    :func:`F.geglu` for GELU): the MLP of Llama, Mistral, Qwen, Gemma and most transformers
+    decoders, for which mk.convert swaps it. The three projections are any modules (nn.Linear,
+    mk.nn.Linear, ...) held under the names they have there, so the state_dict keys do not change.
+
+    For backward the product keeps what the gated unit keeps, (gate, up) or (code of gate, up),
+    where an activation module followed by a multiplication keeps f's f'(gate) or code and both
+    factors of the product. activation: "silu" or "gelu" (with ``approximate``, as nn.GELU's).
+    """
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, activation: str = "silu",
+                 approximate: str = "none", bits: int | None = None):
+        super().__init__()
+        if activation not in ("silu", "gelu"):
+            raise ValueError(f"activation must be 'silu' or 'gelu', got {activation!r}")
+        F._gelu_id(approximate)
+        check_bits(bits)
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.activation, self.approximate, self.bits = activation, approximate, bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.gate_proj(x), self.up_proj(x)
+        if self.activation == "silu":
+            return self.down_proj(F.swiglu(a, b, bits=self.bits))
+        return self.down_proj(F.geglu(a, b, self.approximate, bits=self.bits))
+
+    def extra_repr(self) -> str:
+        gelu = f", approximate={self.approximate!r}" if self.activation == "gelu" else ""
+        return f"activation={self.activation!r}{gelu}, bits={self.bits}"
 
 
 class _CodedInput:

@@ -1,5 +1,7 @@
 """mk.convert: which modules it swaps, what the replacements take over, what it reports, and the
 bytes kept and gradients of a converted model."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -114,6 +116,104 @@ def test_convert_swaps_transformers_conv1d(linear):
     assert mk.profile.saved_bytes(lambda i: model(i).logits, ids) < kept_before
     model(ids).logits.sum().backward()
     assert all(w.grad is not None and w.grad.shape == w.shape for w in weights)
+
+
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=50)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config), torch.randint(0, 50, (2, 16))
+
+
+@pytest.mark.parametrize("bits", [None, 3])
+def test_convert_fuses_transformers_gated_mlp(bits):
+    """Llama's MLP, down_proj(act_fn(gate_proj(x)) * up_proj(x)), becomes a GatedMLP holding the
+    same projections: the same state_dict, logits and (exact mode) gradients, and per layer the
+    product no longer keeps silu(gate): torch keeps gate, silu(gate), up and the product (4 floats
+    an element); exact SwiGLU keeps gate and up, coded SwiGLU a 3-bit code and up."""
+    model, ids = tiny_llama()
+    ref = copy.deepcopy(model)
+    kept_before = mk.profile.saved_bytes(lambda i: model(i).logits, ids)
+    projections = [model.model.layers[0].mlp.gate_proj, model.model.layers[0].mlp.down_proj]
+    _, report = mk.convert(model, bits=bits, return_report=True)
+    assert [(name, old) for name, old, _ in report.swapped] == [
+        ("model.layers.0.mlp", "LlamaMLP"), ("model.layers.1.mlp", "LlamaMLP")]
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp, mk.nn.GatedMLP) and (mlp.activation, mlp.bits) == ("silu", bits)
+    assert [mlp.gate_proj, mlp.down_proj] == projections
+    assert list(model.state_dict()) == list(ref.state_dict())
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+    elements = 2 * 16 * 64  # tokens x intermediate size, per layer
+    per_layer = 4 * elements if bits is None else 2 * 4 * elements - packed_nbytes(elements, 3)
+    assert kept_before - mk.profile.saved_bytes(lambda i: model(i).logits, ids) == 2 * per_layer
+    if bits is None:
+        model(ids).logits.sum().backward()
+        ref(ids).logits.sum().backward()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_convert_gated_mlp_with_linear_options_and_opt_out():
+    model, _ = tiny_llama()
+    mk.convert(model, bits=3, linear="int4")
+    mlp = model.model.layers[1].mlp
+    assert isinstance(mlp, mk.nn.GatedMLP)  # built from its already converted projections
+    assert all(isinstance(p, mk.nn.Linear) and p.save == "int4" for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    model, _ = tiny_llama()
+    mk.convert(model, bits=3, gated_mlp=False)
+    assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
+    assert isinstance(model.model.layers[0].mlp.act_fn, mk.nn.SiLU)
+    model, _ = tiny_llama()
+    mk.convert(model, bits=3, exclude="*.act_fn")  # an MLP fuses only where its act_fn may be swapped
+    assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
+
+
+def _mlp_class(forward, act_fn):
+    """A class placed like a transformers MLP, with the given forward and act_fn."""
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.act_fn = act_fn
+    return type("FakeMLP", (nn.Module,), {"__module__": "transformers.models.fake", "__init__": __init__,
+                                          "forward": forward})
+
+
+def gated_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A docstring and another argument name: still the gated MLP."""
+    return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+def added_forward(self, x):
+    return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+
+def scaled_forward(self, x):
+    y = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return 2 * y
+
+
+def test_convert_reads_the_mlp_forward():
+    """Fused only where forward is the gated product and act_fn SiLU or GELU (GeGLU, approximate
+    carried over); other forwards and activations leave the MLP, whose act_fn is then swapped."""
+    gemma_like = _mlp_class(gated_forward, nn.GELU(approximate="tanh"))()
+    x = torch.randn(3, 8)
+    want = gemma_like(x)
+    model = mk.convert(nn.Sequential(gemma_like))
+    assert isinstance(model[0], mk.nn.GatedMLP) and (model[0].activation, model[0].approximate) == ("gelu", "tanh")
+    torch.testing.assert_close(model(x), want)
+    for forward, act in ((added_forward, nn.SiLU()), (scaled_forward, nn.SiLU()), (gated_forward, nn.ReLU())):
+        model = mk.convert(nn.Sequential(_mlp_class(forward, act)()))
+        assert type(model[0]).__name__ == "FakeMLP" and type(model[0].act_fn).__module__ == "memkernels.nn"
+
+
+def test_gated_mlp_arguments():
+    linear = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="activation must be"):
+        mk.nn.GatedMLP(linear, linear, linear, activation="relu")
+    with pytest.raises(ValueError, match="bits"):
+        mk.nn.GatedMLP(linear, linear, linear, bits=5)
+    assert "activation='silu', bits=3" in repr(mk.nn.GatedMLP(linear, linear, linear, bits=3))
 
 
 @pytest.mark.parametrize("bits", [None, 3])
