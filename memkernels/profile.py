@@ -6,6 +6,12 @@ counts ceil(N / 8) * k bytes). Parameters are not counted: they live anyway.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
+
 import torch
 from torch import nn
 
@@ -72,7 +78,7 @@ def peak_memory(fn, *args, backward: bool = True, device: torch.device | str | N
     if device.type != "cpu":
         raise NotImplementedError(f"peak_memory measures cpu and cuda, not {device.type}")
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_log(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         _run_with_backward(fn, args, kwargs, backward)
     # Every allocation (+bytes) and free (-bytes) in time order; prof.events() folds them into
     # their ops, so read the raw records.
@@ -84,6 +90,33 @@ def peak_memory(fn, *args, backward: bool = True, device: torch.device | str | N
         level += e.nbytes()
         peak = max(peak, level)
     return peak
+
+
+# The lines the profiler's C++ side (kineto) writes to stderr each time it starts and stops, e.g.
+# "USDT:2026-11-24 03:58:33 7644:7644 SyncActivityProfilerHandler.cpp:52] profiler_start".
+_PROFILER_LOG_LINE = re.compile(rb"^(USDT|STAGE):\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def _without_profiler_log():
+    """Run the block with file descriptor 2 captured, then write back to it every line but the
+    profiler's own start / stop log lines (one peak_memory call would print several; a checkpoint
+    plan makes dozens of calls)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True)
+                    if not _PROFILER_LOG_LINE.match(line)]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def peak_saved_bytes(fn, *args, **kwargs) -> int:

@@ -30,3 +30,19 @@ def test_peak_memory(device):
 def test_peak_memory_names_the_devices_it_measures():
     with pytest.raises(NotImplementedError, match="peak_memory measures cpu and cuda, not meta"):
         mk.profile.peak_memory(lambda t: t * 2, torch.empty(4, device="meta"))
+
+
+def test_peak_memory_drops_only_the_profilers_log_lines(capfd):
+    """On CPU the profiler's C++ side logs its start and stop to stderr (torch 2.13: two lines a
+    call); peak_memory drops those lines and passes on everything else written there."""
+    import os
+    import sys
+
+    def fn(x):
+        os.write(2, b"USDT:2026-11-24 03:58:33 7644:7644 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        print("the user's line", file=sys.stderr)
+        return x * 2
+
+    assert mk.profile.peak_memory(fn, torch.ones(256, requires_grad=True)) > 0
+    err = capfd.readouterr().err
+    assert "the user's line" in err and "profiler_start" not in err and "USDT" not in err
