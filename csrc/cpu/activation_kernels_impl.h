@@ -37,7 +37,7 @@ __attribute__((always_inline)) inline void for_each_vec_packing_codes(const scal
           for_each_vec<T>(n, [&](int64_t i, int64_t count) {
             const Vectorized<T> xv = load_vec<T>(xs + i, count);
             fn(i, count, xv);
-            pack_vector_codes(borders, code_input_of<A>(xv), count, codes + i / 8 * k.value);
+            pack_vector_codes(borders, code_input_of<A>(xv), count, codes + i / 8 * k.value, i + count < n);
           });
         }
       });

@@ -222,15 +222,21 @@ struct BroadcastTree {
 // The codes of the first `count` (<= 16) lanes of x packed at out: 2 kBits bytes, or
 // (count + 7) / 8 * kBits for fewer lanes, the last group padded with NaN's code 0 as in the
 // reference. Kernels that have x in a register pack it here, with no second pass over a buffer.
+// followed: the same thread packs the next lanes' codes (at least one group, kBits bytes) at
+// out + 2 kBits afterwards. 3-bit codes then go out as one 8-byte store, whose last 2 bytes those
+// overwrite, instead of a 4- and a 2-byte store: in a bfloat16 forward the split store cost as
+// much again as computing the codes.
 template <int64_t kBits>
 __attribute__((always_inline)) inline void pack_vector_codes(const BroadcastTree<kBits>& tree, __m512 x,
-                                                             int64_t count, uint8_t* out) {
+                                                             int64_t count, uint8_t* out, bool followed) {
   if (count < kSwarCodes) {
     const auto valid = static_cast<__mmask16>((1u << count) - 1);
     x = _mm512_mask_mov_ps(_mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()), valid, x);
   }
   const uint64_t words = tree.code_words(x);
-  if (count == kSwarCodes) {
+  if (kBits == 3 && count == kSwarCodes && followed) {
+    std::memcpy(out, &words, sizeof(words));
+  } else if (count == kSwarCodes) {
     std::memcpy(out, &words, 2 * kBits);  // a constant size: plain stores
   } else {
     std::memcpy(out, &words, (count + 7) / 8 * kBits);
@@ -371,7 +377,7 @@ inline void pack_codes(const float* x, int64_t n, const BorderTree& tree, uint8_
     for (int64_t i = 0; i < n; i += kSwarCodes) {
       const int64_t count = std::min(kSwarCodes, n - i);
       const __m512 xv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), x + i);
-      pack_vector_codes(borders, xv, count, out + i / 8 * kBits);
+      pack_vector_codes(borders, xv, count, out + i / 8 * kBits, i + kSwarCodes < n);
     }
   } else {
     search_and_pack_codes<kBits>(x, n, tree, out);
