@@ -272,8 +272,8 @@ class TransposedLinear(_CodedInput, nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(in_features, out_features, device=device, dtype=dtype))
-        self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias
-                     else None)
+        self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+                                if bias else None)
         if self.weight.device.type != "meta":
             nn.init.normal_(self.weight, std=0.02)
         self._set_save(save, eps, nonnegative, group_size)
