@@ -116,7 +116,8 @@ def _without_profiler_log():
             kept = [line for line in captured.read().splitlines(keepends=True)
                     if not _PROFILER_LOG_LINE.match(line)]
             if kept:
-                os.write(2, b"".join(kept))
+                with open(2, "wb", closefd=False) as stderr:  # a buffered write is written whole
+                    stderr.write(b"".join(kept))
 
 
 def peak_saved_bytes(fn, *args, **kwargs) -> int:
