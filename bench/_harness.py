@@ -246,6 +246,14 @@ def environment_variable(name: str, value: str):
             os.environ[name] = before
 
 
+def backend_selected(backend: str):
+    """A block in which every op runs `backend`: MEMKERNELS_BACKEND set to it on CUDA ("cpu":
+    nothing to set, CPU tensors have one backend)."""
+    if backend == "cpu":
+        return contextlib.nullcontext()
+    return environment_variable("MEMKERNELS_BACKEND", backend)
+
+
 def memkernels_build_line() -> str:
     """Which memkernels kernels ran: the compiled extension, or the slow reference fallback."""
     import memkernels.ops

@@ -172,13 +172,6 @@ def backends_to_time(case_name: str, device_type: str, with_cuda: bool) -> tuple
     return ("triton",)
 
 
-def backend_selected(backend: str):
-    """A block in which every op runs `backend`: MEMKERNELS_BACKEND set to it on CUDA."""
-    if backend == "cpu":
-        return contextlib.nullcontext()
-    return h.environment_variable("MEMKERNELS_BACKEND", backend)
-
-
 def run_case(case, dtype_name, numel, bits_list, backends, compiled, device, warmup, repeats, copy_gbps):
     """Rows (one per bits and backend) for one activation, dtype and size: the baselines and every
     memkernels variant timed together, taking turns call by call."""
@@ -197,7 +190,7 @@ def run_case(case, dtype_name, numel, bits_list, backends, compiled, device, war
     contexts = {}  # forward and backward of a memkernels variant run on its backend
     for bits, backend in variants:
         fns[("mk", bits, backend)] = case.mk_fn(bits)
-        contexts[("mk", bits, backend)] = functools.partial(backend_selected, backend)
+        contexts[("mk", bits, backend)] = functools.partial(h.backend_selected, backend)
     measured = measure(fns, contexts, inputs, device, warmup, repeats)
     eager, compile_result = measured["eager"], measured.get("compile")
     input_bytes = numel * inputs[0].element_size()
@@ -205,7 +198,7 @@ def run_case(case, dtype_name, numel, bits_list, backends, compiled, device, war
     for bits, backend in variants:
         mk = measured[("mk", bits, backend)]
         if copy_gbps is not None and input_bytes >= BANDWIDTH_MIN_BYTES:
-            with backend_selected(backend):
+            with h.backend_selected(backend):
                 fwd_bytes, bwd_bytes = bytes_moved(case.mk_fn(bits), inputs, mk["saved_bytes"])
         row = {
             "activation": case.name,

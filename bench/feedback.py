@@ -131,7 +131,7 @@ def speed_rows(args, device) -> list[dict]:
 
         def fused(backend):
             def run():
-                with h.environment_variable("MEMKERNELS_BACKEND", "triton" if backend == "cpu" else backend):
+                with h.backend_selected(backend):
                     return mk.ops.feedback_project(e, 0, 1, m, 0.1, derivative)
             return run
 

@@ -97,14 +97,14 @@ def test_rows_name_their_backend(bench):
 
 def test_backend_is_set_only_while_measuring(bench, monkeypatch):
     monkeypatch.delenv("MEMKERNELS_BACKEND", raising=False)
-    with bench.backend_selected("cuda"):
+    with bench.h.backend_selected("cuda"):
         assert os.environ["MEMKERNELS_BACKEND"] == "cuda"
     assert "MEMKERNELS_BACKEND" not in os.environ
     monkeypatch.setenv("MEMKERNELS_BACKEND", "triton")
-    with pytest.raises(KeyError), bench.backend_selected("cuda"):
+    with pytest.raises(KeyError), bench.h.backend_selected("cuda"):
         raise KeyError("a failing measurement")
     assert os.environ["MEMKERNELS_BACKEND"] == "triton"
-    with bench.backend_selected("cpu"):
+    with bench.h.backend_selected("cpu"):
         assert os.environ["MEMKERNELS_BACKEND"] == "triton"
 
 
