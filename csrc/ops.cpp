@@ -19,6 +19,9 @@ TORCH_LIBRARY(memkernels, m) {
   // grad_in = grad_out * f'(x): `saved` as activation_forward returned it; with bits > 0
   // f'(x) is levels[code], levels float32 of 2**bits values.
   m.def("activation_backward(Tensor grad_out, Tensor saved, int bits, Tensor? levels) -> Tensor");
+  // grad_in = grad_out * f'(x), f' computed from x itself as activation_forward computes it: the
+  // backward of an exact mode that keeps x (SiLU), where f' costs less to recompute than to write.
+  m.def("activation_backward_from_input(Tensor grad_out, Tensor x, int activation, float p0, float p1) -> Tensor");
   // Gated linear unit y = f(a) * b (f: SiLU, GELU, GELU-tanh). Returns (y, code): with bits > 0
   // the packed code of a (backward then keeps code and b); with bits == 0 an empty uint8 tensor
   // (backward keeps a and b, which an op may not return as outputs since they alias inputs).
@@ -60,9 +63,10 @@ TORCH_LIBRARY(memkernels, m) {
 // that requires grad, their outputs get a grad_fn whose backward raises "the derivative for
 // memkernels::<op> is not implemented", instead of silently giving no gradient.
 TORCH_LIBRARY_IMPL(memkernels, Autograd, m) {
-  for (const char* op : {"activation_forward", "activation_value", "activation_backward", "gated_forward",
-                         "gated_backward", "pack_bits", "unpack_bits", "auxiliary_sign_forward", "quantize_groups",
-                         "dequantize_groups", "weight_grad_from_codes", "feedback_project"}) {
+  for (const char* op : {"activation_forward", "activation_value", "activation_backward",
+                         "activation_backward_from_input", "gated_forward", "gated_backward", "pack_bits",
+                         "unpack_bits", "auxiliary_sign_forward", "quantize_groups", "dequantize_groups",
+                         "weight_grad_from_codes", "feedback_project"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

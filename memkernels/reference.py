@@ -180,6 +180,12 @@ def activation_backward(grad_out, saved, bits, levels):
     return (grad_out.to(cd) * d).to(grad_out.dtype)
 
 
+def activation_backward_from_input(grad_out, x, act, p0=0.0, p1=0.0):
+    """Reference of ``memkernels::activation_backward_from_input``: grad_out * f'(x), f' from x."""
+    cd = _compute_dtype(grad_out)
+    return (grad_out.to(cd) * activation_derivative(x, act, p0, p1)).to(grad_out.dtype)
+
+
 def gated_forward(a, b, act, bits, borders):
     """Reference of ``memkernels::gated_forward``: (y, code) with y = f(a) * b.
 

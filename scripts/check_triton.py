@@ -94,6 +94,7 @@ def launch_every_kernel() -> None:
                 _, saved = ta.activation_forward(x, int(activation), 0.5, 20.0, bits, borders)
                 if bits == 0:
                     ta.activation_value(x, int(activation), 0.5, 20.0)
+                    ta.activation_backward_from_input(x, x, int(activation), 0.5, 20.0)
             ta.activation_backward(x, saved, bits, levels)
             for activation in GATES:
                 _, saved = ta.gated_forward(x, x, int(activation), bits, borders)

@@ -92,6 +92,10 @@ def test_activation_exact(act, params, dtype, shape):
     assert_matches(saved, saved_ref)
     g = torch.randn(shape).to(dtype)
     assert_matches(ops.activation_backward(g, saved_ref, 0, None), ref.activation_backward(g, saved_ref, 0, None))
+    from_input = ops.activation_backward_from_input(g, x, int(act), *params)
+    assert_matches(from_input, ref.activation_backward_from_input(g, x, int(act), *params), factor=g)
+    if dtype in (torch.float32, torch.float64):  # f' from x is forward's f', bit for bit
+        assert torch.equal(from_input, ops.activation_backward(g, saved, 0, None))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -133,6 +137,10 @@ def test_activation_special_values(act, params, dtype):
     assert_matches(y, y_ref)
     assert_matches(saved, saved_ref)
     assert torch.isfinite(saved[1:3]).all(), "f'(+-inf) must be the finite limit"
+    g = torch.ones_like(x)
+    from_input = ops.activation_backward_from_input(g, x, int(act), *params)
+    assert_matches(from_input, ref.activation_backward_from_input(g, x, int(act), *params))
+    assert torch.isfinite(from_input[1:3]).all()
     for bits in VALID_BITS:
         borders = random_borders(bits)
         _, codes = ops.activation_forward(x, int(act), *params, bits, borders)
@@ -260,6 +268,9 @@ def test_streamed_outputs(bits, dtype):
         assert torch.equal(saved, saved_ref)
     g = torch.randn(numel).to(dtype)
     assert_matches(ops.activation_backward(g, saved, bits, levels), ref.activation_backward(g, saved_ref, bits, levels))
+    if bits == 0:
+        assert_matches(ops.activation_backward_from_input(g, x, int(Activation.SIGMOID), 0.0, 0.0),
+                       ref.activation_backward_from_input(g, x, int(Activation.SIGMOID)), factor=g)
     b = random_input((numel,), dtype)
     y, code = ops.gated_forward(x, b, int(Activation.SILU), bits, borders)
     y_ref, code_ref = ref.gated_forward(x, b, int(Activation.SILU), bits, borders)
@@ -333,6 +344,8 @@ def test_non_contiguous(bits, dtype):
             assert_matches(saved, saved_ref)
             saved_nc = saved_ref.t().contiguous().t()
             assert_matches(ops.activation_backward(g, saved_nc, 0, None), ref.activation_backward(g, saved_ref, 0, None))
+            assert_matches(ops.activation_backward_from_input(g, x, int(Activation.SILU), 0.0, 0.0),
+                           ref.activation_backward_from_input(g, x, int(Activation.SILU)), factor=g)
         else:
             assert torch.equal(saved, saved_ref), name
             assert_matches(ops.activation_backward(g, saved, 3, levels), ref.activation_backward(g, saved_ref, 3, levels))
@@ -358,6 +371,7 @@ def test_empty(bits, shape):
     assert y.shape == x.shape
     assert saved.shape == (x.shape if bits == 0 else (0,))
     assert ops.activation_backward(torch.empty(shape), saved, bits, levels).shape == x.shape
+    assert ops.activation_backward_from_input(torch.empty(shape), x, int(Activation.SILU), 0.0, 0.0).shape == x.shape
     y, code = ops.gated_forward(x, x, int(Activation.SILU), bits, borders)
     assert y.shape == x.shape and code.shape == (0,) and code.dtype == torch.uint8
     grads = ops.gated_backward(x, x if bits == 0 else code, x, int(Activation.SILU), bits, levels, levels)
@@ -397,6 +411,13 @@ def _errors():
         "levels missing": (lambda: ops.activation_backward(x, codes, 3, None), "levels must be given"),
         "levels size": (lambda: ops.activation_backward(x, codes, 3, b3), "levels must have"),
         "levels dtype": (lambda: ops.activation_backward(x, codes, 3, l3.half()), "levels must be float32"),
+        "from_input x shape": (lambda: ops.activation_backward_from_input(x, x[:8], gelu, 0.0, 0.0),
+                               "x must have the shape"),
+        "from_input x dtype": (lambda: ops.activation_backward_from_input(x, x.half(), gelu, 0.0, 0.0),
+                               "x must have the dtype"),
+        "from_input grad_out dtype": (lambda: ops.activation_backward_from_input(x.int(), x.int(), gelu, 0.0, 0.0),
+                                      "grad_out must be float32"),
+        "from_input activation": (lambda: ops.activation_backward_from_input(x, x, 14, 0.0, 0.0), "activation must be"),
         "b shape": (lambda: ops.gated_forward(x, x[:8], gelu, 0, None), "b must have the shape"),
         "b dtype": (lambda: ops.gated_forward(x, x.double(), gelu, 0, None), "b must have the dtype"),
         "a dtype": (lambda: ops.gated_forward(x.int(), x.int(), gelu, 0, None), "a must be float32"),

@@ -29,6 +29,8 @@ def op_samples(device):
         ("activation_value", (x.t(), int(A.LEAKY_RELU), 0.2, 0.0)),
         ("activation_backward", (g, code, 3, levels)),
         ("activation_backward", (g, g, 0, None)),
+        ("activation_backward_from_input", (g, x, int(A.SILU), 0.0, 0.0)),
+        ("activation_backward_from_input", (g.t(), x.t(), int(A.SOFTPLUS), 2.0, 3.0)),
         ("gated_forward", (x, g, int(A.SILU), 0, None)),
         ("gated_forward", (x, g, int(A.GELU_TANH), 3, borders)),
         ("gated_backward", (g, x, g, int(A.SILU), 0, None, None)),

@@ -85,6 +85,8 @@ def test_activation_exact(act, custom, dtype):
     grad = torch.randn_like(x)
     assert_close(tk.activation_backward(grad, saved_ref, 0, None),
                  ref.activation_backward(grad, saved_ref, 0, None))
+    assert_close(tk.activation_backward_from_input(grad, x, int(act), p0, p1),
+                 ref.activation_backward_from_input(grad, x, int(act), p0, p1))
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -208,6 +210,8 @@ def test_non_contiguous():
     b = make_input((x.shape[1], x.shape[0]), torch.float32, scale=1.0).t()
     assert_close(tk.activation_backward(grad, saved_ref, 4, levels),
                  ref.activation_backward(grad, saved_ref, 4, levels))
+    assert_close(tk.activation_backward_from_input(grad, x, act, 0.0, 0.0),
+                 ref.activation_backward_from_input(grad, x, act))
     got = tk.gated_backward(grad, x, b, act, 0, None, None)
     want = ref.gated_backward(grad, x, b, act, 0, None, None)
     for g, w in zip(got, want):
@@ -232,6 +236,7 @@ def test_empty():
     y, packed = tk.activation_forward(x, int(Activation.GELU), 0.0, 0.0, 3, borders)
     assert y.shape == x.shape and packed.shape == (0,) and packed.dtype == torch.uint8
     assert tk.activation_backward(x, packed, 3, levels).shape == x.shape
+    assert tk.activation_backward_from_input(x, x, int(Activation.SILU), 0.0, 0.0).shape == x.shape
     y, code = tk.gated_forward(x, x, int(Activation.SILU), 0, None)
     assert y.shape == x.shape and code.shape == (0,)
     grads = tk.gated_backward(x, packed, x, int(Activation.SILU), 3, levels, levels)
@@ -257,6 +262,8 @@ def _validation_cases():
         (lambda: tk.activation_forward(x, gelu, 0, 0, 3, borders.double()), ValueError,
          "borders must be a 1-D float32"),
         (lambda: tk.activation_backward(x, x[:5], 0, None), ValueError, "saved .* must match"),
+        (lambda: tk.activation_backward_from_input(x, x[:5], gelu, 0, 0), ValueError, "x .* must match"),
+        (lambda: tk.activation_backward_from_input(x, x, 99, 0, 0), ValueError, "activation must be"),
         (lambda: tk.activation_backward(x, x.half(), 0, None), ValueError, "saved .* must match"),
         (lambda: tk.activation_backward(x, packed[:5], 3, levels), ValueError, "saved must hold"),
         (lambda: tk.activation_backward(x, packed.float(), 3, levels), TypeError,

@@ -19,6 +19,9 @@ struct ActivationKernels {
   // grad_in = grad_out * (saved (bits == 0) or levels[code]).
   void (*backward)(const at::Tensor& grad_out, const at::Tensor& saved, int64_t bits, const at::Tensor& levels,
                    const at::Tensor& grad_in);
+  // grad_in = grad_out * f'(x), f' computed from x itself.
+  void (*backward_from_input)(Activation act, const at::Tensor& grad_out, const at::Tensor& x, double p0, double p1,
+                              const at::Tensor& grad_in);
   // y = f(a) * b and, when bits > 0, codes = the packed code of a.
   void (*gated_forward)(Activation act, const at::Tensor& a, const at::Tensor& b, int64_t bits,
                         const at::Tensor& borders, const at::Tensor& y, const at::Tensor& codes);

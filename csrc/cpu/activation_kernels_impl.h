@@ -3,8 +3,9 @@
 //
 // One pass over memory each way. Forward reads x once and writes y and what backward keeps:
 // f'(x) (bits == 0) or the packed code of x, counted and packed tile by tile with no code tensor in
-// between. Backward reads grad_out and the saved tensor once; codes are unpacked a group at a time
-// and looked up in the (at most 256-entry) level table on the stack.
+// between. Backward reads grad_out and the saved tensor once (or x, f' then computed from it);
+// codes are unpacked a group at a time and looked up in the (at most 256-entry) level table on the
+// stack.
 #pragma once
 #include <ATen/Dispatch.h>
 
@@ -206,6 +207,36 @@ void activation_backward(const at::Tensor& grad_out, const at::Tensor& saved, in
   });
 }
 
+// grad_in = grad_out * f'(x), f' computed from x as forward computes it.
+template <Activation A, typename scalar_t>
+void activation_backward_from_input_kernel(const scalar_t* grad_out, const scalar_t* x, scalar_t* grad_in,
+                                           int64_t numel, double p0_, double p1_) {
+  using T = opmath_t<scalar_t>;
+  using V = Vectorized<T>;
+  using M = MathFor<scalar_t>;
+  const V p0(static_cast<T>(p0_)), p1(static_cast<T>(p1_));
+  const bool stream = stream_stores(grad_in, numel);
+  for_each_tile(numel, [&](int64_t begin, int64_t n) {
+    const scalar_t* gs = grad_out + begin;
+    const scalar_t* xs = x + begin;
+    scalar_t* outs = grad_in + begin;
+    for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+      const V d = activation_derivative_of<A, M>(load_vec<T>(xs + i, count), p0, p1);
+      store_vec(load_vec<T>(gs + i, count) * d, outs + i, count, stream);
+    });
+  });
+}
+
+void activation_backward_from_input(Activation act, const at::Tensor& grad_out, const at::Tensor& x, double p0,
+                                    double p1, const at::Tensor& grad_in) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "activation_backward_from_input", [&] {
+    dispatch_activation(act, [&](auto a) {
+      activation_backward_from_input_kernel<a.value>(grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                                     grad_in.mutable_data_ptr<scalar_t>(), x.numel(), p0, p1);
+    });
+  });
+}
+
 // grad_a = g * b * f'(a), grad_b = g * f(a): from a itself (bits == 0) or from levels[code] and
 // value_levels[code].
 template <Activation A, typename scalar_t>
@@ -263,7 +294,7 @@ void gated_backward(Activation act, const at::Tensor& grad_out, const at::Tensor
 
 }  // namespace
 
-extern const ActivationKernels kActivationKernels{activation_forward, activation_backward, gated_forward,
-                                                  gated_backward};
+extern const ActivationKernels kActivationKernels{activation_forward, activation_backward,
+                                                  activation_backward_from_input, gated_forward, gated_backward};
 
 }  // namespace memkernels::cpu::CPU_CAPABILITY

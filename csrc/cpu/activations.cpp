@@ -1,6 +1,7 @@
-// CPU kernels of the fused activations: activation_forward/value/backward and gated_forward/backward
-// (schemas in csrc/ops.cpp, semantics in memkernels/reference.py): the argument checks and the
-// outputs here, the kernels of this CPU's instruction set in activation_kernels_impl.h.
+// CPU kernels of the fused activations: activation_forward/value/backward(_from_input) and
+// gated_forward/backward (schemas in csrc/ops.cpp, semantics in memkernels/reference.py): the
+// argument checks and the outputs here, the kernels of this CPU's instruction set in
+// activation_kernels_impl.h.
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 #include <sys/mman.h>
@@ -163,6 +164,17 @@ at::Tensor activation_backward(const at::Tensor& grad_out_in, const at::Tensor& 
   return grad_in;
 }
 
+at::Tensor activation_backward_from_input(const at::Tensor& grad_out_in, const at::Tensor& x_in, int64_t activation,
+                                          double p0, double p1) {
+  check_floating(grad_out_in, "grad_out");
+  check_like(x_in, "x", grad_out_in, "grad_out");
+  const Activation act = check_activation(activation);
+  const at::Tensor grad_out = grad_out_in.contiguous(), x = x_in.contiguous();
+  at::Tensor grad_in = empty_output(grad_out);
+  activation_kernels().backward_from_input(act, grad_out, x, p0, p1, grad_in);
+  return grad_in;
+}
+
 std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& grad_out_in, const at::Tensor& saved_a_in,
                                                   const at::Tensor& b_in, int64_t activation, int64_t bits,
                                                   const std::optional<at::Tensor>& levels_in,
@@ -190,6 +202,7 @@ TORCH_LIBRARY_IMPL(memkernels, CPU, m) {
   m.impl("activation_forward", &activation_forward);
   m.impl("activation_value", &activation_value);
   m.impl("activation_backward", &activation_backward);
+  m.impl("activation_backward_from_input", &activation_backward_from_input);
   m.impl("gated_forward", &gated_forward);
   m.impl("gated_backward", &gated_backward);
 }

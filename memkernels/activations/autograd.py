@@ -1,6 +1,7 @@
 """Autograd of the fused activations: forward keeps f'(x) (or its k-bit code) and nothing else;
-with bits=None, Sigmoid and Tanh keep y and Hardswish x instead (TORCH_BACKWARD). ReLU, LeakyReLU
-and Hardsigmoid, whose f' takes two values, keep one exact bit whatever bits is.
+with bits=None, Sigmoid and Tanh keep y and Hardswish x instead (TORCH_BACKWARD), and SiLU x
+(KEEPS_INPUT). ReLU, LeakyReLU and Hardsigmoid, whose f' takes two values, keep one exact bit
+whatever bits is.
 
 The tables (borders, levels) travel as ctx attributes rather than through save_for_backward:
 they are shared constants of a few hundred bytes, not per-call activations, so the bytes that
@@ -196,6 +197,30 @@ class _TorchBackwardFunction(torch.autograd.Function):
         return ctx.torch_backward(grad_out, kept), None
 
 
+# Exact mode of the activations whose f' costs less to recompute than to write, where torch's
+# backward would give up f''s finite limits at +-inf (SiLU's is NaN there): they keep x, the
+# bytes of f'(x), and backward computes f'(x) from it in one kernel (activation_backward_from_input).
+# Forward writes y alone: an fp32 element moves 8 + 12 bytes forward and back, not 12 + 12.
+KEEPS_INPUT = frozenset({Activation.SILU})
+
+
+class _InputKeptFunction(torch.autograd.Function):
+    """bits=None for the activations of KEEPS_INPUT. x must be contiguous (a strided x would keep
+    its whole base alive)."""
+
+    @staticmethod
+    def forward(ctx, x, call):
+        ctx.call = call  # (act, p0, p1)
+        ctx.save_for_backward(x)
+        return ops.activation_value(x, *call)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        return ops.activation_backward_from_input(grad_out, x, *ctx.call), None
+
+
 class _GatedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, call):
@@ -236,7 +261,7 @@ def _float64_slope(act, bits, p0, x: torch.Tensor):
 def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.0,
                bits: int | None = None) -> torch.Tensor:
     """y = f(x) for activation `act`, keeping for backward only f'(x): in x's dtype when bits is
-    None (Sigmoid, Tanh: y; Hardswish: x; f' is exact from them), else a packed code of `bits`
+    None (Sigmoid, Tanh: y; SiLU, Hardswish: x; f' is exact from them), else a packed code of `bits`
     bits an element (ReLU, LeakyReLU, Hardsigmoid: 1 exact bit in either case). Any shape; same
     shape and dtype out, and x's layout when it is dense (channels_last, a transpose). Where no
     gradient can be needed, y alone is computed (the same values) and nothing is kept."""
@@ -250,6 +275,8 @@ def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.
     elif kernel_bits == 0 and act in TORCH_BACKWARD:
         # The copy of a strided x outside the Function: autograd records it, for a second backward.
         y = _TorchBackwardFunction.apply(x.contiguous(), Activation(act))
+    elif kernel_bits == 0 and act in KEEPS_INPUT:
+        y = _InputKeptFunction.apply(x.contiguous(), (int(act), p0, p1))
     else:
         borders = levels = None
         if kernel_bits:

@@ -69,6 +69,13 @@ def activation_backward(grad_out: torch.Tensor, saved: torch.Tensor, bits: int,
     return _op("activation_backward")(grad_out, saved, bits, levels)
 
 
+def activation_backward_from_input(grad_out: torch.Tensor, x: torch.Tensor, activation: int, p0: float,
+                                   p1: float) -> torch.Tensor:
+    """grad_out * f'(x), f'(x) computed from x (grad_out's shape and dtype), as activation_forward
+    computes it."""
+    return _op("activation_backward_from_input")(grad_out, x, activation, p0, p1)
+
+
 def gated_forward(a: torch.Tensor, b: torch.Tensor, activation: int, bits: int,
                   borders: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(a) * b, code of a): the code is empty uint8 when bits == 0."""
@@ -199,6 +206,12 @@ if _C is not None:
         _check_saved(saved, "saved", bits, grad_out)
         if bits:
             _check_table(levels, "levels", 2 ** bits, bits, grad_out)
+        return _dense_like(grad_out)
+
+    @torch.library.register_fake("memkernels::activation_backward_from_input")
+    def _(grad_out, x, activation, p0, p1):
+        _check_floating(grad_out, "grad_out")
+        _check_like(x, "x", grad_out, "grad_out")
         return _dense_like(grad_out)
 
     @torch.library.register_fake("memkernels::gated_forward")

@@ -8,9 +8,9 @@ time over the measured sizes of 16M elements and more, with the device, versions
 totals it was picked from. A file that is not such a record fails the import, naming the file.
 A build without the CUDA C++ kernels (``memkernels._C.with_cuda`` false) runs Triton where the
 file says "cuda". Ops the CUDA C++ kernels do not cover (other activations, activation_value,
-pack_bits) always run Triton, as do quantize_groups, dequantize_groups and weight_grad_from_codes.
-feedback_project and auxiliary_sign_forward have both backends but no measured default yet: Triton
-unless forced.
+activation_backward_from_input, pack_bits) always run Triton, as do quantize_groups,
+dequantize_groups and weight_grad_from_codes. feedback_project and auxiliary_sign_forward have
+both backends but no measured default yet: Triton unless forced.
 """
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ CUDA_CPP_ACTIVATIONS = frozenset(int(a) for a in GATES)
 UNPICKED_OPS = ("feedback_project", "auxiliary_sign_forward")
 # The module of memkernels/triton that holds each op's Triton host function.
 TRITON_MODULES = {
-    **dict.fromkeys(("activation_forward", "activation_value", "activation_backward", "gated_forward",
-                     "gated_backward", "pack_bits", "unpack_bits"), "activations"),
+    **dict.fromkeys(("activation_forward", "activation_value", "activation_backward",
+                     "activation_backward_from_input", "gated_forward", "gated_backward", "pack_bits",
+                     "unpack_bits"), "activations"),
     **dict.fromkeys(("auxiliary_sign_forward", "quantize_groups", "dequantize_groups",
                      "weight_grad_from_codes"), "compress"),
     "feedback_project": "feedback",

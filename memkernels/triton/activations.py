@@ -8,6 +8,7 @@ specification:
         y = f(x) in x's dtype; saved = f'(x) in x's dtype (bits == 0) or the packed k-bit code of
         x (Hardsigmoid: -|x|) among `borders`, (ceil(numel / 8) * bits,) uint8
     activation_backward(grad_out, saved, bits, levels) -> grad_out * f'(x)  (f' = levels[code])
+    activation_backward_from_input(grad_out, x, activation, p0, p1) -> grad_out * f'(x)
     gated_forward(a, b, activation, bits, borders) -> (f(a) * b, code of a or empty uint8)
     gated_backward(grad_out, saved_a, b, activation, bits, levels, value_levels)
         -> (g * b * f'(a), g * f(a))
@@ -244,20 +245,24 @@ def _forward_kernel(x_ptr, b_ptr, y_ptr, deriv_ptr, packed_ptr, borders_ptr, num
 
 @triton.jit
 def _backward_kernel(grad_ptr, saved_ptr, b_ptr, levels_ptr, value_levels_ptr, grad_in_ptr,
-                     grad_b_ptr, numel, num_groups, ACT: tl.constexpr, BITS: tl.constexpr,
-                     GATED: tl.constexpr, FP64: tl.constexpr, BLOCK_GROUPS: tl.constexpr):
+                     grad_b_ptr, numel, num_groups, p0_hi, p0_lo, p1_hi, p1_lo, ACT: tl.constexpr,
+                     BITS: tl.constexpr, GATED: tl.constexpr, FROM_INPUT: tl.constexpr,
+                     FP64: tl.constexpr, BLOCK_GROUPS: tl.constexpr):
     """grad_in = g * f'(x) (GATED: grad_in = g * b * f'(a), grad_b = g * f(a)).
 
-    BITS == 0: saved is f'(x) itself (GATED: a itself); BITS > 0: saved is the packed code and
-    f', f are levels[code], value_levels[code]. Unused pointers are passed as grad and never read.
+    BITS == 0: saved is f'(x) itself, or x (FROM_INPUT; GATED: a), f' then computed from it with
+    parameters p0, p1; BITS > 0: saved is the packed code and f', f are levels[code],
+    value_levels[code]. Unused pointers are passed as grad and never read.
     """
     groups, elements = group_offsets(tl.program_id(0), BLOCK_GROUPS)
     mask = elements < numel
     g = _to_compute(tl.load(grad_ptr + elements, mask=mask, other=0.0), FP64)
     if BITS == 0:
         saved = _to_compute(tl.load(saved_ptr + elements, mask=mask, other=0.0), FP64)
-        if GATED:
-            value, deriv = _value_and_derivative(saved, 0.0, 0.0, ACT)
+        if GATED or FROM_INPUT:
+            p0 = _to_compute(p0_hi, FP64) + _to_compute(p0_lo, FP64)
+            p1 = _to_compute(p1_hi, FP64) + _to_compute(p1_lo, FP64)
+            value, deriv = _value_and_derivative(saved, p0, p1, ACT)
         else:
             deriv = saved
     else:
@@ -377,18 +382,21 @@ def _forward(x, b, activation, p0, p1, bits, borders, gated, save=True):
     return y, saved
 
 
-def _backward(grad_out, saved, b, activation, bits, levels, value_levels, gated):
+def _backward(grad_out, saved, b, activation, bits, levels, value_levels, gated, from_input=False,
+              p0=0.0, p1=0.0):
     numel = grad_out.numel()
     grad_in = torch.empty_like(grad_out)
     grad_b = torch.empty_like(grad_out) if gated else None
     if numel:
+        p0_hi, p0_lo = _split_float(p0)
+        p1_hi, p1_lo = _split_float(p1)
         _backward_kernel[_grid(numel)](
             grad_out, saved, grad_out if b is None else b,
             grad_out if levels is None else levels.contiguous(),
             grad_out if value_levels is None else value_levels.contiguous(),
             grad_in, grad_out if grad_b is None else grad_b, numel, triton.cdiv(numel, 8),
-            ACT=activation, BITS=bits, GATED=gated, FP64=grad_out.dtype == torch.float64,
-            BLOCK_GROUPS=BLOCK_GROUPS)
+            p0_hi, p0_lo, p1_hi, p1_lo, ACT=activation, BITS=bits, GATED=gated, FROM_INPUT=from_input,
+            FP64=grad_out.dtype == torch.float64, BLOCK_GROUPS=BLOCK_GROUPS)
     return grad_in, grad_b
 
 
@@ -418,6 +426,13 @@ def activation_backward(grad_out, saved, bits, levels):
                tables=[("levels", levels)])
     saved = _packed_input(saved) if bits else saved.contiguous()
     return _backward(grad_out.contiguous(), saved, None, 0, bits, levels, None, gated=False)[0]
+
+
+def activation_backward_from_input(grad_out, x, activation, p0, p1):
+    """grad_out * f'(x), f'(x) computed from x as activation_forward computes it."""
+    _check(0, values=[("grad_out", grad_out), ("x", x)], activation=activation)
+    return _backward(grad_out.contiguous(), x.contiguous(), None, int(activation), 0, None, None,
+                     gated=False, from_input=True, p0=float(p0), p1=float(p1))[0]
 
 
 def gated_forward(a, b, activation, bits, borders):
