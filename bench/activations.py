@@ -41,7 +41,6 @@ import _harness as h  # also puts the repository root on sys.path
 
 import memkernels.functional as mkf
 import memkernels.profile as mkp
-from memkernels.activations.autograd import KEEPS_INPUT
 
 # Bandwidth is reported where one input tensor is at least this large: smaller tensors sit in
 # the L2 cache across repeats (50 MB on an H100) and launch overhead weighs in.
@@ -57,9 +56,9 @@ PICK_RULES = {
     "gated_forward": (("swiglu", "geglu"), "mk_fwd_ms"),
     "gated_backward": (("swiglu", "geglu"), "mk_bwd_ms"),
 }
-# Exact SiLU runs activation_value and activation_backward_from_input (Triton only), not the ops
-# above: its rows decide nothing.
-PICK_SKIPS = {(act.name.lower(), "none") for act in KEEPS_INPUT}
+# On CUDA the exact activations keep x: they run activation_value and
+# activation_backward_from_input (Triton only), not these ops, so only coded rows decide them.
+CODED_ROWS_ONLY = ("activation_forward", "activation_backward")
 # Only sizes this large decide: there the kernels' memory traffic, not the launch, takes the time.
 PICK_MIN_NUMEL = 16 * 2**20
 CASE_KEY = ("activation", "dtype", "numel", "bits", "backend")  # what tells rows apart (--append)
@@ -297,7 +296,7 @@ def pick_backends(rows: list[dict]) -> tuple[dict[str, str], dict[str, dict]]:
     """Per op of PICK_RULES, the CUDA backend with the smaller total time: (defaults, evidence).
 
     An op's total sums its time column over its activations' rows of PICK_MIN_NUMEL elements or
-    more (but PICK_SKIPS), counting only the cases (activation, dtype, size, bits) measured under both backends, so
+    more (coded rows only for CODED_ROWS_ONLY), counting only the cases (activation, dtype, size, bits) measured under both backends, so
     both totals are over the same work. A tie goes to Triton (it covers every op). An op with no
     such case is left out of both dicts. evidence[op] = {"triton_ms", "cuda_ms", "cases"}.
     """
@@ -306,7 +305,7 @@ def pick_backends(rows: list[dict]) -> tuple[dict[str, str], dict[str, dict]]:
         times: dict[tuple, dict[str, float]] = {}
         for row in rows:
             if (row["activation"] in activations and row["numel"] >= PICK_MIN_NUMEL
-                    and (row["activation"], row["bits"]) not in PICK_SKIPS
+                    and not (op in CODED_ROWS_ONLY and row["bits"] == "none")
                     and row.get("backend") in ("triton", "cuda") and row.get(time_column) is not None):
                 case = tuple(row[k] for k in CASE_KEY if k != "backend")
                 times.setdefault(case, {})[row["backend"]] = row[time_column]

@@ -52,14 +52,15 @@ def test_pick_rules_cover_the_ops_that_have_two_backends(bench, cuda_module):
 def test_pick_backends_sums_each_ops_rows_and_picks_the_smaller_total(bench):
     rows = [
         # activation ops: gelu favours cuda forward, silu favours triton by more; totals decide
-        row("gelu", "triton", fwd=2.0, bwd=3.0), row("gelu", "cuda", fwd=1.0, bwd=3.5),
+        row("gelu", "triton", fwd=2.0, bwd=3.0, bits=3), row("gelu", "cuda", fwd=1.0, bwd=3.5, bits=3),
         row("silu", "triton", fwd=1.0, bwd=3.0, numel=64 * M, bits=3),
         row("silu", "cuda", fwd=2.5, bwd=2.0, numel=64 * M, bits=3),
         # gated ops: cuda faster forward over two dtypes, backward an exact tie
         row("swiglu", "triton", fwd=4.0, bwd=6.0), row("swiglu", "cuda", fwd=3.0, bwd=5.0),
         row("geglu", "triton", fwd=4.0, bwd=6.0, dtype="fp32"), row("geglu", "cuda", fwd=4.5, bwd=7.0, dtype="fp32"),
-        # ignored: too small, other activations, CPU rows, exact SiLU (runs neither op)
-        row("gelu", "triton", fwd=100.0, bwd=100.0, numel=16 * M - 1), row("gelu", "cuda", fwd=0.0, bwd=0.0, numel=4 * M),
+        # ignored: too small, other activations, CPU rows, exact activations (run neither op on CUDA)
+        row("gelu", "triton", fwd=100.0, bwd=100.0, numel=16 * M - 1, bits=3),
+        row("gelu", "cuda", fwd=0.0, bwd=0.0, numel=4 * M, bits=3),
         row("silu", "triton", fwd=9.0, bwd=9.0), row("silu", "cuda", fwd=0.0, bwd=0.0),
         row("relu", "triton", fwd=9.0, bwd=9.0), row("gelu", "cpu", fwd=0.0, bwd=0.0, bits=3),
     ]
@@ -74,10 +75,10 @@ def test_pick_backends_sums_each_ops_rows_and_picks_the_smaller_total(bench):
 
 def test_pick_backends_compares_only_cases_measured_under_both(bench):
     rows = [
-        row("gelu", "triton", fwd=5.0, bwd=5.0), row("gelu", "cuda", fwd=4.0, bwd=6.0),
+        row("gelu", "triton", fwd=5.0, bwd=5.0, bits=3), row("gelu", "cuda", fwd=4.0, bwd=6.0, bits=3),
         # triton alone at 64M (the cuda row failed or was not built): left out of both totals
-        row("gelu", "triton", fwd=1.0, bwd=1.0, numel=64 * M),
-        row("gelu_tanh", "cuda", fwd=50.0, bwd=50.0),
+        row("gelu", "triton", fwd=1.0, bwd=1.0, numel=64 * M, bits=3),
+        row("gelu_tanh", "cuda", fwd=50.0, bwd=50.0, bits=3),
         # an empty time cell (None, as read back from the CSV) leaves the case unpaired in that column
         row("silu", "triton", fwd=1.0, bwd=None, bits=3), row("silu", "cuda", fwd=1.5, bwd=0.5, bits=3),
         # gated ops measured under triton only: no decision

@@ -5,7 +5,7 @@ import torch
 import memkernels as mk
 from memkernels import reference
 from memkernels import ops
-from memkernels.activations.autograd import KEEPS_INPUT, TORCH_BACKWARD
+from memkernels.activations.autograd import TORCH_BACKWARD, keeps_input
 from memkernels.activations.spec import TWO_VALUED, packed_nbytes
 from memkernels.activations.tables import get_table
 
@@ -279,31 +279,37 @@ def test_leaky_relu_float64_slope_is_exact(device):
     assert mk.profile.saved_bytes(lambda t: mk.functional.leaky_relu(t, 0.1), xs) == packed_nbytes(64, 1)
 
 
+KEEP_F_PRIME_OR_X = [c for c in CASES if c[4] not in TORCH_BACKWARD and c[4] not in TWO_VALUED]
+
+
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("act", sorted(KEEPS_INPUT), ids=lambda a: a.name)
-def test_exact_keeps_input(act, dtype, device):
-    """SiLU keeps x with bits=None: x itself when contiguous, a contiguous copy where it is
-    strided, x's bytes in all; backward computes f'(x) from it, the gradient that keeping f'(x)
-    gives (bit for bit in float32 and float64, where f'(x) would be kept unrounded)."""
-    fn = getattr(mk.functional, act.name.lower())
+@pytest.mark.parametrize("case", KEEP_F_PRIME_OR_X, ids=[c[0] for c in KEEP_F_PRIME_OR_X])
+def test_exact_keeps_derivative_or_input(case, dtype, device):
+    """bits=None keeps f'(x) (forward's) or, where keeps_input (SiLU, Softplus, the ELUs; on CUDA
+    all), x: x itself when contiguous, a contiguous copy where strided; x's bytes either way.
+    Backward from x computes forward's f'(x): the gradient is the same (bit for bit in float32
+    and float64, where a kept f'(x) is not rounded)."""
+    _, mfn, tfn, kwargs, act, p0, p1 = case
+    fn = lambda t: mfn(t, **kwargs)  # noqa: E731
     base = (torch.randn(1023, 3, generator=torch.Generator().manual_seed(3)) * 4).to(dtype).to(device)
     g = torch.randn(1023, device=device).to(dtype)
     for x in (base[:, 1].requires_grad_(), base[:, 1].contiguous().requires_grad_()):
         y = fn(x)
         (kept,) = y.grad_fn.saved_tensors
-        assert torch.equal(kept, x.detach()) and kept.is_contiguous()
-        if x.is_contiguous():
-            assert kept.data_ptr() == x.data_ptr()
+        derivative = ops.activation_forward(x.detach(), int(act), p0, p1, 0, None)[1]
+        if keeps_input(act, x):
+            assert torch.equal(kept, x.detach()) and kept.is_contiguous()
+            assert kept.data_ptr() == x.data_ptr() or not x.is_contiguous()
+        else:
+            assert torch.equal(kept, derivative)
         assert mk.profile.saved_bytes(fn, x) == y.nbytes
         y.backward(g)
-        derivative = ops.activation_forward(x.detach(), int(act), 0.0, 0.0, 0, None)[1]
         from_derivative = ops.activation_backward(g, derivative, 0, None)
         if dtype in (torch.float32, torch.float64):
             assert torch.equal(x.grad, from_derivative)
         else:
             torch.testing.assert_close(x.grad, from_derivative)
-        torch.testing.assert_close(x.grad, torch_grad(getattr(torch.nn.functional, act.name.lower()), {},
-                                                      x, g)[1])
+        torch.testing.assert_close(x.grad, torch_grad(tfn, kwargs, x, g)[1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)

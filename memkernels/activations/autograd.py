@@ -1,7 +1,7 @@
 """Autograd of the fused activations: forward keeps f'(x) (or its k-bit code) and nothing else;
-with bits=None, Sigmoid and Tanh keep y and Hardswish x instead (TORCH_BACKWARD), and SiLU x
-(KEEPS_INPUT). ReLU, LeakyReLU and Hardsigmoid, whose f' takes two values, keep one exact bit
-whatever bits is.
+with bits=None, Sigmoid and Tanh keep y and Hardswish x instead (TORCH_BACKWARD), and the others
+x where recomputing f'(x) costs less than writing and reading it (keeps_input). ReLU, LeakyReLU
+and Hardsigmoid, whose f' takes two values, keep one exact bit whatever bits is.
 
 The tables (borders, levels) travel as ctx attributes rather than through save_for_backward:
 they are shared constants of a few hundred bytes, not per-call activations, so the bytes that
@@ -197,16 +197,24 @@ class _TorchBackwardFunction(torch.autograd.Function):
         return ctx.torch_backward(grad_out, kept), None
 
 
-# Exact mode of the activations whose f' costs less to recompute than to write, where torch's
-# backward would give up f''s finite limits at +-inf (SiLU's is NaN there): they keep x, the
-# bytes of f'(x), and backward computes f'(x) from it in one kernel (activation_backward_from_input).
-# Forward writes y alone: an fp32 element moves 8 + 12 bytes forward and back, not 12 + 12.
-KEEPS_INPUT = frozenset({Activation.SILU})
+# Exact modes that keep x, the bytes of f'(x), and compute f'(x) from it in backward
+# (activation_backward_from_input, with the forward's own f': torch's silu_backward, say, gives
+# NaN at +-inf). Forward then writes y alone: an fp32 element moves 8 + 12 bytes forward and back,
+# not 12 + 12. On the CPU this pays where f' costs about what y does, one exp that both share:
+# SiLU, Softplus and the ELUs. GELU's and Mish's f' add an exp or a tanh, which the CPU spends more
+# time on than on the bytes. On CUDA, where these kernels are bound by memory traffic, every one.
+KEEPS_INPUT_ON_CPU = frozenset({Activation.SILU, Activation.SOFTPLUS, Activation.ELU, Activation.SELU,
+                                Activation.CELU})
+
+
+def keeps_input(act: int, x: torch.Tensor) -> bool:
+    """Whether the exact mode of `act` (one not in TORCH_BACKWARD or TWO_VALUED) keeps x, not f'(x)."""
+    return x.is_cuda or act in KEEPS_INPUT_ON_CPU
 
 
 class _InputKeptFunction(torch.autograd.Function):
-    """bits=None for the activations of KEEPS_INPUT. x must be contiguous (a strided x would keep
-    its whole base alive)."""
+    """bits=None where keeps_input. x must be contiguous (a strided x would keep its whole base
+    alive)."""
 
     @staticmethod
     def forward(ctx, x, call):
@@ -261,10 +269,11 @@ def _float64_slope(act, bits, p0, x: torch.Tensor):
 def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.0,
                bits: int | None = None) -> torch.Tensor:
     """y = f(x) for activation `act`, keeping for backward only f'(x): in x's dtype when bits is
-    None (Sigmoid, Tanh: y; SiLU, Hardswish: x; f' is exact from them), else a packed code of `bits`
-    bits an element (ReLU, LeakyReLU, Hardsigmoid: 1 exact bit in either case). Any shape; same
-    shape and dtype out, and x's layout when it is dense (channels_last, a transpose). Where no
-    gradient can be needed, y alone is computed (the same values) and nothing is kept."""
+    None (or y, or x, of the same bytes, which f' is computed from exactly: Sigmoid, Tanh: y;
+    Hardswish and keeps_input: x), else a packed code of `bits` bits an element (ReLU, LeakyReLU,
+    Hardsigmoid: 1 exact bit in either case). Any shape; same shape and dtype out, and x's
+    layout when it is dense (channels_last, a transpose). Where no gradient can be needed, y alone
+    is computed (the same values) and nothing is kept."""
     check_floating_input("input", x)
     kernel_bits = effective_bits(act, bits)
     order = dense_order(x)
@@ -275,7 +284,7 @@ def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.
     elif kernel_bits == 0 and act in TORCH_BACKWARD:
         # The copy of a strided x outside the Function: autograd records it, for a second backward.
         y = _TorchBackwardFunction.apply(x.contiguous(), Activation(act))
-    elif kernel_bits == 0 and act in KEEPS_INPUT:
+    elif kernel_bits == 0 and keeps_input(act, x):
         y = _InputKeptFunction.apply(x.contiguous(), (int(act), p0, p1))
     else:
         borders = levels = None
