@@ -287,8 +287,8 @@ KEEP_F_PRIME_OR_X = [c for c in CASES if c[4] not in TORCH_BACKWARD and c[4] not
 def test_exact_keeps_derivative_or_input(case, dtype, device):
     """bits=None keeps f'(x) (forward's) or, where keeps_input (SiLU, Softplus, the ELUs; on CUDA
     all), x: x itself when contiguous, a contiguous copy where strided; x's bytes either way.
-    Backward from x computes forward's f'(x): the gradient is the same (bit for bit in float32
-    and float64, where a kept f'(x) is not rounded)."""
+    Backward from x computes forward's f'(x): the gradient is the same (on the CPU bit for bit in
+    float32 and float64, where a kept f'(x) is not rounded; on CUDA the forward may be CUDA C++)."""
     _, mfn, tfn, kwargs, act, p0, p1 = case
     fn = lambda t: mfn(t, **kwargs)  # noqa: E731
     base = (torch.randn(1023, 3, generator=torch.Generator().manual_seed(3)) * 4).to(dtype).to(device)
@@ -305,7 +305,7 @@ def test_exact_keeps_derivative_or_input(case, dtype, device):
         assert mk.profile.saved_bytes(fn, x) == y.nbytes
         y.backward(g)
         from_derivative = ops.activation_backward(g, derivative, 0, None)
-        if dtype in (torch.float32, torch.float64):
+        if device.type == "cpu" and dtype in (torch.float32, torch.float64):
             assert torch.equal(x.grad, from_derivative)
         else:
             torch.testing.assert_close(x.grad, from_derivative)

@@ -1,5 +1,6 @@
 """The ops as torch ops: opcheck (schemas, fake kernels, autograd registration), torch.compile
 without graph breaks, the CUDA backend choice, and the large-index path."""
+import functools
 import os
 
 import pytest
@@ -107,6 +108,27 @@ def test_activation_value_is_forward_without_derivative(device):
     for act, p0, p1 in ((A.GELU, 0.0, 0.0), (A.SOFTPLUS, 2.0, 3.0), (A.LEAKY_RELU, 0.2, 0.0)):
         y = ops.activation_value(x, int(act), p0, p1)
         assert torch.equal(y, ops.activation_forward(x, int(act), p0, p1, 0, None)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("act", [A.GELU, A.GELU_TANH, A.SILU], ids=lambda a: a.name)
+def test_exact_ops_match_reference(act, dtype, device):
+    """The exact forward (y and f'(x)) and both exact backwards, called as ops. On CUDA
+    mk.functional's exact modes keep x (activation_value, activation_backward_from_input), so the
+    exact path of activation_forward meets the reference here, under either CUDA backend
+    (scripts/gpu.sh test-cuda-cpp runs this file with MEMKERNELS_BACKEND=cuda)."""
+    x = (torch.randn(4097, generator=torch.Generator().manual_seed(5)) * 4).to(dtype).to(device)
+    x[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    g = torch.randn(4097, device=device).to(dtype)
+    atol, rtol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-5, 1.6e-2)
+    close = functools.partial(torch.testing.assert_close, atol=atol, rtol=rtol, equal_nan=True)
+    y, derivative = ops.activation_forward(x, int(act), 0.0, 0.0, 0, None)
+    y_ref, derivative_ref = reference.activation_forward(x, int(act), 0.0, 0.0, 0, None)
+    close(y, y_ref)
+    close(derivative, derivative_ref)
+    close(ops.activation_backward(g, derivative, 0, None), reference.activation_backward(g, derivative, 0, None))
+    close(ops.activation_backward_from_input(g, x, int(act), 0.0, 0.0),
+          reference.activation_backward_from_input(g, x, int(act)))
 
 
 @pytest.mark.parametrize("make", [
