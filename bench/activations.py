@@ -296,9 +296,10 @@ def pick_backends(rows: list[dict]) -> tuple[dict[str, str], dict[str, dict]]:
     """Per op of PICK_RULES, the CUDA backend with the smaller total time: (defaults, evidence).
 
     An op's total sums its time column over its activations' rows of PICK_MIN_NUMEL elements or
-    more (coded rows only for CODED_ROWS_ONLY), counting only the cases (activation, dtype, size, bits) measured under both backends, so
-    both totals are over the same work. A tie goes to Triton (it covers every op). An op with no
-    such case is left out of both dicts. evidence[op] = {"triton_ms", "cuda_ms", "cases"}.
+    more (coded rows only for CODED_ROWS_ONLY), counting only the cases (activation, dtype, size,
+    bits) measured under both backends, so both totals are over the same work. A tie goes to
+    Triton (it covers every op). An op with no such case is left out of both dicts.
+    evidence[op] = {"triton_ms", "cuda_ms", "cases"}.
     """
     defaults, evidence = {}, {}
     for op, (activations, time_column) in PICK_RULES.items():

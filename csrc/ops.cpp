@@ -20,7 +20,8 @@ TORCH_LIBRARY(memkernels, m) {
   // f'(x) is levels[code], levels float32 of 2**bits values.
   m.def("activation_backward(Tensor grad_out, Tensor saved, int bits, Tensor? levels) -> Tensor");
   // grad_in = grad_out * f'(x), f' computed from x itself as activation_forward computes it: the
-  // backward of an exact mode that keeps x (SiLU), where f' costs less to recompute than to write.
+  // backward of the exact modes that keep x, where f' costs less to recompute than to write
+  // (keeps_input in memkernels/activations/autograd.py).
   m.def("activation_backward_from_input(Tensor grad_out, Tensor x, int activation, float p0, float p1) -> Tensor");
   // Gated linear unit y = f(a) * b (f: SiLU, GELU, GELU-tanh). Returns (y, code): with bits > 0
   // the packed code of a (backward then keeps code and b); with bits == 0 an empty uint8 tensor
