@@ -3,8 +3,7 @@ import pytest
 import torch
 
 import memkernels as mk
-from memkernels import reference
-from memkernels import ops
+from memkernels import ops, reference
 from memkernels.activations.autograd import TORCH_BACKWARD, keeps_input
 from memkernels.activations.spec import TWO_VALUED, packed_nbytes
 from memkernels.activations.tables import get_table
