@@ -11,6 +11,7 @@ import memkernels as mk
 from memkernels import ops, reference as R
 from memkernels.activations.spec import packed_nbytes
 from memkernels.compress import MODES
+from memkernels.compress.coded_input import _input_anchor
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (3, 7), (5, 300), (2, 1023), (1, 4097), (0, 9), (9, 0)]
@@ -261,6 +262,66 @@ def test_frozen_weight_keeps_no_code(make, save):
     y = layer(x_frozen)
     y.backward(g)
     assert torch.equal(y, y_trained) and torch.equal(x_frozen.grad, gx_trained)
+
+
+LAYER_PAIRS = {
+    "linear": (lambda: torch.nn.Linear(8, 8), lambda save: mk.nn.Linear(8, 8, save=save), (4, 8)),
+    "conv2d": (lambda: torch.nn.Conv2d(3, 3, 1), lambda save: mk.nn.Conv2d(3, 3, 3, padding=1, save=save),
+               (2, 3, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("save", MODES)
+@pytest.mark.parametrize("layers", LAYER_PAIRS)
+def test_weight_gradient_from_codes_has_no_derivative(layers, save):
+    # A weight gradient from codes lacks its dependence on the input: differentiating it raises,
+    # also where another term reaches the same parameter (which would hide a missing term).
+    make_torch, make_coded, shape = LAYER_PAIRS[layers]
+    torch.manual_seed(0)
+    first, coded = make_torch(), make_coded(save)
+    h = first(torch.randn(shape))
+    grad_weight, = torch.autograd.grad(coded(torch.tanh(h)).square().sum(), coded.weight, create_graph=True)
+    for loss in (grad_weight.square().sum(), grad_weight.sum() + h.sum()):
+        with pytest.raises(RuntimeError, match="weight gradient of mk.nn.Linear / Conv2d with save="):
+            torch.autograd.grad(loss, first.weight, retain_graph=True)
+    with pytest.raises(RuntimeError, match="comes from a code of the input"):
+        torch.autograd.grad(grad_weight.sum(), coded.weight)
+
+
+@pytest.mark.parametrize("save", ["int8", "int4", "int2"])
+@pytest.mark.parametrize("layers", LAYER_PAIRS)
+def test_input_gradient_stays_twice_differentiable(layers, save):
+    # A gradient penalty on the input gradient (g @ W, exact) works with create_graph=True: with the
+    # int modes, whose forward is torch's, its input gradient is torch's layer's; its weight
+    # gradient goes through the layer's first-order backward, from codes (close to torch's in int8).
+    _, make_coded, shape = LAYER_PAIRS[layers]
+    torch.manual_seed(0)
+    coded = make_coded(save)
+    plain = mk.nn.Linear(8, 8) if layers == "linear" else mk.nn.Conv2d(3, 3, 3, padding=1)
+    plain.load_state_dict(coded.state_dict())
+    x = torch.randn(shape)
+    penalty_grads = []
+    for layer in (coded, plain):
+        xr = x.clone().requires_grad_()
+        grad_x, = torch.autograd.grad(layer(xr).square().sum(), xr, create_graph=True)
+        grad_x.square().sum().backward()
+        penalty_grads.append(xr.grad)
+    torch.testing.assert_close(*penalty_grads)
+    torch.testing.assert_close(coded.bias.grad, plain.bias.grad)
+    error = (coded.weight.grad - plain.weight.grad).norm() / plain.weight.grad.norm()
+    assert 0 < error < (0.02 if save == "int8" else 1.0)
+
+
+def test_input_anchor_keeps_no_input_memory():
+    # The node through which a second derivative finds the input keeps only sizes.
+    x = torch.randn(4, 8, requires_grad=True)
+    node = _input_anchor(x * 2, keep=True).grad_fn
+    while node is not None and node.name() != "MulBackward0":
+        saved = [name for name in dir(node) if name.startswith("_saved_")]
+        assert saved and not any(isinstance(getattr(node, name), torch.Tensor) for name in saved)
+        node = node.next_functions[0][0]
+    assert node is not None
+    assert _input_anchor(x, keep=False) is None and _input_anchor(x.detach(), keep=True) is None
 
 
 @pytest.mark.parametrize("save", MODES)

@@ -99,6 +99,44 @@ def _check_layer_inputs(input: torch.Tensor, weight: torch.Tensor, bias) -> None
             raise TypeError(f"{name} must have the dtype of input ({input.dtype}), got {t.dtype}")
 
 
+SECOND_DERIVATIVE_ERROR = (
+    "the weight gradient of mk.nn.Linear / Conv2d with save= comes from a code of the input, not the "
+    "input, so it has no derivative (with respect to the input, or through grad_out): a gradient "
+    "taken through it (MAML's inner step, a penalty on weight gradients) would lack that term. Use "
+    "save=None for layers whose weight gradient is differentiated; input gradients (g @ W) stay "
+    "differentiable with create_graph=True.")
+
+
+class _WithoutDerivative(torch.autograd.Function):
+    """``value`` on the graphs of ``weight`` and ``input_anchor`` (see _input_anchor), with a
+    backward that raises SECOND_DERIVATIVE_ERROR: a weight gradient from codes under
+    create_graph=True, whose missing dependence on the input could not raise otherwise."""
+
+    @staticmethod
+    def forward(ctx, value, weight, input_anchor):
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
+
+
+def _input_anchor(input: torch.Tensor, keep: bool):
+    """A 0-dim tensor on input's graph that keeps none of input's memory (its nodes keep only
+    sizes), for a second derivative to find the input through; None where none can come."""
+    if keep and input.requires_grad:
+        return input[..., :0].sum()
+    return None
+
+
+def _weight_grad_output(ctx, grad_weight: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A weight gradient from codes as backward returns it: guarded under create_graph=True (the
+    engine turns grad mode on in backward exactly then)."""
+    if torch.is_grad_enabled():
+        return _WithoutDerivative.apply(grad_weight.detach(), weight, ctx.input_anchor)
+    return grad_weight
+
+
 def _keeps_codes(weight: torch.Tensor) -> bool:
     """Whether a weight gradient may come: the codes serve nothing else, so a frozen weight (or no
     grad mode) keeps none, as torch's linear keeps no input then."""
@@ -107,7 +145,8 @@ def _keeps_codes(weight: torch.Tensor) -> bool:
 
 class _CodedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, save, eps, nonnegative, group_size, keep):
+    def forward(ctx, input, weight, bias, input_anchor, save, eps, nonnegative, group_size, keep):
+        ctx.input_anchor = input_anchor  # not saved_tensors: no bytes kept for the first backward
         x = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
         x_forward, codes, stats, ctx.code_format = _encode(x, save, eps, nonnegative, group_size, keep)
         y = F.linear(x_forward, weight, bias)
@@ -123,10 +162,11 @@ class _CodedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_input = (g @ weight).reshape(ctx.input_shape)
         if ctx.needs_input_grad[1]:
-            grad_weight = ctx.code_format.weight_grad(g, codes, stats).to(weight.dtype)
+            grad_weight = _weight_grad_output(ctx, ctx.code_format.weight_grad(g, codes, stats).to(weight.dtype),
+                                              weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0).to(weight.dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _as_nchw(x: torch.Tensor, from_nhwc: bool) -> torch.Tensor:
@@ -136,8 +176,9 @@ def _as_nchw(x: torch.Tensor, from_nhwc: bool) -> torch.Tensor:
 
 class _CodedConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, stride, padding, dilation, groups, save, eps, nonnegative,
-                group_size, keep):
+    def forward(ctx, input, weight, bias, input_anchor, stride, padding, dilation, groups, save, eps,
+                nonnegative, group_size, keep):
+        ctx.input_anchor = input_anchor
         # Rows of the code in the input's memory order: a channels_last input is coded as
         # [N, H * W * C] and the convolution sees (and returns) channels_last, as torch's does.
         to_nhwc = not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
@@ -165,7 +206,9 @@ class _CodedConv2d(torch.autograd.Function):
         grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_y, x_hat, weight, [weight.shape[0]] if has_bias else None, stride,
             padding, dilation, False, [0, 0], groups, [needs[0], needs[1], has_bias and needs[2]])
-        return (grad_input, grad_weight, grad_bias) + (None,) * 9
+        if needs[1]:
+            grad_weight = _weight_grad_output(ctx, grad_weight, weight)
+        return (grad_input, grad_weight, grad_bias) + (None,) * 10
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, save: str | None = None,
@@ -185,7 +228,9 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if input.dim() == 0 or input.shape[-1] != weight.shape[-1]:
         raise ValueError(f"input must be (..., {weight.shape[-1]}) for weight {tuple(weight.shape)}, "
                          f"got {tuple(input.shape)}")
-    return _CodedLinear.apply(input, weight, bias, save, eps, nonnegative, group_size, _keeps_codes(weight))
+    keep = _keeps_codes(weight)
+    return _CodedLinear.apply(input, weight, bias, _input_anchor(input, keep), save, eps, nonnegative, group_size,
+                              keep)
 
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
@@ -205,6 +250,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         raise ValueError(f"input must be (N, C, H, W) or (C, H, W), got shape {tuple(input.shape)}")
     pair = torch.nn.modules.utils._pair
     batched = input if input.dim() == 4 else input.unsqueeze(0)
-    y = _CodedConv2d.apply(batched, weight, bias, pair(stride), pair(padding), pair(dilation), groups, save, eps,
-                           nonnegative, group_size, _keeps_codes(weight))
+    keep = _keeps_codes(weight)
+    y = _CodedConv2d.apply(batched, weight, bias, _input_anchor(batched, keep), pair(stride), pair(padding),
+                           pair(dilation), groups, save, eps, nonnegative, group_size, keep)
     return y if input.dim() == 4 else y.squeeze(0)
