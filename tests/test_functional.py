@@ -284,8 +284,9 @@ KEEP_F_PRIME_OR_X = [c for c in CASES if c[4] not in TORCH_BACKWARD and c[4] not
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 @pytest.mark.parametrize("case", KEEP_F_PRIME_OR_X, ids=[c[0] for c in KEEP_F_PRIME_OR_X])
 def test_exact_keeps_derivative_or_input(case, dtype, device):
-    """bits=None keeps f'(x) (forward's) or, where keeps_input (SiLU, Softplus, the ELUs; on CUDA
-    all), x: x itself when contiguous, a contiguous copy where strided; x's bytes either way.
+    """bits=None keeps f'(x) (forward's) or, where keeps_input (SiLU, Softplus, the ELUs, GELU's
+    forms in float32; on CUDA all), x: x itself when contiguous, a contiguous copy where strided;
+    x's bytes either way.
     Backward from x computes forward's f'(x): the gradient is the same (on the CPU bit for bit in
     float32 and float64, where a kept f'(x) is not rounded; on CUDA the forward may be CUDA C++)."""
     _, mfn, tfn, kwargs, act, p0, p1 = case

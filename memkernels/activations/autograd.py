@@ -200,16 +200,20 @@ class _TorchBackwardFunction(torch.autograd.Function):
 # Exact modes that keep x, the bytes of f'(x), and compute f'(x) from it in backward
 # (activation_backward_from_input, with the forward's own f': torch's silu_backward, say, gives
 # NaN at +-inf). Forward then writes y alone: an fp32 element moves 8 + 12 bytes forward and back,
-# not 12 + 12. On the CPU this pays where f' costs about what y does, one exp that both share:
-# SiLU, Softplus and the ELUs. GELU's and Mish's f' add an exp or a tanh, which the CPU spends more
-# time on than on the bytes. On CUDA, where these kernels are bound by memory traffic, every one.
+# not 12 + 12, and allocates one output, as torch's does. On the CPU this pays where f' costs about
+# what y does, one exp that both share: SiLU, Softplus and the ELUs; and for GELU's two forms in
+# float32, whose 4-byte elements outweigh recomputing erf or tanh (in 16-bit floats the CPU spends
+# more on that than on the bytes, and on Mish's extra exp in any dtype). On CUDA, where these
+# kernels are bound by memory traffic, every one.
 KEEPS_INPUT_ON_CPU = frozenset({Activation.SILU, Activation.SOFTPLUS, Activation.ELU, Activation.SELU,
                                 Activation.CELU})
+KEEPS_FLOAT32_INPUT_ON_CPU = frozenset({Activation.GELU, Activation.GELU_TANH})
 
 
 def keeps_input(act: int, x: torch.Tensor) -> bool:
     """Whether the exact mode of `act` (one not in TORCH_BACKWARD or TWO_VALUED) keeps x, not f'(x)."""
-    return x.is_cuda or act in KEEPS_INPUT_ON_CPU
+    return (x.is_cuda or act in KEEPS_INPUT_ON_CPU
+            or (x.dtype == torch.float32 and act in KEEPS_FLOAT32_INPUT_ON_CPU))
 
 
 class _InputKeptFunction(torch.autograd.Function):
