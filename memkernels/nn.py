@@ -295,8 +295,7 @@ class Conv2d(_CodedInput, nn.Conv2d):
     """torch.nn.Conv2d that keeps ``save``'s code of its input for backward; arguments as
     torch.nn.Conv2d's plus those of :class:`Linear`. The input is coded as [N, C * H * W] after
     any padding other than the convolution's own zeros has been applied to it: padding_mode
-    reflect / replicate / circular, and the extra row and column of zeros of 'same' with an even
-    kernel."""
+    reflect / replicate / circular."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
@@ -315,20 +314,24 @@ class Conv2d(_CodedInput, nn.Conv2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.save is None:
             return super().forward(input)
-        padding = self.padding
+        padding, crop = self.padding, None
         if self.padding_mode != "zeros":  # as nn.Conv2d._conv_forward: pad explicitly, then none
             input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, self.padding_mode)
             padding = 0
         elif isinstance(padding, str):
-            # 'same' / 'valid': the convolution pads each side by the smaller of its two amounts
-            # (zeros it never codes, as with integer padding); 'same' with an even kernel pads the
-            # right / bottom one more, explicitly.
+            # 'same' / 'valid' as integer padding, by the larger of each side's two amounts. 'same'
+            # with an even kernel pads right / bottom one more than left / top: padded both sides
+            # alike, the output has one row / column too many at the start, cropped. Padding the
+            # input explicitly instead would code those zeros, and asa add eps * s(0) to them.
             left, right, top, bottom = self._reversed_padding_repeated_twice
+            padding = (bottom, right)
             if (right, bottom) != (left, top):
-                input = torch.nn.functional.pad(input, (0, right - left, 0, bottom - top))
-            padding = (top, left)
-        return coded_input.conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-                                  **self._save_args())
+                crop = (bottom - top, right - left)
+        y = coded_input.conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
+                               **self._save_args())
+        if crop is None:
+            return y
+        return y[..., crop[0]:, crop[1]:].clone(memory_format=torch.preserve_format)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._save_repr()}"

@@ -90,6 +90,15 @@ def test_seed_decides_codes():
     assert not torch.equal(a, ops.quantize_groups(x, 2, 64, torch.tensor(2))[0])
 
 
+def test_group_size_beyond_the_row_is_one_group(device):
+    # One group per row, whatever group_size says: no buffer of group_size elements.
+    x = torch.randn(4, 20, device=device)
+    codes, stats = ops.quantize_groups(x, 8, 24, torch.tensor(1))
+    for group_size in (2 ** 20, 2 ** 40):
+        got = ops.quantize_groups(x, 8, group_size, torch.tensor(1))
+        assert torch.equal(got[0], codes) and torch.equal(got[1], stats)
+
+
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_auxiliary_sign_forward_matches_reference(shape, dtype, device):
@@ -285,7 +294,13 @@ def test_weight_gradient_from_codes_has_no_derivative(layers, save):
         with pytest.raises(RuntimeError, match="weight gradient of mk.nn.Linear / Conv2d with save="):
             torch.autograd.grad(loss, first.weight, retain_graph=True)
     with pytest.raises(RuntimeError, match="comes from a code of the input"):
-        torch.autograd.grad(grad_weight.sum(), coded.weight)
+        torch.autograd.grad(grad_weight.sum(), coded.weight, retain_graph=True)
+    # Nor through grad_out, which the gradient is computed from detached: a layer after the coded
+    # one (a frozen input: Linear then keeps no weight).
+    after = make_torch()
+    grad_weight, = torch.autograd.grad(after(coded(h.detach())).square().sum(), coded.weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="comes from a code of the input"):
+        torch.autograd.grad(grad_weight.square().sum(), after.weight)
 
 
 @pytest.mark.parametrize("save", ["int8", "int4", "int2"])
@@ -324,16 +339,35 @@ def test_input_anchor_keeps_no_input_memory():
     assert _input_anchor(x, keep=False) is None and _input_anchor(x.detach(), keep=True) is None
 
 
+@pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("save", MODES)
-def test_no_grad_draws_no_random_numbers(save):
-    # In eval under no_grad a coded layer, like torch.nn.Linear, leaves the random stream alone.
-    layer = mk.nn.Linear(8, 8, save=save)
+def test_no_grad_draws_as_grad_mode_does(save, frozen):
+    # A forward under no_grad leaves the random stream as the same forward with grad does (a
+    # reentrant checkpoint replays one as the other): int modes draw a seed where the weight is
+    # trainable, and nothing draws for a frozen weight, as with torch.nn.Linear.
+    layer = mk.nn.Linear(8, 8, save=save).requires_grad_(not frozen)
+
+    def rand_after(grad: bool):
+        torch.manual_seed(0)
+        with torch.set_grad_enabled(grad):
+            layer(torch.ones(2, 8))
+        return torch.rand(4)
+
+    assert torch.equal(rand_after(False), rand_after(True))
     torch.manual_seed(0)
-    want = torch.rand(4)
+    untouched = torch.rand(4)
+    assert torch.equal(rand_after(False), untouched) == (frozen or save == "asa")
+
+
+@pytest.mark.parametrize("save", ["int8", "int2"])
+def test_reentrant_checkpoint_replays_dropout(save):
+    # The forward under no_grad and its replay with grad draw the same dropout mask.
     torch.manual_seed(0)
-    with torch.no_grad():
-        layer(torch.ones(2, 8))
-    assert torch.equal(torch.rand(4), want)
+    layer, drop = mk.nn.Linear(8, 64, save=save), torch.nn.Dropout(0.5)
+    x = torch.randn(4, 8, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(lambda t: drop(layer(t)), x, use_reentrant=True)
+    y.sum().backward()
+    assert torch.equal(layer.bias.grad, ((y != 0).float() * 2).sum(0))
 
 
 @pytest.mark.parametrize("save", MODES)
@@ -349,6 +383,27 @@ def test_empty_batch_and_zero_features(save):
     y = linear(x)
     y.sum().backward()
     assert torch.equal(y, linear.bias.detach().expand(4, 3)) and x.grad.shape == (4, 0)
+    linear = mk.nn.Linear(5, 0, save=save)
+    x = torch.randn(2, 3, 5, requires_grad=True)
+    y = linear(x)
+    y.sum().backward()
+    assert y.shape == (2, 3, 0) and torch.equal(x.grad, torch.zeros_like(x))
+    assert linear.weight.grad.shape == (0, 5)
+
+
+@pytest.mark.parametrize("save", MODES)
+def test_autocast_keeps_no_weight_copy_for_an_input_without_gradient(save):
+    # Under autocast the weight the layer computes with is a bfloat16 copy; torch's linear keeps
+    # it only for an input gradient, and so does a coded layer.
+    torch_layer = torch.nn.Linear(64, 32)
+    layer = mk.nn.Linear.from_torch(torch_layer, save, nonnegative=False)
+    x = torch.randn(16, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = mk.profile.saved_bytes(layer, x)
+        kept_with_input_grad = mk.profile.saved_bytes(layer, x.requires_grad_())
+    weight_copy = 64 * 32 * 2
+    code = kept_with_input_grad - weight_copy
+    assert code > 0 and kept == code
 
 
 @pytest.mark.parametrize("save", ["asa", "int8", "int4", "int2"])
@@ -544,19 +599,27 @@ def test_conv2d_against_its_rule(save, conv):
 
 @pytest.mark.parametrize("save", ["asa", "int8"])
 def test_conv2d_same_padding_codes_no_padding(save):
-    # 'same' with an odd kernel is integer padding: the convolution pads, nothing padded is coded
-    # (nor given asa's auxiliary term); an even kernel codes only its one extra row and column.
+    # 'same' is integer padding: the convolution pads, nothing padded is coded (nor given asa's
+    # auxiliary term), with an even kernel too (its output cropped).
     odd = mk.nn.Conv2d(3, 4, 3, padding=2, dilation=2, save=save, nonnegative=False)
     same = mk.nn.Conv2d(3, 4, 3, padding="same", dilation=2, save=save, nonnegative=False)
     same.load_state_dict(odd.state_dict())
     x = torch.randn(2, 3, 9, 10)
     runs = [run_layer(layer, x, seed=1) for layer in (odd, same)]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][:4], runs[1][:4]))
-    even = mk.nn.Conv2d(3, 4, (2, 4), padding="same", save=save, nonnegative=False)
-    y = even(x.requires_grad_())
+    even = mk.nn.Conv2d(3, 4, (2, 4), padding="same", eps=0.5, save=save, nonnegative=False)
     torch_even = torch.nn.Conv2d(3, 4, (2, 4), padding="same")
-    assert y.shape == torch_even(x).shape
-    coded = 3 * 10 * 11  # C * (H + 1) * (W + 1)
+    torch_even.load_state_dict(even.state_dict())
+    x = x.to(memory_format=torch.channels_last).requires_grad_()
+    y, gx, gw, gb, g = run_layer(even, x, seed=1)
+    even.zero_grad(set_to_none=True)  # torch_even has its own parameters
+    x_rule = x + 0.5 * torch.where(x > 0, 1.0, -1.0) if save == "asa" else x  # the rule on x alone
+    y_want, gx_want, _, gb_want, _ = run_layer(torch_even, x_rule)
+    torch.testing.assert_close(y, y_want)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(gx, gx_want)
+    torch.testing.assert_close(gb, gb_want)
+    coded = 3 * 9 * 10  # C * H * W
     kept = mk.profile.saved_bytes(even, x)
     stats = 0 if save == "asa" else math.ceil(coded / 256) * 4  # a (min, scale) pair a group
     assert kept == 2 * (packed_nbytes(coded, 1 if save == "asa" else 8) + stats)

@@ -282,7 +282,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_groups(const at::Tensor& x_in, int64
       at::BFloat16* ss = stats.mutable_data_ptr<at::BFloat16>();
       const int64_t row_bytes = codes.size(1), row_stats = stats.size(1) * 2;
       at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-        std::vector<uint8_t> q((group_size + 7) / 8 * 8);
+        // A group's codes before packing: no group is longer than a row.
+        std::vector<uint8_t> q((std::min(group_size, cols) + 7) / 8 * 8);
         for (int64_t r = begin; r < end; ++r) {
           quantize_row<k.value>(xs + r * cols, r, cols, group_size, key, cs + r * row_bytes, ss + r * row_stats,
                                 q.data());

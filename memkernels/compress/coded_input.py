@@ -63,11 +63,10 @@ def _encode(x: torch.Tensor, save: str, eps: float, nonnegative, group_size: int
             return x_aux, None, None, None
         lo, step = (0.0, 1.0) if nonnegative else (-1.0, 2.0)  # s(x) from the bit [x > 0]
         return x_aux, signs, None, _CodeFormat(x.shape[1], 1, group_size, lo, step)
-    if not keep:  # nor a draw from the generator: eval leaves the random stream as torch's Linear does
+    if not keep:
         return x, None, None, None
     bits = _INT_BITS[save]
-    seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64)  # torch's default CPU generator
-    codes, stats = ops.quantize_groups(x, bits, group_size, seed)
+    codes, stats = ops.quantize_groups(x, bits, group_size, draw_seed())
     return x, codes, stats, _CodeFormat(x.shape[1], bits, group_size)
 
 
@@ -108,12 +107,12 @@ SECOND_DERIVATIVE_ERROR = (
 
 
 class _WithoutDerivative(torch.autograd.Function):
-    """``value`` on the graphs of ``weight`` and ``input_anchor`` (see _input_anchor), with a
-    backward that raises SECOND_DERIVATIVE_ERROR: a weight gradient from codes under
-    create_graph=True, whose missing dependence on the input could not raise otherwise."""
+    """``value`` on the graphs of ``tensors`` (any None), with a backward that raises
+    SECOND_DERIVATIVE_ERROR: a weight gradient from codes under create_graph=True, whose missing
+    dependence on the input (and on grad_out, as it is returned detached) could not raise otherwise."""
 
     @staticmethod
-    def forward(ctx, value, weight, input_anchor):
+    def forward(ctx, value, *tensors):
         return value
 
     @staticmethod
@@ -129,12 +128,28 @@ def _input_anchor(input: torch.Tensor, keep: bool):
     return None
 
 
-def _weight_grad_output(ctx, grad_weight: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _weight_grad_output(ctx, grad_weight: torch.Tensor, weight: torch.Tensor | None,
+                        grad_out: torch.Tensor) -> torch.Tensor:
     """A weight gradient from codes as backward returns it: guarded under create_graph=True (the
-    engine turns grad mode on in backward exactly then)."""
+    engine turns grad mode on in backward exactly then), on the graphs of the weight (where kept),
+    the input and grad_out."""
     if torch.is_grad_enabled():
-        return _WithoutDerivative.apply(grad_weight.detach(), weight, ctx.input_anchor)
+        return _WithoutDerivative.apply(grad_weight.detach(), weight, ctx.input_anchor, grad_out)
     return grad_weight
+
+
+def draw_seed() -> torch.Tensor:
+    """The seed of an int mode's stochastic rounding, from torch's default CPU generator."""
+    return torch.randint(0, 2 ** 62, (), dtype=torch.int64)
+
+
+def _draw_as_with_grad(save, weight: torch.Tensor, keep: bool) -> None:
+    """Draws, in a call that keeps no code, the seed a call in grad mode would draw, whenever the
+    weight is trainable: a forward under no_grad and its replay with grad (reentrant checkpointing,
+    MEM-DFA's first pass) then leave the random stream alike, so dropout after the layer draws the
+    same mask in both. A frozen weight draws nothing either way."""
+    if save in _INT_BITS and weight.requires_grad and not keep:
+        draw_seed()
 
 
 def _keeps_codes(weight: torch.Tensor) -> bool:
@@ -150,22 +165,24 @@ class _CodedLinear(torch.autograd.Function):
         x = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
         x_forward, codes, stats, ctx.code_format = _encode(x, save, eps, nonnegative, group_size, keep)
         y = F.linear(x_forward, weight, bias)
-        ctx.save_for_backward(weight, codes, stats)
-        ctx.input_shape, ctx.has_bias = input.shape, bias is not None
+        # The weight serves only the input gradient: under autocast it is a copy, kept (as by
+        # torch's linear) only when that gradient can come.
+        ctx.save_for_backward(weight if ctx.needs_input_grad[0] else None, codes, stats)
+        ctx.input_shape, ctx.has_bias, ctx.weight_dtype = input.shape, bias is not None, weight.dtype
         return y.reshape(*input.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
         weight, codes, stats = ctx.saved_tensors
-        g = grad_y.reshape(-1, weight.shape[0])
+        g = grad_y.reshape(math.prod(ctx.input_shape[:-1]), grad_y.shape[-1])
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = (g @ weight).reshape(ctx.input_shape)
         if ctx.needs_input_grad[1]:
-            grad_weight = _weight_grad_output(ctx, ctx.code_format.weight_grad(g, codes, stats).to(weight.dtype),
-                                              weight)
+            grad_weight = _weight_grad_output(
+                ctx, ctx.code_format.weight_grad(g, codes, stats).to(ctx.weight_dtype), weight, grad_y)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = g.sum(0).to(weight.dtype)
+            grad_bias = g.sum(0).to(ctx.weight_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
@@ -207,7 +224,7 @@ class _CodedConv2d(torch.autograd.Function):
             grad_y, x_hat, weight, [weight.shape[0]] if has_bias else None, stride,
             padding, dilation, False, [0, 0], groups, [needs[0], needs[1], has_bias and needs[2]])
         if needs[1]:
-            grad_weight = _weight_grad_output(ctx, grad_weight, weight)
+            grad_weight = _weight_grad_output(ctx, grad_weight, weight, grad_y)
         return (grad_input, grad_weight, grad_bias) + (None,) * 10
 
 
@@ -229,6 +246,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         raise ValueError(f"input must be (..., {weight.shape[-1]}) for weight {tuple(weight.shape)}, "
                          f"got {tuple(input.shape)}")
     keep = _keeps_codes(weight)
+    _draw_as_with_grad(save, weight, keep)
     return _CodedLinear.apply(input, weight, bias, _input_anchor(input, keep), save, eps, nonnegative, group_size,
                               keep)
 
@@ -251,6 +269,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     pair = torch.nn.modules.utils._pair
     batched = input if input.dim() == 4 else input.unsqueeze(0)
     keep = _keeps_codes(weight)
+    _draw_as_with_grad(save, weight, keep)
     y = _CodedConv2d.apply(batched, weight, bias, _input_anchor(batched, keep), pair(stride), pair(padding),
                            pair(dilation), groups, save, eps, nonnegative, group_size, keep)
     return y if input.dim() == 4 else y.squeeze(0)
