@@ -120,6 +120,24 @@ def test_fa_layers_reject_what_they_do_not_support():
         mk.nn.FALinear(2, 2, seed=1.5)
     with pytest.raises(TypeError, match="layer"):
         mk.nn.FAConv2d(2, 2, 3, layer="1")
+    for scale in ("x", -1.0, 0, float("nan"), True):
+        with pytest.raises(ValueError, match="scale"):
+            mk.nn.FALinear(2, 2, scale=scale)
+    with pytest.raises(ValueError, match="scale"):
+        mk.feedback.fa_linear(torch.ones(1, 2), torch.ones(2, 2), None, 0, 0, scale=-2.0)
+
+
+@pytest.mark.parametrize("features", [(0, 4), (10, 0)])
+def test_fa_linear_with_zero_features_is_torchs(features):
+    layer = mk.nn.FALinear(*features)
+    plain = nn.Linear(*features)
+    plain.load_state_dict(layer.state_dict())
+    x, x_plain = (torch.randn(3, features[0], requires_grad=True) for _ in range(2))
+    y = layer(x)
+    y.sum().backward()
+    plain(x_plain).sum().backward()
+    assert y.shape == (3, features[1]) and torch.equal(x.grad, x_plain.grad)
+    assert torch.equal(layer.weight.grad, plain.weight.grad)
 
 
 # ---- blocks ----
@@ -192,6 +210,8 @@ def test_trainer_checks_its_arguments():
         mk.feedback.Trainer(model, rule="dfa", loss="cross_entropy", optimizer=opt)
     with pytest.raises(ValueError, match="empty"):
         mk.feedback.Trainer([], rule="dfa", loss=F.cross_entropy, optimizer=opt)
+    with pytest.raises(ValueError, match="scale"):
+        mk.feedback.Trainer(model, rule="dfa", loss=F.cross_entropy, optimizer=opt, scale="x")
 
 
 def test_fa_rule_rejects_weight_layers_whose_forward_it_cannot_reproduce():
@@ -306,8 +326,15 @@ def mlp_batchnorm():
                          nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5))
 
 
+def coded_mlp_dropout():
+    """An int8 layer draws a seed in MEM-DFA's first pass (under no_grad) too: dropout after it
+    draws the masks DFA does."""
+    return nn.Sequential(mk.nn.Linear(12, 16, save="int8"), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 5))
+
+
 @pytest.mark.parametrize("make", [lambda: mlp(3, dropout=0.3, act=nn.GELU), lambda: mlp(2, act=nn.ReLU), cnn,
-                                  mlp_batchnorm], ids=["mlp-dropout-gelu", "mlp-relu", "cnn-dropout", "mlp-batchnorm"])
+                                  mlp_batchnorm, coded_mlp_dropout],
+                         ids=["mlp-dropout-gelu", "mlp-relu", "cnn-dropout", "mlp-batchnorm", "coded-mlp-dropout"])
 @pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
 def test_memdfa_updates_equal_dfa(make, optimizer):
     torch.manual_seed(0)

@@ -29,16 +29,30 @@ def check_key(seed, layer) -> tuple[int, int]:
     return int(seed), int(layer)
 
 
+def check_scale(scale) -> float | None:
+    """scale as a float: None (the default) or a positive finite number."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < math.inf:
+        raise ValueError(f"scale must be None or a positive finite number, got {scale!r}")
+    return float(scale)
+
+
+def fan_in(weight: torch.Tensor) -> int:
+    """in of a Linear (out, in) weight, in / groups * kh * kw of a Conv2d one."""
+    return math.prod(weight.shape[1:])
+
+
 def default_scale(weight: torch.Tensor) -> float:
-    """1 / sqrt(fan_in) of a Linear (out, in) or Conv2d (out, in / groups, kh, kw) weight."""
-    return 1.0 / math.sqrt(max(1, weight[0].numel()))
+    """1 / sqrt(fan_in) of a Linear or Conv2d weight."""
+    return 1.0 / math.sqrt(max(1, fan_in(weight)))
 
 
 def feedback_weight(weight: torch.Tensor, seed: int, layer: int, scale: float) -> torch.Tensor:
     """B shaped like `weight` (out, fan_in...) in its dtype: rows of the identity projected onto B,
     which is B itself (e = I). Used where B meets a convolution rather than a matmul; freed after."""
     eye = torch.eye(weight.shape[0], dtype=torch.float32, device=weight.device)
-    b = ops.feedback_project(eye, seed, layer, weight[0].numel(), scale)
+    b = ops.feedback_project(eye, seed, layer, fan_in(weight), scale)
     return b.view(weight.shape).to(weight.dtype)
 
 
@@ -53,12 +67,13 @@ class _FALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         seed, layer, scale = ctx.feedback
-        g = grad_out.reshape(-1, grad_out.shape[-1])
+        rows = math.prod(x.shape[:-1])  # not -1: either size may be 0
+        g = grad_out.reshape(rows, grad_out.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = ops.feedback_project(g.contiguous(), seed, layer, x.shape[-1], scale).view(x.shape)
         if ctx.needs_input_grad[1]:
-            grad_w = g.t() @ x.reshape(-1, x.shape[-1])
+            grad_w = g.t() @ x.reshape(rows, x.shape[-1])
         if ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b, None, None, None
@@ -93,6 +108,7 @@ def fa_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     """F.linear(x, weight, bias) whose backward sends grad_out @ B to x (B: (out, in), Philox).
     Keeps x for backward, as F.linear does, but not W."""
     seed, layer = check_key(seed, layer)
+    scale = check_scale(scale)
     scale = default_scale(weight) if scale is None else scale
     return _FALinearFunction.apply(*autocast_inputs(x, weight, bias), seed, layer, scale)
 
@@ -113,6 +129,7 @@ def fa_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     if x.dim() == 3:  # unbatched, as F.conv2d takes it; the backward's conv2d_input wants 4-D
         return fa_conv2d(x[None], weight, bias, seed, layer, scale, stride, padding, dilation, groups)[0]
     pair = torch.nn.modules.utils._pair
+    scale = check_scale(scale)
     scale = default_scale(weight) if scale is None else scale
     return _FAConv2dFunction.apply(*autocast_inputs(x, weight, bias), seed, layer, scale, pair(stride),
                                    _conv_padding(padding), pair(dilation), groups)
@@ -138,7 +155,7 @@ class FALinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  seed: int = 0, layer: int = 0, scale: float | None = None):
         super().__init__(in_features, out_features, bias, device, dtype)
-        (self.seed, self.layer), self.scale = check_key(seed, layer), scale
+        (self.seed, self.layer), self.scale = check_key(seed, layer), check_scale(scale)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return fa_linear(input, self.weight, self.bias, self.seed, self.layer, self.scale)
@@ -156,7 +173,7 @@ class FAConv2d(nn.Conv2d):
                  seed: int = 0, layer: int = 0, scale: float | None = None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        (self.seed, self.layer), self.scale = check_key(seed, layer), scale
+        (self.seed, self.layer), self.scale = check_key(seed, layer), check_scale(scale)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return fa_conv2d_forward(self, input, self.seed, self.layer, self.scale)

@@ -34,7 +34,7 @@ from torch import nn
 
 from memkernels import ops
 from memkernels.activations.spec import Activation
-from memkernels.feedback.layers import FAConv2d, FALinear, check_key, fa_conv2d_forward, fa_linear
+from memkernels.feedback.layers import FAConv2d, FALinear, check_key, check_scale, fa_conv2d_forward, fa_linear
 
 RULES = ("bp", "fa", "dfa", "memdfa")
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
@@ -189,7 +189,7 @@ class Trainer:
                                      "takes nn.Linear, nn.Conv2d, FALinear and FAConv2d, whose forward it "
                                      "reproduces with B in the backward")
         self.model = model if isinstance(model, nn.Module) else nn.ModuleList(model)
-        self.rule, self.loss, self.optimizer, self.seed, self.scale = rule, loss, optimizer, seed, scale
+        self.rule, self.loss, self.optimizer, self.seed, self.scale = rule, loss, optimizer, seed, check_scale(scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output (the forward every rule trains)."""
@@ -291,7 +291,7 @@ class Trainer:
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(max(1, e.shape[1]))
         if derivative is not None:  # fused: delta = (e B) * f'(a) in one kernel
             derivative = derivative.reshape(len(e), -1)
-        grad = ops.feedback_project(e, self.seed, layer, root[0].numel(), scale, derivative)
+        grad = ops.feedback_project(e, self.seed, layer, math.prod(root.shape[1:]), scale, derivative)
         root.backward(grad.view_as(root))
 
     def _output_error(self, block: Block, x: torch.Tensor, y, update: bool = True):
