@@ -89,6 +89,38 @@ def test_elementwise_coded_module_with_parameters(dtype):
     assert prelu.weight.dtype == dtype
 
 
+def test_elementwise_fits_again_when_a_module_fns_tensors_change():
+    prelu = nn.PReLU(init=0.25).requires_grad_(False)
+    f = mk.elementwise(prelu, bits=3)
+    x = torch.tensor([-2.0, -1.0, 1.0], requires_grad=True)
+    f(x).sum().backward()
+    f.load_state_dict({"fn.weight": torch.tensor([0.9])})
+    x.grad = None
+    f(x).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.9, 0.9, 1.0]))
+
+
+@pytest.mark.parametrize("bits", [None, 3])
+def test_elementwise_takes_expanded_inputs(bits):
+    f = mk.elementwise(torch.tanh, bits=bits)
+    x = torch.randn(5, requires_grad=True)
+    y = f(x.expand(3, 5))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (want,) = torch.autograd.grad(f(x.expand(3, 5).contiguous()).sum(), x)  # the same values, dense
+    assert torch.equal(y, torch.tanh(x).expand(3, 5)) and torch.equal(g, want)
+
+
+def test_elementwise_checks_a_fn_at_a_later_input_without_finite_derivatives_first():
+    # sqrt at 0 and anything at NaN give no finite derivative to compare: the check waits.
+    f = mk.elementwise(torch.sqrt)
+    assert torch.equal(f(torch.zeros(4)), torch.zeros(4))
+    assert torch.isnan(mk.elementwise(torch.tanh)(torch.full((4,), float("nan")))).all()
+    g = mk.elementwise(lambda t: torch.cumsum(torch.sqrt(t), -1))
+    g(torch.zeros(4))
+    with pytest.raises(ValueError, match="not element-wise"):
+        g(torch.rand(4) + 0.5)
+
+
 def test_elementwise_names_a_fn_the_table_fit_cannot_evaluate():
     w = torch.tensor([0.25])  # float32, which prelu does not promote to float64
     with pytest.raises(RuntimeError, match="fitting the table of fn' evaluates fn on float64"):

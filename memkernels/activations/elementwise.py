@@ -18,6 +18,8 @@ from memkernels.activations.spec import check_bits
 
 
 def _value_and_derivative(fn, x):
+    if any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape)):
+        x = x.contiguous()  # jvp writes its tangent in x's layout, which an expanded x cannot hold
     return torch.func.jvp(fn, (x,), (torch.ones_like(x),))
 
 
@@ -78,12 +80,13 @@ class _CodedFunction(torch.autograd.Function):
         return grad_from_kept(ctx, grad_out), None, None, None, None
 
 
-def check_elementwise(fn, x: torch.Tensor) -> None:
+def check_elementwise(fn, x: torch.Tensor) -> bool:
     """Raise unless fn is element-wise at x as far as one more jvp can tell: for such a fn the
     jvp with any tangent v is fn'(x) * v, while a fn that mixes elements (softmax, cumsum, flip,
-    t - t.mean()) gives another value for a tangent that is not constant."""
+    t - t.mean()) gives another value for a tangent that is not constant. False where x gives
+    nothing to compare (no finite derivative: sqrt at 0, NaN inputs)."""
     with torch.no_grad():
-        x = x.detach()
+        x = x.detach().contiguous()  # one layout for both jvps (and an expanded x cannot hold a tangent)
         flat = torch.arange(x.numel(), device=x.device) % 7 + 1
         v = flat.to(x.dtype).reshape(x.shape)
         y, d = _value_and_derivative(fn, x)
@@ -91,6 +94,8 @@ def check_elementwise(fn, x: torch.Tensor) -> None:
         _, jv = torch.func.jvp(fn, (x,), (v,))
         expected = d * v
         finite = torch.isfinite(expected) & torch.isfinite(jv)
+        if not finite.any():
+            return False
         error = (jv - expected)[finite].abs().max()
         tol = 1e-3 if x.dtype in (torch.float32, torch.float64) else 5e-2
         scale = expected[finite].abs().max()
@@ -100,6 +105,7 @@ def check_elementwise(fn, x: torch.Tensor) -> None:
                 f"other input elements: its jvp differs from fn'(x) * v by {error.item():.3g}); "
                 "mk.elementwise keeps the Jacobian's diagonal only, which gives wrong gradients for "
                 "such a fn. Use fn itself.")
+    return True
 
 
 class Elementwise(torch.nn.Module):
@@ -108,7 +114,8 @@ class Elementwise(torch.nn.Module):
 
     The code's table is fitted on first use to fn' under a standard-normal input density, like
     the built-in tables, from fn on float64 CPU tensors (a module fn: a float64 CPU copy of it,
-    whatever its parameters' dtype and device). What ``fn`` must be:
+    whatever its parameters' dtype and device), and fitted again when a module fn's tensors have
+    changed since (a compiled graph keeps the table it was compiled with). What ``fn`` must be:
 
     - element-wise: each output element depends only on the input element at the same index
       (fn'(x) is taken as the jvp with tangent 1, which is the Jacobian's diagonal only then).
@@ -129,6 +136,7 @@ class Elementwise(torch.nn.Module):
         self.fn = fn
         self.bits = check_bits(bits) or None
         self._checked = False
+        self._fitted = None  # (the state of fn's tensors it was fitted at, Table, {device: tensors})
         if not isinstance(fn, torch.nn.Module):
             # __name__, __doc__ of a function; not for a module fn, whose __wrapped__ would be a
             # second registration of fn (state_dict keys __wrapped__.* beside fn.*).
@@ -138,14 +146,27 @@ class Elementwise(torch.nn.Module):
         return f"fn={getattr(self.fn, '__name__', self.fn)!r}, bits={self.bits}"
 
     def table(self):
-        """The fitted (borders, levels) Table of this function for ``bits``."""
-        return _fitted_table(self.fn, self.bits)
+        """The fitted (borders, levels) Table of this function for ``bits``; fitted again when the
+        tensors of a module fn have changed since (load_state_dict, an optimizer step)."""
+        return self._fitted_entry()[1]
+
+    def _fitted_entry(self):
+        state = _tensor_state(self.fn)
+        if self._fitted is None or self._fitted[0] != state:
+            self._fitted = (state, _fit_table(self.fn, self.bits), {})
+        return self._fitted
+
+    def device_table(self, device: torch.device):
+        """(borders, levels) of :meth:`table` on ``device``."""
+        _, table, on_device = self._fitted_entry()
+        if device not in on_device:
+            on_device[device] = (table.borders.to(device), table.levels.to(device))
+        return on_device[device]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_floating_input("input", x)
         if not self._checked and x.numel() > 0 and not torch.compiler.is_compiling():
-            check_elementwise(self.fn, x)
-            self._checked = True
+            self._checked = check_elementwise(self.fn, x)
         if not needs_grad(x):
             y = self.fn(x)
             if torch.is_grad_enabled():
@@ -154,12 +175,19 @@ class Elementwise(torch.nn.Module):
             return y
         if self.bits is None:
             return _ExactFunction.apply(x, self.fn)
-        borders, levels = _device_table(self.fn, self.bits, x.device)
+        borders, levels = _device_table(self, x.device)
         return _CodedFunction.apply(x, self.fn, self.bits, borders, levels)
 
 
-@functools.lru_cache(maxsize=None)
-def _fitted_table(fn, bits: int):
+def _tensor_state(fn) -> tuple:
+    """What a table fitted to fn depends on besides fn itself: a module fn's tensors, each by its
+    storage and version counter (which in-place updates, load_state_dict included, advance)."""
+    if not isinstance(fn, torch.nn.Module):
+        return ()
+    return tuple((t.data_ptr(), t._version) for t in (*fn.parameters(), *fn.buffers()))
+
+
+def _fit_table(fn, bits: int):
     from memkernels.activations.tables import fit_table
     with torch.no_grad():  # a fn with parameters that require grad fails later, with its own error
         try:
@@ -175,9 +203,8 @@ def _fitted_table(fn, bits: int):
 
 
 @torch.compiler.assume_constant_result  # torch.compile takes the table as a constant, untraced
-def _device_table(fn, bits: int, device: torch.device):
-    t = _fitted_table(fn, bits)
-    return t.borders.to(device), t.levels.to(device)
+def _device_table(module: Elementwise, device: torch.device):
+    return module.device_table(device)
 
 
 def elementwise(fn=None, *, bits: int | None = None):
