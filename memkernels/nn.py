@@ -152,6 +152,9 @@ class _GLU(_FusedActivation):
     def _halves(self, a, b):
         if b is not None:
             return a, b
+        if not -a.dim() <= self.dim < a.dim():
+            raise ValueError(f"{type(self).__name__} splits dim {self.dim} in two halves; the input has "
+                             f"{a.dim()} dims (shape {tuple(a.shape)})")
         if a.shape[self.dim] % 2:
             raise ValueError(f"{type(self).__name__} splits dim {self.dim} in two halves; its size "
                              f"must be even, got {a.shape[self.dim]}")

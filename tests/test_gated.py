@@ -93,6 +93,9 @@ def test_module_splits_concatenated_input(bits, device):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="even"):
         mk.nn.SwiGLU()(torch.randn(3, 5))
+    for module, x in ((mk.nn.SwiGLU(dim=3), torch.randn(3, 4)), (mk.nn.GeGLU(), torch.tensor(1.0))):
+        with pytest.raises(ValueError, match="dims"):
+            module(x)
     with pytest.raises(TypeError, match="b must be"):
         mk.functional.swiglu(torch.randn(3), torch.arange(3))
     with pytest.raises(RuntimeError, match="shape"):
