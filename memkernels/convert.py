@@ -139,10 +139,13 @@ def _from_transformers(module) -> bool:
     return type(module).__module__.startswith("transformers.")
 
 
-def _skip_reason(module: nn.Module, layers: dict):
-    """Why a module that derives from a class convert swaps is left alone, or None."""
+def _skip_reason(module: nn.Module, bits, layers: dict):
+    """Why a module that derives from a class convert swaps, or a memkernels module set otherwise
+    than asked (converted before), is left alone, or None."""
     if type(module).__module__.startswith("memkernels."):
-        return None  # already ours
+        if "bits" in vars(module) and module.bits != bits:
+            return f"already memkernels with bits={module.bits}; convert leaves memkernels modules as they are"
+        return None
     for torch_cls, (_, save) in layers.items():
         if save is not None and isinstance(module, torch_cls):
             return f"subclass of nn.{torch_cls.__name__}; its forward may differ"
@@ -250,7 +253,7 @@ def convert(model: nn.Module, bits: int | None = None, include=None, exclude=Non
             return module
         new = fused_mlp(name, module) or _replacement(module, bits, layers)
         if new is None:
-            why = _skip_reason(module, layers)
+            why = _skip_reason(module, bits, layers)
             if why is not None:
                 report.skipped.append((name, type(module).__name__, why))
             return module

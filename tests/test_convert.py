@@ -255,6 +255,15 @@ def test_module_held_twice_gets_one_replacement():
     assert [name for name, _, _ in report.swapped] == ["0"]
 
 
+def test_converting_again_reports_modules_left_as_they_are():
+    model = mk.convert(nn.Sequential(nn.Linear(2, 2), nn.GELU(), nn.ReLU()), bits=None)
+    again, report = mk.convert(model, bits=3, return_report=True)
+    assert again[1].bits is None and not report.swapped
+    assert [(name, cls) for name, cls, _ in report.skipped] == [("1", "GELU"), ("2", "ReLU")]
+    assert "already memkernels with bits=None" in str(report)
+    assert not mk.convert(model, bits=None, return_report=True)[1].skipped
+
+
 def test_model_itself_is_swapped():
     gelu, report = mk.convert(nn.GELU("tanh"), bits=2, return_report=True)
     assert isinstance(gelu, mk.nn.GELU) and gelu.approximate == "tanh" and gelu.bits == 2
