@@ -14,6 +14,7 @@ import tempfile
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 
 def _parameter_storages(fn, args) -> set:
@@ -49,8 +50,7 @@ def saved_bytes(fn, *args, **kwargs) -> int:
 def _run_with_backward(fn, args, kwargs, backward: bool):
     out = fn(*args, **kwargs)
     if backward:
-        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
-                if isinstance(o, torch.Tensor) and o.requires_grad]
+        outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor) and o.requires_grad]
         if outs:
             torch.autograd.backward([o.sum() for o in outs])
     return out
@@ -59,7 +59,8 @@ def _run_with_backward(fn, args, kwargs, backward: bool):
 def peak_memory(fn, *args, backward: bool = True, device: torch.device | str | None = None,
                 **kwargs) -> int:
     """Peak bytes allocated above the level before the call while ``fn(*args, **kwargs)`` runs
-    (and, with ``backward=True``, the backward of the sum of its outputs that require grad).
+    (and, with ``backward=True``, the backward of the sum of its outputs that require grad, found
+    in nested tuples, lists and dicts).
 
     CUDA: ``torch.cuda.max_memory_allocated``. CPU: the profiler's allocation events, summed in
     time order. The device is the first tensor argument's unless given.

@@ -27,6 +27,12 @@ def test_peak_memory(device):
     assert 8 * n <= with_backward <= 8 * n + 4096  # the output and the input's gradient
 
 
+def test_peak_memory_runs_the_backward_of_nested_outputs():
+    x = torch.randn(1 << 16, requires_grad=True)
+    flat = mk.profile.peak_memory(lambda t: t * 2, x)
+    assert mk.profile.peak_memory(lambda t: {"y": [t * 2], "n": 1}, x) == pytest.approx(flat, abs=64)
+
+
 def test_peak_memory_names_the_devices_it_measures():
     with pytest.raises(NotImplementedError, match="peak_memory measures cpu and cuda, not meta"):
         mk.profile.peak_memory(lambda t: t * 2, torch.empty(4, device="meta"))
