@@ -1,6 +1,7 @@
 """Checkpoint plans on real small models on CPU: the measured peak of a forward+backward stays
 within the budget and does not rise as the budget falls, the predicted peak is close to it, and
 the planned model's gradients equal the unplanned model's bit for bit, dropout included."""
+import copy
 import sys
 
 import pytest
@@ -141,15 +142,224 @@ def test_dropout_is_active_so_the_gradient_check_means_something():
     assert not torch.equal(a, model(x))
 
 
-def test_trace_leaves_model_state_alone():
-    model, x = ResNet().train(), torch.randn(8, 3, 32, 32)
+@pytest.mark.parametrize("run", [ck.trace, lambda model, x: ck.plan(model, x, None, "all")])
+def test_trace_and_plan_leave_model_state_alone(run):
+    """plan's verification runs training steps: BatchNorm statistics, the RNG and the input's
+    gradient are as they were after it."""
+    model = nn.Sequential(ResNet(), nn.Dropout(0.5)).train()
+    x = torch.randn(8, 3, 32, 32, requires_grad=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    ck.trace(model, x)
+    run(model, x)
     assert torch.equal(rng, torch.get_rng_state())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters()) and x.grad is None
+
+
+def tight_plan(model, x, method):
+    """`method`'s plan at its least budget (a budget-blind method's own schedule), not verified."""
+    graph = ck.trace(model, x)
+    budget = None if method in ck.solvers.BUDGET_BLIND else ck.least_budget(graph, method)
+    return ck.plan(model, x, budget, method, graph=graph, verify=False)
+
+
+def test_a_module_repeated_in_a_sequential_runs_at_each_place():
+    lin = nn.Linear(16, 16)
+    model, x = nn.Sequential(lin, nn.Tanh(), lin), torch.randn(8, 16)
+    plan = ck.plan(model, x, None, "all", verify=False)
+    assert [node.name for node in plan.graph.nodes] == ["0", "1", "2"]
+    assert_plan_trains_identically(model, plan, x)
+
+
+def bn_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 256),
+                         nn.BatchNorm1d(256, momentum=None), nn.ReLU(), nn.Linear(256, 10))
+
+
+@pytest.mark.parametrize("method", ["all", "log", "dp"])
+def test_recomputation_updates_batchnorm_statistics_once(method):
+    """A recomputed BatchNorm replays its forward on the statistics from before it and leaves them
+    as the forward did, also with two forwards before one backward (momentum=None: a running
+    average over num_batches_tracked)."""
+    model, x, y = bn_mlp(), torch.randn(64, 64), torch.randn(64, 64)
+    reference = copy.deepcopy(model)
+    plan = tight_plan(model, x, method)
+    assert "1" in plan.recomputed
+    applied = ck.apply(model, plan)
+    for net in (reference, applied):
+        net(x).square().sum().backward()
+        (net(y).square().sum() + net(x).sum()).backward()
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for p, q in zip(reference.parameters(), model.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+class DropoutByFlag(nn.Module):
+    """fx bakes `self.training` into the traced call."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return F.dropout(self.fc(x), 0.5, self.training)
+
+
+def test_a_plan_runs_in_the_mode_it_was_traced_in(monkeypatch):
+    model, x = DropoutByFlag().train(), torch.randn(8, 16)
+    applied = ck.apply(model, ck.plan(model, x, None, "all"))
+    applied.eval()
+    assert not model.training and not model.fc.training
+    with pytest.raises(RuntimeError, match="is in eval mode, but the plan was traced with it in train mode"):
+        applied(x)
+    calls = []
+    monkeypatch.setattr(sys.modules["memkernels.checkpoint.plan"], "checkpoint", lambda *a, **k: calls.append(1))
+    with torch.no_grad():  # the model itself, in its current mode, without checkpoints
+        assert torch.equal(applied(x), model(x))
+        applied.train()
+        torch.manual_seed(2)
+        out = applied(x)
+        torch.manual_seed(2)
+        assert torch.equal(out, model(x))
+    assert not calls
+
+
+class RawParameters(nn.Module):
+    """Parameters used directly (fx get_attr), not through a module: a matmul and a tied output
+    projection."""
+
+    def __init__(self, dim: int = 256):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(dim, dim) / dim**0.5)
+        self.emb = nn.Embedding(dim, dim)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(x @ self.w), self.emb.weight)
+
+
+@pytest.mark.parametrize("method", ["none", "all"])
+def test_backward_of_parameters_used_directly_is_counted(method):
+    model, x = RawParameters(), torch.randn(4, 256)
+    plan = ck.plan(model, x, None, method)
+    assert plan.predicted_peak > 256 * 256 * 4  # a weight's gradient
+    assert abs(plan.measured_peak / plan.predicted_peak - 1) <= PREDICTION_TOLERANCE
+
+
+class Outputs(nn.Module):
+    def __init__(self, nested: bool):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.nested = nested
+
+    def forward(self, x):
+        y = self.b(torch.tanh(self.a(x)))
+        return {"out": [y], "scale": 2} if self.nested else y
+
+
+def test_dict_and_list_outputs_are_plain_and_measured_with_their_backward():
+    x = torch.randn(32, 64)
+    model, plain = Outputs(nested=True), Outputs(nested=False)
+    plan, plain_plan = ck.plan(model, x, None, "none"), ck.plan(plain, x, None, "none")
+    out = ck.apply(model, plan)(x)
+    assert type(out) is dict and type(out["out"]) is list and out["scale"] == 2
+    assert torch.equal(out["out"][0], model(x)["out"][0])
+    assert plan.measured_peak == pytest.approx(plain_plan.measured_peak, rel=0.01)
+    assert plan.predicted_peak == plain_plan.predicted_peak
+
+
+def in_place_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(256, 256), nn.ReLU(inplace=True), nn.Linear(256, 256),
+                         nn.ReLU(inplace=True), nn.Dropout(0.1), nn.Linear(256, 10))
+
+
+@pytest.mark.parametrize("method", ck.METHODS)
+def test_in_place_nodes_run_with_the_node_whose_output_they_modify(method):
+    model, x = in_place_mlp().train(), torch.randn(64, 256)
+    plan = tight_plan(model, x, method)
+    assert [node.name for node in plan.graph.nodes] == ["0+1", "2+3", "4", "5"]
+    assert_plan_trains_identically(model, plan, x)
+
+
+class ResidualBlock(nn.Module):
+    """torchvision's BasicBlock: `out += identity`, then a ReLU(inplace=True) used twice."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+@pytest.mark.parametrize("method", ["all", "log", "dp-approx"])
+def test_residual_block_with_in_place_add_and_relu(method):
+    x = torch.randn(4, 3, 16, 16)
+    layers = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), ResidualBlock(), ResidualBlock())
+    model = torch.fx.symbolic_trace(layers)  # nodes are the blocks' own ops, not whole blocks
+    plan = tight_plan(model, x, method)
+    assert plan.recomputed
+    assert_plan_trains_identically(model, plan, x)
+
+
+class ModifiesWhatAnotherReads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        y = self.b(h)
+        h.relu_()
+        return y + h
+
+
+def test_in_place_modifications_that_cannot_be_fused_are_refused():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="'relu_' modifies the output of node 'a' in place, and node 'b' also reads"):
+        ck.trace(ModifiesWhatAnotherReads(), x)
+    before = x.clone()
+    with pytest.raises(ValueError, match="'0' modifies the model's input in place"):
+        ck.trace(nn.Sequential(nn.ReLU(inplace=True), nn.Linear(8, 8)), x)
+    assert torch.equal(x, before)  # found on a copy
+
+
+def test_state_dict_has_the_models_keys():
+    def build():
+        return nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 4))
+
+    def same_state(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    model = build()
+    applied = ck.apply(model, ck.plan(model, torch.randn(8, 16), None, "all", verify=False))
+    assert list(applied.state_dict()) == list(model.state_dict())
+    other = build()
+    applied.load_state_dict(other.state_dict())  # strict: a key mismatch raises
+    assert same_state(model, other)
+    other = build()
+    other.load_state_dict(applied.state_dict())
+    assert same_state(model, other)
+    parent = nn.Sequential(nn.Linear(16, 16), applied)  # nested: the model's keys under its prefix
+    assert list(parent.state_dict()) == ["0.weight", "0.bias"] + [f"1.{k}" for k in model.state_dict()]
+    other = build()
+    parent.load_state_dict(nn.Sequential(nn.Linear(16, 16), other).state_dict())
+    assert same_state(model, other)
+
+
+class Identity(nn.Module):
+    def forward(self, x):
+        return x
 
 
 def test_plan_reports_and_errors():
@@ -169,6 +379,13 @@ def test_plan_reports_and_errors():
         ck.trace(ResNet(), (torch.randn(1, 3, 8, 8), torch.randn(1)))
     with pytest.raises(TypeError, match="nn.Module"):
         ck.trace(lambda x: x, torch.randn(2))
+    with pytest.raises(ValueError, match="nothing to plan"):
+        ck.trace(Identity(), x)
+    applied = ck.apply(model, plan)
+    with pytest.raises(TypeError, match="already a PlannedModule"):
+        ck.apply(applied, plan)
+    with pytest.raises(TypeError, match="already a PlannedModule"):
+        ck.plan(applied, x, None, graph=graph)
 
 
 def long_chain(depth: int = 24, width: int = 128) -> nn.Module:

@@ -119,17 +119,28 @@ def test_chain_methods_on_a_longer_chain():
 
 
 @pytest.mark.parametrize("text,expected", [("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1.5kB", 1500),
-                                           ("3 gib", 3 * 2**30), (" 100 ", 100), ("1e3B", 1000), (7, 7)])
+                                           ("3 gib", 3 * 2**30), (" 100 ", 100), ("1e3B", 1000), (7, 7),
+                                           (2e9, 2 * 10**9), (10**30, 10**30)])
 def test_parse_budget(text, expected):
     assert ck.parse_budget(text) == expected
 
 
-@pytest.mark.parametrize("bad,error", [("2 parsecs", ValueError), ("GB", ValueError), (-1, ValueError),
-                                       ("1e400GB", ValueError), (1.5, TypeError), (True, TypeError),
-                                       (None, TypeError)])
-def test_parse_budget_rejects(bad, error):
-    with pytest.raises(error, match="budget"):
+@pytest.mark.parametrize("bad,error,message", [
+    ("2 parsecs", ValueError, "not a number of bytes"), ("GB", ValueError, "not a number of bytes"),
+    (-1, ValueError, ">= 0"), ("-1GB", ValueError, ">= 0"), (-2e9, ValueError, ">= 0"),
+    ("1e400GB", ValueError, "not finite"), (1.5, ValueError, "whole number"),
+    (float("nan"), ValueError, "whole number"),
+    (True, TypeError, "budget must be"), (None, TypeError, "budget must be")])
+def test_parse_budget_rejects(bad, error, message):
+    with pytest.raises(error, match=message):
         ck.parse_budget(bad)
+
+
+@pytest.mark.parametrize("method", ck.METHODS)
+@pytest.mark.parametrize("budget", [10**30, "1e30", 1e30])
+def test_budgets_past_int64_mean_no_limit(method, budget):
+    graph = ck.Graph.chain([1.0] * 4, [8] * 4, [8] * 4)
+    assert ck.solve(graph, budget, method).predicted_peak == ck.solve(graph, None, method).predicted_peak
 
 
 def test_infeasible_budget_names_least_budget():
@@ -151,8 +162,19 @@ def test_bad_inputs():
         ck.Graph([ck.Node("a", 1.0, 8), ck.Node("b", 1.0, 8)], [(1, 0)])
     with pytest.raises(ValueError, match="one entry per node"):
         ck.Graph.chain([1.0, 2.0], [8], [8, 8])
+    with pytest.raises(ValueError, match="no nodes"):
+        ck.Graph([], [])
     with pytest.raises(ValueError, match="time must be >= 0"):
         ck.Graph([ck.Node("a", -1.0, 8)], [])
+    for time in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="time must be >= 0 and finite"):
+            ck.Graph.chain([1.0, time], [8, 8], [8, 8])
+    for field in ("forward_peak", "backward_peak", "grad_bytes"):
+        with pytest.raises(ValueError, match=f"{field} must be >= 0"):
+            ck.Graph.chain([1.0, 1.0], [8, 8], [8, 8], **{field: [8, -8]})
+    for options in (dict(buckets=0), dict(max_lower_sets=0)):
+        with pytest.raises(ValueError, match=f"{next(iter(options))} must be a positive int"):
+            ck.solve(graph, 100, "dp", **options)
     with pytest.raises(TypeError, match="Graph"):
         ck.solve("not a graph", 100)
     with pytest.raises(ValueError, match="predecessor"):

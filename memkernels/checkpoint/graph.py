@@ -17,19 +17,25 @@ higher number). Each node carries the costs of the model in memkernels/checkpoin
 - ``view_of``: the node whose storage its output views, if any.
 - ``is_output``: its output is (part of) the model's output.
 
-`trace` builds one from a model: an ``nn.Sequential`` becomes a chain of its children; any other
-module is traced with ``torch.fx.symbolic_trace`` into a DAG of module calls, functions and methods
-(residual branches included; torch.nn and memkernels.nn modules stay single nodes). Every node runs
-once on the example inputs on their device, its costs measured there: bytes kept counted as
-``memkernels.profile.saved_bytes`` counts them (distinct storages at their real size, so packed
+`trace` builds one from a model: an ``nn.Sequential`` becomes a chain of its children (a repeated
+module once per place, as its forward runs them); any other module is traced with
+``torch.fx.symbolic_trace`` into a DAG of module calls, functions and methods (residual branches
+included; torch.nn and memkernels.nn modules stay single nodes). A node that modifies a tensor in
+place (``ReLU(inplace=True)``) becomes one node with the nodes whose outputs live on that tensor's
+storage (the one that made it, views of it), so that no segment boundary falls between them. Every
+node runs once on the example inputs on their device, its costs measured there: bytes kept counted
+as ``memkernels.profile.saved_bytes`` counts them (distinct storages at their real size, so packed
 codes count as packed; parameters and the model's inputs not at all), peaks with
 ``memkernels.profile.peak_memory``.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import statistics
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
@@ -67,6 +73,8 @@ class Graph:
 
     def __init__(self, nodes: Sequence[Node], edges: Sequence[tuple[int, int]], checkpoint_bytes: int = 0):
         n = len(nodes)
+        if n == 0:
+            raise ValueError("Graph: no nodes, nothing to plan")
         if checkpoint_bytes < 0:
             raise ValueError(f"checkpoint_bytes must be >= 0, got {checkpoint_bytes}")
         self.checkpoint_bytes = checkpoint_bytes
@@ -81,9 +89,12 @@ class Graph:
                 self.succs[u].append(v)
         filled = []
         for v, node in enumerate(nodes):
-            for name in ("time", "output_bytes", "kept_bytes"):
-                if getattr(node, name) < 0:
-                    raise ValueError(f"node {v} ({node.name}): {name} must be >= 0, got {getattr(node, name)}")
+            if not math.isfinite(node.time) or node.time < 0:
+                raise ValueError(f"node {v} ({node.name}): time must be >= 0 and finite, got {node.time}")
+            for name in ("output_bytes", "kept_bytes", "forward_peak", "backward_peak", "grad_bytes"):
+                value = getattr(node, name)
+                if value is not None and value < 0:
+                    raise ValueError(f"node {v} ({node.name}): {name} must be >= 0, got {value}")
             if node.view_of is not None and not (0 <= node.view_of < v):
                 raise ValueError(f"node {v} ({node.name}): view_of must be an earlier node, got {node.view_of}")
             grad = node.output_bytes if node.grad_bytes is None else node.grad_bytes
@@ -183,21 +194,34 @@ class _Attr:
     target: str
 
 
+@dataclass(frozen=True)
+class _Local:
+    """An argument of a fused step's member that is member `index`'s output."""
+    index: int
+
+
 @dataclass
 class _Step:
     name: str
     call: Callable[..., Any]  # (model, *args, **kwargs) -> output
     args: tuple
     kwargs: dict
-    module: nn.Module | None = None
+    modules: tuple[nn.Module, ...] = ()  # the model's modules it calls
+    writes: tuple[str, ...] = ()  # the model's buffers its forward updates (BatchNorm's running stats)
 
 
 @dataclass
 class _Program:
-    """How to run the model node by node: steps in topological order and the output template."""
+    """How to run the model node by node: steps in topological order, the output template (in
+    plain containers: dict, list, tuple), and each module's `training` flag (model.modules() order)
+    when traced: fx bakes ``self.training`` into the steps."""
     steps: list[_Step]
     output: Any
-    refs: list[list[int]] = field(default_factory=list)  # refs[v]: nodes step v reads
+    training: tuple[bool, ...]
+    refs: list[list[int]] = field(init=False)  # refs[v]: nodes step v reads
+
+    def __post_init__(self):
+        self.refs = [_refs_of((s.args, s.kwargs)) for s in self.steps]
 
     def resolve(self, template, model: nn.Module, inputs: Sequence, env: dict[int, Any]):
         def one(a):
@@ -217,6 +241,11 @@ class _Program:
         args = self.resolve(step.args, model, inputs, env)
         kwargs = self.resolve(step.kwargs, model, inputs, env)
         return step.call(model, *args, **kwargs)
+
+    def output_of(self, model: nn.Module, inputs: Sequence, env: dict[int, Any]):
+        """The model's output: a pytree map keeps the template's plain dicts and lists (fx's walk
+        would make them immutable)."""
+        return tree_map(lambda a: self.resolve(a, model, inputs, env), self.output)
 
 
 def _get_attr(model: nn.Module, target: str):
@@ -238,15 +267,28 @@ def _refs_of(template) -> list[int]:
     return sorted({a.index for a in leaves if isinstance(a, _Ref)})
 
 
+def _plain(template):
+    """The template with fx's immutable_dict / immutable_list as the dict / list the model returns."""
+    if isinstance(template, dict):
+        return {k: _plain(v) for k, v in template.items()}
+    if isinstance(template, list):
+        return [_plain(v) for v in template]
+    if isinstance(template, tuple):
+        items = [_plain(v) for v in template]
+        return type(template)(*items) if hasattr(template, "_fields") else tuple(items)
+    return template
+
+
 def _program(model: nn.Module, num_inputs: int) -> _Program:
     if isinstance(model, nn.Sequential):
         if len(model) == 0:
             raise ValueError("trace: the nn.Sequential is empty")
         steps = []
-        for i, (name, child) in enumerate(model.named_children()):
+        # As nn.Sequential.forward runs them: named_children() would skip a repeated module.
+        for i, (name, child) in enumerate(model._modules.items()):
             args = tuple(_Input(k) for k in range(num_inputs)) if i == 0 else (_Ref(i - 1),)
-            steps.append(_Step(name, lambda m, *a, _n=name, **k: getattr(m, _n)(*a, **k), args, {}, child))
-        program = _Program(steps, _Ref(len(steps) - 1))
+            steps.append(_Step(name, lambda m, *a, _n=name, **k: getattr(m, _n)(*a, **k), args, {}, (child,)))
+        output = _Ref(len(steps) - 1)
     else:
         try:
             graph = _Tracer().trace(model)
@@ -272,21 +314,109 @@ def _program(model: nn.Module, num_inputs: int) -> _Program:
                 continue
             if node.op == "call_module":
                 call = (lambda m, *a, _t=node.target, **k: _get_attr(m, _t)(*a, **k))
-                module = _get_attr(model, node.target)
+                modules = (_get_attr(model, node.target),)
             elif node.op == "call_function":
                 call = (lambda m, *a, _f=node.target, **k: _f(*a, **k))
-                module = None
+                modules = ()
             else:  # call_method
                 call = (lambda m, obj, *a, _t=node.target, **k: getattr(obj, _t)(*a, **k))
-                module = None
+                modules = ()
             index[node] = _Ref(len(steps))
-            steps.append(_Step(node.name, call, args, kwargs, module))
+            steps.append(_Step(node.name, call, args, kwargs, modules))
         if placeholders != num_inputs:
             raise ValueError(f"trace: {type(model).__name__}.forward takes {placeholders} inputs, "
                              f"example_inputs has {num_inputs}")
-        program = _Program(steps, output)
-    program.refs = [_refs_of((s.args, s.kwargs)) for s in program.steps]
-    return program
+        if not steps:
+            raise ValueError(f"trace: {type(model).__name__}.forward runs no operation (it returns its "
+                             "inputs or attributes): there is nothing to plan")
+    return _Program(steps, _plain(output), tuple(m.training for m in model.modules()))
+
+
+def _run_members(members: list[_Step], model: nn.Module, *parts):
+    """A fused step: runs `members` in order, each on its part (args, kwargs), where _Local(k) is
+    member k's output; returns the last member's output."""
+    outputs = []
+    for step, (args, kwargs) in zip(members, parts):
+        args, kwargs = torch.fx.node.map_aggregate(
+            (args, kwargs), lambda a: outputs[a.index] if isinstance(a, _Local) else a)
+        outputs.append(step.call(model, *args, **kwargs))
+    return outputs[-1]
+
+
+def _fused(program: _Program, groups: list[list[int]]) -> _Program:
+    """`program` with each group of steps (ascending; only its last member's output is read outside
+    it) run as one step, the steps in the order of their groups' last members."""
+    groups = sorted(groups, key=lambda group: group[-1])
+    where = {s: (i, k) for i, group in enumerate(groups) for k, s in enumerate(group)}
+
+    def remap(template, group=()):
+        def one(a):
+            if not isinstance(a, _Ref):
+                return a
+            return _Local(where[a.index][1]) if a.index in group else _Ref(where[a.index][0])
+        return torch.fx.node.map_aggregate(template, one)
+
+    steps = []
+    for group in groups:
+        members = [program.steps[s] for s in group]
+        if len(members) == 1:
+            steps.append(replace(members[0], args=remap(members[0].args), kwargs=remap(members[0].kwargs)))
+            continue
+        parts = tuple((remap(m.args, group), remap(m.kwargs, group)) for m in members)
+        steps.append(_Step("+".join(m.name for m in members), partial(_run_members, members), parts, {},
+                           tuple(module for m in members for module in m.modules)))
+    output = tree_map(lambda a: _Ref(where[a.index][0]) if isinstance(a, _Ref) else a, program.output)
+    return replace(program, steps=steps, output=output)
+
+
+def _fuse_in_place(program: _Program, model: nn.Module, inputs: Sequence) -> _Program:
+    """`program` with each step that modifies a tensor in place fused with the earlier steps whose
+    outputs live on that tensor's storage (transitively): checkpointing must not recompute such a
+    step on an input it already modified, nor cut between it and what made that input. One
+    forward of the program (on copies of the inputs) finds them, by the tensors' version counters.
+    Raises ValueError where a step outside a group reads the output of one of its members but the
+    last, or a step modifies the model's input."""
+    n = len(program.steps)
+    names = [step.name for step in program.steps]
+    readers: list[set[int]] = [set() for _ in range(n + 1)]  # n: the model's output
+    for v, refs in enumerate(program.refs):
+        for u in refs:
+            readers[u].add(v)
+    for u in _refs_of(program.output):
+        readers[u].add(n)
+    inputs = tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, inputs)
+    group = [{v} for v in range(n)]  # group[v]: the steps v runs with (one set object per group)
+    modifier: dict[int, int] = {}    # step -> the step that modifies its output in place
+    storages: list[set[int]] = []    # storages[v]: storage pointers of v's output tensors
+    env: dict[int, Any] = {}
+    for v in range(n):
+        watched = [t for u in program.refs[v] for t in _tensors(env[u])]
+        versions = [t._version for t in watched]
+        input_versions = [t._version for t in _tensors(inputs)]
+        env[v] = program.run_step(v, model, inputs, env)
+        if input_versions != [t._version for t in _tensors(inputs)]:
+            raise ValueError(f"trace: node {names[v]!r} modifies the model's input in place; "
+                             "make the operation out of place (e.g. inplace=False)")
+        storages.append({_storage(t)[0] for t in _tensors(env[v])} - {0})
+        modified = {_storage(t)[0] for t, version in zip(watched, versions) if t._version != version}
+        for w in range(v) if modified else ():
+            if storages[w] & modified and group[w] is not group[v]:
+                modifier[w] = v
+                merged = group[v] | group[w]
+                for s in merged:
+                    group[s] = merged
+    groups = {id(g): sorted(g) for g in group}.values()
+    for members in groups:
+        for w in members[:-1]:
+            outside = readers[w] - set(members)
+            if outside:
+                reader = min(outside)
+                read_by = "the model's output" if reader == n else f"node {names[reader]!r}"
+                raise ValueError(f"trace: node {names[modifier.get(w, members[-1])]!r} modifies the output of "
+                                 f"node {names[w]!r} in place, and {read_by} also reads that output: a "
+                                 "plan cannot keep them in one node; make the operation out of place "
+                                 "(e.g. inplace=False)")
+    return program if len(groups) == n else _fused(program, list(groups))
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -313,10 +443,29 @@ def as_inputs(example_inputs) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
+@contextlib.contextmanager
+def restore_buffers_and_rng(model: nn.Module):
+    """Runs the block, then puts back the model's buffers (BatchNorm's running stats) and the CPU
+    and CUDA RNG states as they were before it."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+
+
 def trace(model: nn.Module, example_inputs, *, repeats: int = 3) -> Graph:
     """Graph of `model` with costs measured by running each node on `example_inputs` (a tensor or a
     tuple of them): forward time (median of `repeats` runs), output, kept, forward and backward
-    peak bytes. The model's parameters, buffers, gradients and the RNG state are left as found.
+    peak bytes, and the buffers its forward updates. The model's parameters, buffers, gradients
+    and the RNG state are left as found.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace: model must be an nn.Module, got {type(model).__name__}")
@@ -329,16 +478,15 @@ def trace(model: nn.Module, example_inputs, *, repeats: int = 3) -> Graph:
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     existing = params | {t.untyped_storage().data_ptr() for t in tensors}
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    buffer_names = {id(b): name for name, b in model.named_buffers()}
 
-    output_refs = set(_refs_of(program.output))
     owner: dict[int, int] = {}          # storage pointer -> node that allocated it
     env: dict[int, Any] = {}
     nodes_info: list[dict] = []
     savers: list[set[int]] = []         # savers[u]: nodes whose backward keeps u's output storage
-    try:
+    with restore_buffers_and_rng(model):
+        program = _fuse_in_place(program, model, inputs)
+        output_refs = set(_refs_of(program.output))
         for v, step in enumerate(program.steps):
             env_in = {u: _leaf_copy(env[u]) for u in program.refs[v]}
             inside: dict[int, int] = {}
@@ -349,8 +497,18 @@ def trace(model: nn.Module, example_inputs, *, repeats: int = 3) -> Graph:
                     inside[ptr] = max(inside.get(ptr, 0), nbytes)
                 return t
 
+            arguments = _tensors(program.resolve((step.args, step.kwargs), model, inputs, env_in))
+            # The buffers it may update: its modules' and those it is given. If it updates one, all
+            # count as written: BatchNorm's kernel updates the running stats without bumping their
+            # version, and an update can leave a value as it was (only num_batches_tracked shows).
+            buffers = [b for m in step.modules for b in m.buffers()]
+            buffers += [a for a in arguments if id(a) in buffer_names]
+            before = [(b._version, b.clone()) for b in buffers]
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = program.run_step(v, model, inputs, env_in)
+            if any(b._version != version or not torch.equal(b, value)
+                   for b, (version, value) in zip(buffers, before)):
+                step.writes = tuple(dict.fromkeys(buffer_names[id(b)] for b in buffers))
             info = dict(name=step.name, output_bytes=0, view_of=None, grad_bytes=0)
             savers.append(set())
             for t in _tensors(out):
@@ -384,8 +542,8 @@ def trace(model: nn.Module, example_inputs, *, repeats: int = 3) -> Graph:
 
             outs = [t for t in _tensors(out) if t.requires_grad]
             wrt = [t for t in _tensors(env_in) if t.requires_grad and t.is_leaf]
-            wrt += [p for p in (step.module.parameters() if step.module is not None else []) if p.requires_grad]
-            wrt += [a for a in _tensors(step.args) if isinstance(a, nn.Parameter)]
+            wrt += [p for m in step.modules for p in m.parameters() if p.requires_grad]
+            wrt += [a for a in arguments if isinstance(a, nn.Parameter) and a.requires_grad]
             if outs and wrt:
                 # The model's outputs get the gradient of their sum, as measure_peak gives them: an
                 # expanded scalar, which some backward kernels copy out first.
@@ -401,14 +559,7 @@ def trace(model: nn.Module, example_inputs, *, repeats: int = 3) -> Graph:
             env[v] = tree_map(lambda a: a.detach().requires_grad_(a.requires_grad)
                               if isinstance(a, torch.Tensor) else a, out)
             nodes_info.append(info)
-            del out, outs, env_in
-    finally:
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
+            del out, outs, env_in, arguments, before
 
     nodes = [Node(name=i["name"], time=i["time"], output_bytes=i["output_bytes"],
                   kept_bytes=i["kept_bytes"], saved_by=tuple(savers[v]),
@@ -417,6 +568,6 @@ def trace(model: nn.Module, example_inputs, *, repeats: int = 3) -> Graph:
              for v, i in enumerate(nodes_info)]
     edges = [(u, v) for v in range(len(nodes)) for u in program.refs[v]]
     # Non-reentrant checkpoints stash the CPU RNG state (preserve_rng_state) until their backward.
-    graph = Graph(nodes, edges, checkpoint_bytes=rng.nbytes if device.type == "cpu" else 0)
+    graph = Graph(nodes, edges, checkpoint_bytes=torch.get_rng_state().nbytes if device.type == "cpu" else 0)
     graph.program = program
     return graph

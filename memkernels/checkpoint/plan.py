@@ -8,10 +8,13 @@
 The budget is the peak bytes one forward+backward allocates above what exists before it: the
 inputs, parameters, their gradients and optimizer state are not in it (memkernels.checkpoint.budget
 for units). Recomputed segments run under torch.utils.checkpoint with use_reentrant=False and
-preserve_rng_state=True, so dropout draws the same mask when recomputed and autocast is replayed.
+preserve_rng_state=True, so dropout draws the same mask when recomputed and autocast is replayed;
+a recomputed node that updates buffers (BatchNorm's running stats) replays on their values from
+before its forward and leaves them as they were, so they are updated once a step.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -19,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from memkernels.checkpoint.graph import Graph, _Program, _refs_of, as_inputs, trace
+from memkernels.checkpoint.graph import (Graph, _get_attr, _leaf_copy, _Program, _refs_of, as_inputs,
+                                         restore_buffers_and_rng, trace)
 from memkernels.checkpoint.budget import parse_budget
 from memkernels.checkpoint.solvers import InfeasibleBudget, Solution, format_bytes, solve
 from memkernels.profile import peak_memory
@@ -77,21 +81,23 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(model: nn.Module, example_inputs, budget: int | str | None, method: str = "dp-approx",
+def plan(model: nn.Module, example_inputs, budget: int | float | str | None, method: str = "dp-approx",
          *, verify: bool = True, graph: Graph | None = None, **solver_options) -> Plan:
     """Trace `model` on `example_inputs` (costs measured on their device) and solve for `budget`.
 
-    With `verify`, the plan is applied and one forward+backward measured (`measure_peak`); when the
-    measured peak passes the budget (the cost model under-counts, e.g. allocator rounding or
-    buffers the trace did not see), the solver is asked again with the budget scaled down by
-    budget / measured, at most 4 times. Raises memkernels.checkpoint.InfeasibleBudget (a
-    ValueError) naming the least feasible budget when no schedule fits (an estimate, and said to
-    be, when it comes from re-solving). `graph`: a `trace` of this model and input shape to reuse.
+    With `verify`, the plan is applied and one forward+backward measured (`measure_peak`; the
+    model's buffers and the RNG states are put back after it); when the measured peak passes the
+    budget (the cost model under-counts, e.g. allocator rounding or buffers the trace did not see),
+    the solver is asked again with the budget scaled down by budget / measured, at most 4 times.
+    Raises memkernels.checkpoint.InfeasibleBudget (a ValueError) naming the least feasible budget
+    when no schedule fits (an estimate, and said to be, when it comes from re-solving). `graph`: a
+    `trace` of this model and input shape to reuse. Raises TypeError for a PlannedModule.
 
     Autocast: call `plan` inside the ``torch.autocast(...)`` context the model will train in, and
     run the applied model there too; trace and measurement then run in that mode (bf16 outputs
     and saved tensors are counted at their size), and recomputation replays it.
     """
+    _check_not_planned(model, "plan")
     graph = trace(model, example_inputs) if graph is None else graph
     limit = None if budget is None else parse_budget(budget)
     target = limit
@@ -106,7 +112,8 @@ def plan(model: nn.Module, example_inputs, budget: int | str | None, method: str
                                    estimated=True) from error
         if not verify:
             return result
-        measured = measure_peak(apply(model, result), example_inputs)
+        with restore_buffers_and_rng(model):
+            measured = measure_peak(apply(model, result), example_inputs)
         result = replace(result, measured_peak=measured)
         if limit is None or measured <= limit:
             return replace(result, solution=replace(result.solution, budget=limit))
@@ -115,12 +122,16 @@ def plan(model: nn.Module, example_inputs, budget: int | str | None, method: str
 
 
 class PlannedModule(nn.Module):
-    """Runs `model` node by node as its plan says; `model` stays a submodule (same parameters)."""
+    """Runs `model` node by node as its plan says; `model` stays a submodule (same parameters), and
+    state_dict / load_state_dict use the model's own keys (no "model." prefix). Under
+    torch.no_grad (nothing kept for a backward) it runs `model` itself."""
 
     def __init__(self, model: nn.Module, plan: Plan):
         super().__init__()
         self.model = model
         self.plan = plan
+        self.register_state_dict_post_hook(_drop_model_prefix)
+        self.register_load_state_dict_pre_hook(_add_model_prefix)
         program: _Program = plan.graph.program
         n = len(program.steps)
         needed_after = [set() for _ in range(n)]  # needed_after[v]: readers of v (or n: the output)
@@ -153,10 +164,26 @@ class PlannedModule(nn.Module):
             compiled.append((list(nodes), recomputed, reads, exports, inner))
         return compiled
 
-    def _run(self, nodes, inputs, env):
+    def _run(self, nodes, inputs, env, snapshots=None, recomputing=False):
+        """Runs `nodes` into `env`. `snapshots` (given in recomputed segments): per node that updates
+        buffers, their values from before its forward run; its recomputation runs on those, then
+        puts back the values it found, so that it replays the forward and leaves the buffers alone."""
         program = self.plan.graph.program
         for v in nodes:
-            env[v] = program.run_step(v, self.model, inputs, env)
+            writes = program.steps[v].writes if snapshots is not None else ()
+            buffers = [_get_attr(self.model, name) for name in writes]
+            if not buffers:
+                env[v] = program.run_step(v, self.model, inputs, env)
+            elif not recomputing:
+                snapshots[v] = [b.clone() for b in buffers]
+                env[v] = program.run_step(v, self.model, inputs, env)
+            else:
+                found = [b.clone() for b in buffers]
+                _copy_into(buffers, snapshots[v])
+                try:  # a recomputation stops (raises) once it has what the backward needs
+                    env[v] = program.run_step(v, self.model, inputs, env)
+                finally:
+                    _copy_into(buffers, found)
             self._release(program.refs[v], {v}, env)
 
     def _release(self, reads, readers, env):
@@ -164,18 +191,25 @@ class PlannedModule(nn.Module):
             if self._last_reader[u] in readers:
                 env.pop(u, None)
 
-    def _run_schedule(self, schedule, inputs, env):
+    def _run_schedule(self, schedule, inputs, env, snapshots=None, recomputing=False):
+        """Runs `schedule` into `env`; inside a recomputed segment, `snapshots` is its buffer
+        snapshots (see _run) and `recomputing` tells a recomputation from the forward run."""
         for nodes, recomputed, reads, exports, inner in schedule:
             if not recomputed:
-                self._run(nodes, inputs, env)
+                self._run(nodes, inputs, env, snapshots, recomputing)
                 continue
+            # The segment's function runs first as the forward (or as part of a recomputation),
+            # then only as recomputations.
+            runs = itertools.chain([recomputing], itertools.repeat(True))
 
-            def segment(*values, _nodes=nodes, _reads=reads, _exports=exports, _inner=inner):
+            def segment(*values, _nodes=nodes, _reads=reads, _exports=exports, _inner=inner, _runs=runs,
+                        _snapshots={} if snapshots is None else snapshots):
                 local = dict(zip(_reads, values[len(inputs):]))
+                again = next(_runs)
                 if _inner is None:
-                    self._run(_nodes, values[:len(inputs)], local)
+                    self._run(_nodes, values[:len(inputs)], local, _snapshots, again)
                 else:  # nested: inner recomputed segments are checkpoints inside this one
-                    self._run_schedule(_inner, values[:len(inputs)], local)
+                    self._run_schedule(_inner, values[:len(inputs)], local, _snapshots, again)
                 return tuple(local[v] for v in _exports)
 
             outs = checkpoint(segment, *inputs, *(env[u] for u in reads),
@@ -184,17 +218,65 @@ class PlannedModule(nn.Module):
             self._release(reads, set(nodes), env)
 
     def forward(self, *inputs):
+        if not torch.is_grad_enabled():  # nothing is kept for a backward: nothing to recompute
+            return self.model(*inputs)
+        self._check_modes()
         program: _Program = self.plan.graph.program
         env: dict[int, Any] = {}
         self._run_schedule(self._schedule, inputs, env)
-        return program.resolve(program.output, self.model, inputs, env)
+        return program.output_of(self.model, inputs, env)
+
+    def _check_modes(self):
+        """fx bakes `self.training` into the traced steps, and the measured costs depend on it."""
+        traced = self.plan.graph.program.training
+        if tuple(m.training for m in self.model.modules()) == traced:
+            return
+        for (name, module), training in zip(self.model.named_modules(), traced):
+            if module.training != training:
+                mode = {True: "train", False: "eval"}
+                raise RuntimeError(
+                    f"checkpoint plan: module {name or type(self.model).__name__!r} is in "
+                    f"{mode[module.training]} mode, but the plan was traced with it in {mode[training]} "
+                    "mode; re-plan the model in the current mode, or run it under torch.no_grad()")
+        raise RuntimeError("checkpoint plan: the model's modules changed since the plan was traced; re-plan it")
+
+
+def _copy_into(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for t, value in zip(tensors, values):
+            t.copy_(value)
+
+
+def _drop_model_prefix(module, state_dict, prefix, local_metadata):
+    """state_dict post-hook of a PlannedModule: the wrapped model's entries, and its modules'
+    versions (state_dict._metadata, keyed by module path), under the model's own keys."""
+    inner = prefix + "model."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+    metadata = getattr(state_dict, "_metadata", {})
+    for path in [p for p in metadata if (p + ".").startswith(inner)]:  # "model" -> "", "model.0" -> "0"
+        metadata[(prefix + (path + ".")[len(inner):])[:-1]] = metadata.pop(path)
+
+
+def _add_model_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                      error_msgs):
+    """load_state_dict pre-hook of a PlannedModule: the model's own keys go to the wrapped model."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
+
+
+def _check_not_planned(model: nn.Module, caller: str) -> None:
+    if isinstance(model, PlannedModule):
+        raise TypeError(f"{caller}: the model is already a PlannedModule; pass its unplanned .model")
 
 
 def apply(model: nn.Module, plan: Plan) -> PlannedModule:
     """`model` wrapped to run `plan`: the same outputs and gradients, bit for bit (dropout
-    included), within the plan's budget. Inputs must have the shapes the plan was traced with."""
+    included), within the plan's budget. Inputs must have the shapes the plan was traced with.
+    Raises TypeError for a model that is already a PlannedModule (apply the plan to its .model)."""
     if not isinstance(plan, Plan):
         raise TypeError(f"apply: plan must be a memkernels.checkpoint.Plan, got {type(plan).__name__}")
+    _check_not_planned(model, "apply")
     if plan.graph.program is None:
         raise ValueError("apply: the plan's graph was built by hand, not traced from a model; "
                          "use memkernels.checkpoint.plan(model, ...)")
@@ -204,8 +286,8 @@ def apply(model: nn.Module, plan: Plan) -> PlannedModule:
 def measure_peak(model: nn.Module, example_inputs) -> int:
     """Measured peak bytes of one forward and backward (of the outputs' sum) of `model`, above what
     exists before: parameter gradients are allocated (zeros) first so that they are not counted,
-    and left as they were found."""
-    inputs = as_inputs(example_inputs)
+    and left as they were found; the inputs' gradients go to copies of them."""
+    inputs = _leaf_copy(as_inputs(example_inputs))
     params = [p for p in model.parameters() if p.requires_grad]
     previous = [p.grad for p in params]
     for p in params:

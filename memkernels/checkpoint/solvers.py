@@ -53,8 +53,10 @@ time once more.
 Methods (`solve`)
 -----------------
 - "none": nothing recomputed (one kept segment). "all": every node its own recomputed segment.
-- "sqrt": ceil(sqrt(n)) equal runs of the topological order, all recomputed but the last
-  (torch.utils.checkpoint.checkpoint_sequential's schedule). Budget-blind.
+- "sqrt": ceil(sqrt(n)) runs of the topological order, all recomputed but the last, each of
+  ceil(n / runs) nodes but the last, which holds the rest (torch.utils.checkpoint.
+  checkpoint_sequential with as many segments makes them floor(n / segments) nodes long and puts the
+  remainder in its last, kept segment). Budget-blind.
 - "chen-greedy": Chen et al. 2016 (arXiv 1604.06174), the budgeted greedy: walk the topological
   order, close a recomputed segment when its kept bytes pass a threshold b; b is searched over a
   grid and the cheapest schedule that fits wins.
@@ -84,6 +86,7 @@ DP_METHODS = ("dp", "dp-approx", "chain")
 BUDGET_BLIND = ("none", "all", "sqrt", "log")
 DEFAULT_BUCKETS = 200
 DEFAULT_MAX_LOWER_SETS = 50_000
+UNLIMITED = 2**62  # the budget of "no limit", and the most the C++ solvers take (int64, with headroom)
 
 Segments = list[tuple[tuple[int, ...], bool]]
 
@@ -352,7 +355,8 @@ def _chen_greedy(graph: Graph, arrays: dict, budget: int) -> tuple[Segments, int
 
 def _dp_native(method: str, arrays: dict, budget: int, buckets: int, max_lower_sets: int):
     from memkernels import _C  # the planner is compiled into the extension
-    result = _C.planner_solve(method, budget=budget, buckets=buckets, max_lower_sets=max_lower_sets, **arrays)
+    result = _C.planner_solve(method, budget=min(budget, UNLIMITED), buckets=buckets,
+                              max_lower_sets=max_lower_sets, **arrays)
     if result is None:
         return None
     extra, segments = result
@@ -375,7 +379,7 @@ def _schedule(graph: Graph, arrays: dict, budget: int, method: str, buckets: int
     elif method == "all":
         segments = [((v,), True) for v in range(n)]
     elif method == "log":
-        segments = _log_segments(0, n, nested) if n else []
+        segments = _log_segments(0, n, nested)
     else:  # sqrt
         segments = _sqrt_segments(graph)
     return (segments, nested) if evaluate(graph, segments, arrays, nested)[0] <= budget else None
@@ -384,15 +388,15 @@ def _schedule(graph: Graph, arrays: dict, budget: int, method: str, buckets: int
 def least_budget(graph: Graph, method: str = "dp-approx", *, buckets: int = DEFAULT_BUCKETS,
                  max_lower_sets: int = DEFAULT_MAX_LOWER_SETS) -> int:
     """The least budget (bytes, to 0.2%) under which `method` finds a schedule."""
-    _check_method(method)
+    _check_options(method, buckets, max_lower_sets)
     arrays = graph.arrays()
     if method in BUDGET_BLIND:
-        segments, nested = _schedule(graph, arrays, 2**62, method, buckets, max_lower_sets)
+        segments, nested = _schedule(graph, arrays, UNLIMITED, method, buckets, max_lower_sets)
         return evaluate(graph, segments, arrays, nested)[0]
     high = max(1, evaluate(graph, [(tuple(range(len(graph))), False)], arrays)[0])
     while _schedule(graph, arrays, high, method, buckets, max_lower_sets) is None:
         high *= 2
-    low = 0  # infeasible (or the empty graph)
+    low = 0  # infeasible (or every peak is 0)
     while high - low > max(1, high // 500):
         mid = (low + high) // 2
         if _schedule(graph, arrays, mid, method, buckets, max_lower_sets) is None:
@@ -402,24 +406,26 @@ def least_budget(graph: Graph, method: str = "dp-approx", *, buckets: int = DEFA
     return high
 
 
-def _check_method(method: str) -> None:
+def _check_options(method: str, buckets: int, max_lower_sets: int) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+    if not isinstance(buckets, int) or buckets < 1:
+        raise ValueError(f"buckets must be a positive int, got {buckets!r}")
+    if not isinstance(max_lower_sets, int) or max_lower_sets < 1:
+        raise ValueError(f"max_lower_sets must be a positive int, got {max_lower_sets!r}")
 
 
-def solve(graph: Graph, budget: int | str | None, method: str = "dp-approx", *,
+def solve(graph: Graph, budget: int | float | str | None, method: str = "dp-approx", *,
           buckets: int = DEFAULT_BUCKETS, max_lower_sets: int = DEFAULT_MAX_LOWER_SETS) -> Solution:
     """The schedule of `method` for `graph` under `budget` (bytes, a string such as "2GB", or None
     for no limit). Raises InfeasibleBudget (a ValueError naming the least feasible budget) when no
     schedule of the method fits."""
     from memkernels.checkpoint.budget import parse_budget
 
-    _check_method(method)
+    _check_options(method, buckets, max_lower_sets)
     if not isinstance(graph, Graph):
         raise TypeError(f"solve: graph must be a memkernels.checkpoint.Graph, got {type(graph).__name__}")
-    if not isinstance(buckets, int) or buckets < 1:
-        raise ValueError(f"solve: buckets must be a positive int, got {buckets!r}")
-    limit = 2**62 if budget is None else parse_budget(budget)
+    limit = UNLIMITED if budget is None else parse_budget(budget)
     arrays = graph.arrays()
     schedule = _schedule(graph, arrays, limit, method, buckets, max_lower_sets)
     if schedule is None:
