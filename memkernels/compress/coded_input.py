@@ -49,9 +49,9 @@ def check_save(save, eps: float, nonnegative, group_size: int) -> None:
         raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
 
 
-def _encode(x: torch.Tensor, save: str, eps: float, nonnegative, group_size: int, keep: bool):
+def _encode(x: torch.Tensor, save: str, eps: float, nonnegative, group_size: int, keep: bool, seed):
     """(what forward computes with, codes, stats, _CodeFormat) for x [rows, cols]; with keep False
-    (no weight gradient to come) only the first, the rest None."""
+    (no weight gradient to come) only the first, the rest None. seed: _draw_seed's."""
     if save == "asa":
         if nonnegative is None:  # one reduction; give nonnegative to skip it
             nonnegative = (x >= 0).all()
@@ -66,7 +66,7 @@ def _encode(x: torch.Tensor, save: str, eps: float, nonnegative, group_size: int
     if not keep:
         return x, None, None, None
     bits = _INT_BITS[save]
-    codes, stats = ops.quantize_groups(x, bits, group_size, draw_seed())
+    codes, stats = ops.quantize_groups(x, bits, group_size, seed)
     return x, codes, stats, _CodeFormat(x.shape[1], bits, group_size)
 
 
@@ -138,18 +138,15 @@ def _weight_grad_output(ctx, grad_weight: torch.Tensor, weight: torch.Tensor | N
     return grad_weight
 
 
-def draw_seed() -> torch.Tensor:
-    """The seed of an int mode's stochastic rounding, from torch's default CPU generator."""
-    return torch.randint(0, 2 ** 62, (), dtype=torch.int64)
-
-
-def _draw_as_with_grad(save, weight: torch.Tensor, keep: bool) -> None:
-    """Draws, in a call that keeps no code, the seed a call in grad mode would draw, whenever the
-    weight is trainable: a forward under no_grad and its replay with grad (reentrant checkpointing,
-    MEM-DFA's first pass) then leave the random stream alike, so dropout after the layer draws the
-    same mask in both. A frozen weight draws nothing either way."""
-    if save in _INT_BITS and weight.requires_grad and not keep:
-        draw_seed()
+def _draw_seed(save, weight: torch.Tensor):
+    """The seed of an int mode's stochastic rounding, from torch's default CPU generator, drawn
+    whenever the weight is trainable, under no_grad too (where no code is kept): a forward under
+    no_grad and its replay with grad (reentrant checkpointing, MEM-DFA's first pass) then leave the
+    random stream alike, so dropout after the layer draws the same mask in both. None for asa and
+    for a frozen weight, which draw nothing."""
+    if save in _INT_BITS and weight.requires_grad:
+        return torch.randint(0, 2 ** 62, (), dtype=torch.int64)
+    return None
 
 
 def _keeps_codes(weight: torch.Tensor) -> bool:
@@ -160,10 +157,10 @@ def _keeps_codes(weight: torch.Tensor) -> bool:
 
 class _CodedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, input_anchor, save, eps, nonnegative, group_size, keep):
+    def forward(ctx, input, weight, bias, input_anchor, save, eps, nonnegative, group_size, keep, seed):
         ctx.input_anchor = input_anchor  # not saved_tensors: no bytes kept for the first backward
         x = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
-        x_forward, codes, stats, ctx.code_format = _encode(x, save, eps, nonnegative, group_size, keep)
+        x_forward, codes, stats, ctx.code_format = _encode(x, save, eps, nonnegative, group_size, keep, seed)
         y = F.linear(x_forward, weight, bias)
         # The weight serves only the input gradient: under autocast it is a copy, kept (as by
         # torch's linear) only when that gradient can come.
@@ -183,7 +180,7 @@ class _CodedLinear(torch.autograd.Function):
                 ctx, ctx.code_format.weight_grad(g, codes, stats).to(ctx.weight_dtype), weight, grad_y)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0).to(ctx.weight_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _as_nchw(x: torch.Tensor, from_nhwc: bool) -> torch.Tensor:
@@ -194,14 +191,14 @@ def _as_nchw(x: torch.Tensor, from_nhwc: bool) -> torch.Tensor:
 class _CodedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, input_anchor, stride, padding, dilation, groups, save, eps,
-                nonnegative, group_size, keep):
+                nonnegative, group_size, keep, seed):
         ctx.input_anchor = input_anchor
         # Rows of the code in the input's memory order: a channels_last input is coded as
         # [N, H * W * C] and the convolution sees (and returns) channels_last, as torch's does.
         to_nhwc = not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
         x = input.permute(0, 2, 3, 1) if to_nhwc else input.contiguous()
         x_forward, codes, stats, ctx.code_format = _encode(x.reshape(x.shape[0], math.prod(x.shape[1:])), save,
-                                                           eps, nonnegative, group_size, keep)
+                                                           eps, nonnegative, group_size, keep, seed)
         y = F.conv2d(_as_nchw(x_forward.view(x.shape), to_nhwc), weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(weight, codes, stats)
         ctx.conv = (x.shape, to_nhwc, bias is not None, stride, padding, dilation, groups)
@@ -225,7 +222,7 @@ class _CodedConv2d(torch.autograd.Function):
             padding, dilation, False, [0, 0], groups, [needs[0], needs[1], has_bias and needs[2]])
         if needs[1]:
             grad_weight = _weight_grad_output(ctx, grad_weight, weight, grad_y)
-        return (grad_input, grad_weight, grad_bias) + (None,) * 10
+        return (grad_input, grad_weight, grad_bias) + (None,) * 11
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, save: str | None = None,
@@ -246,9 +243,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         raise ValueError(f"input must be (..., {weight.shape[-1]}) for weight {tuple(weight.shape)}, "
                          f"got {tuple(input.shape)}")
     keep = _keeps_codes(weight)
-    _draw_as_with_grad(save, weight, keep)
     return _CodedLinear.apply(input, weight, bias, _input_anchor(input, keep), save, eps, nonnegative, group_size,
-                              keep)
+                              keep, _draw_seed(save, weight))
 
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
@@ -269,7 +265,6 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     pair = torch.nn.modules.utils._pair
     batched = input if input.dim() == 4 else input.unsqueeze(0)
     keep = _keeps_codes(weight)
-    _draw_as_with_grad(save, weight, keep)
     y = _CodedConv2d.apply(batched, weight, bias, _input_anchor(batched, keep), pair(stride), pair(padding),
-                           pair(dilation), groups, save, eps, nonnegative, group_size, keep)
+                           pair(dilation), groups, save, eps, nonnegative, group_size, keep, _draw_seed(save, weight))
     return y if input.dim() == 4 else y.squeeze(0)
