@@ -181,6 +181,38 @@ def test_bad_inputs():
         evaluate(graph, [((1,), True), ((0, 2), False)])
 
 
+@pytest.mark.parametrize("method", ck.METHODS)
+def test_byte_counts_past_what_the_solvers_take_are_refused(method):
+    # Beyond 2**62 in all, int64 sums in the C++ solvers would overflow (a crash, or a schedule over
+    # budget), and no budget could hold the graph (least_budget would search forever).
+    for graph in (ck.Graph.chain([1.0], [2**62 + 1], [0]),
+                  ck.Graph.chain([1.0] * 3, [0] * 3, [2**62] * 3, forward_peak=[0] * 3),
+                  ck.Graph([ck.Node("a", 1.0, 0, kept_bytes=1, forward_peak=0),
+                            ck.Node("b", 1.0, 0, kept_bytes=2**63 - 1, forward_peak=0, is_output=True)], [(0, 1)])):
+        with pytest.raises(ValueError, match="more than the solvers take"):
+            ck.solve(graph, None if method in ("none", "all") else 1000, method)
+
+
+def test_native_solvers_check_what_they_are_given():
+    # The binding's own checks, for a caller that skips memkernels.checkpoint.Graph.
+    from memkernels import _C
+
+    def solve(method="chain", internal=(0, 0), checkpoint_bytes=0, budget=100):
+        return _C.planner_solve(method, [1.0, 1.0], list(internal), [0, 0], [0, 0], [0, 0], [1, 1], [0, 1],
+                                [[], [0]], [[1], []], [[], []], [[], [0]], checkpoint_bytes, budget, 10, 100)
+    for method in ("chain", "dp-approx", "dp"):
+        for budget in (-1, 2**63 - 1):
+            with pytest.raises(ValueError, match="budget must be in \\[0, 2\\*\\*62\\]"):
+                solve(method, budget=budget)
+        with pytest.raises(ValueError, match="internal must be >= 0"):
+            solve(method, internal=(-2**62, -2**62))
+        with pytest.raises(ValueError, match="checkpoint_bytes must be >= 0"):
+            solve(method, checkpoint_bytes=-2**62)
+        with pytest.raises(ValueError, match="add up to more than 2\\*\\*62"):
+            solve(method, internal=(2**62, 2**62))
+    assert solve() is not None
+
+
 def test_native_dp_refuses_huge_lower_set_counts():
     graph = ck.Graph([ck.Node(str(v), 1.0, 8, is_output=True) for v in range(24)], [])
     with pytest.raises(ValueError, match="lower sets"):

@@ -479,11 +479,34 @@ void Problem::validate() const {
         throw std::invalid_argument("planner: saves[" + std::to_string(v) + "] holds " + std::to_string(o) +
                                     "; a node saves its own or earlier nodes' storages");
   }
+  // Any schedule's peak is below every storage and internal buffer, a checkpoint's bytes per node
+  // and the largest single-node peaks and pending gradients: kept within kMaxBytes, no int64 sum
+  // the solvers form (with a budget of at most kMaxBytes) overflows.
+  const std::pair<const char*, const std::vector<int64_t>*> byte_arrays[] = {
+      {"internal", &internal}, {"storage_bytes", &storage_bytes}, {"forward_peak", &forward_peak},
+      {"backward_peak", &backward_peak}, {"pending_grads", &pending_grads}};
+  for (const auto& [name, bytes] : byte_arrays)
+    for (int64_t b : *bytes)
+      if (b < 0) throw std::invalid_argument(std::string("planner: ") + name + " must be >= 0, got " + std::to_string(b));
+  if (checkpoint_bytes < 0)
+    throw std::invalid_argument("planner: checkpoint_bytes must be >= 0, got " + std::to_string(checkpoint_bytes));
+  int64_t bound = 0;
+  const auto add = [&](int64_t bytes) {
+    if (bytes > kMaxBytes - bound) throw std::invalid_argument("planner: the byte counts add up to more than 2**62");
+    bound += bytes;
+  };
+  for (const auto* bytes : {&internal, &storage_bytes})
+    for (int64_t b : *bytes) add(b);
+  for (const auto* peaks : {&forward_peak, &backward_peak, &pending_grads})
+    if (n > 0) add(*std::max_element(peaks->begin(), peaks->end()));
+  for (size_t v = 0; v < n; ++v) add(checkpoint_bytes);
 }
 
 std::optional<Solution> solve(const std::string& method, const Problem& problem, int64_t budget,
                               int buckets, int64_t max_lower_sets) {
   problem.validate();
+  if (budget < 0 || budget > kMaxBytes)
+    throw std::invalid_argument("planner: budget must be in [0, 2**62] bytes, got " + std::to_string(budget));
   if (buckets < 1) throw std::invalid_argument("planner: buckets must be >= 1, got " + std::to_string(buckets));
   if (problem.size() == 0) return Solution{0.0, {}};
   Planner planner(problem);

@@ -15,6 +15,10 @@
 
 namespace memkernels::planner {
 
+// The most a budget, and the sum of a problem's bytes that bounds every peak, may be
+// (memkernels.checkpoint.graph.MAX_BYTES): int64 sums of the two cannot overflow.
+constexpr int64_t kMaxBytes = int64_t{1} << 62;
+
 // Per-node costs of a graph whose nodes are numbered in a topological order.
 struct Problem {
   std::vector<double> time;             // forward time of node v
@@ -31,7 +35,7 @@ struct Problem {
   int64_t checkpoint_bytes = 0;         // what each checkpoint keeps of its own (the RNG state)
 
   int size() const { return static_cast<int>(time.size()); }
-  void validate() const;
+  void validate() const;  // throws std::invalid_argument naming what is wrong
 };
 
 // One segment of a schedule: its nodes (ascending) and whether it is recomputed in backward.

@@ -46,6 +46,11 @@ from torch.utils._pytree import tree_flatten, tree_map
 from memkernels.profile import peak_memory
 
 
+# The most bytes a graph may add up to (peak_bound): every peak the solvers form stays below it,
+# and the C++ solvers' int64 sums of them with a budget (at most this too) cannot overflow.
+MAX_BYTES = 2**62
+
+
 @dataclass(frozen=True)
 class Node:
     """One node's costs (see the module docstring). Defaults for hand-built graphs: the forward
@@ -162,6 +167,14 @@ class Graph:
         grads = [node.grad_bytes for node in self.nodes]
         last_reader = [max(self.succs[u], default=-1) if not self.nodes[u].is_output else n for u in range(n)]
         pending = [grads[v] + sum(grads[u] for u in range(v) if last_reader[u] > v) for v in range(n)]
+        # What any schedule's peak stays below: every storage and internal buffer kept, a
+        # checkpoint's own bytes per node, and the largest of one node's peaks and pending gradients.
+        peak_bound = (sum(storage) + sum(node.kept_bytes for node in self.nodes) + n * self.checkpoint_bytes
+                      + max(node.forward_peak for node in self.nodes) + max(node.backward_peak for node in self.nodes)
+                      + max(pending))
+        if peak_bound > MAX_BYTES:
+            raise ValueError(f"Graph: its byte counts add up to {peak_bound}, more than the solvers take "
+                             f"(2**62 = {MAX_BYTES})")
         return dict(time=[node.time for node in self.nodes],
                     internal=[node.kept_bytes for node in self.nodes],
                     forward_peak=[node.forward_peak for node in self.nodes],

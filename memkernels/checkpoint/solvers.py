@@ -79,14 +79,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from memkernels.checkpoint.graph import Graph
+from memkernels.checkpoint.graph import MAX_BYTES, Graph
 
 METHODS = ("none", "all", "sqrt", "chen-greedy", "log", "dp", "dp-approx", "chain")
 DP_METHODS = ("dp", "dp-approx", "chain")
 BUDGET_BLIND = ("none", "all", "sqrt", "log")
 DEFAULT_BUCKETS = 200
 DEFAULT_MAX_LOWER_SETS = 50_000
-UNLIMITED = 2**62  # the budget of "no limit", and the most the C++ solvers take (int64, with headroom)
+UNLIMITED = MAX_BYTES  # the budget of "no limit", and the most the C++ solvers take
 
 Segments = list[tuple[tuple[int, ...], bool]]
 
