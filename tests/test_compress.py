@@ -146,11 +146,13 @@ def test_weight_grad_nan_stays_in_its_group():
     assert gw[:, 16:].isnan().all() and not gw[:, :16].isnan().any()
 
 
-def test_op_errors():
-    x = torch.randn(4, 16)
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: the fake kernels check as the real ones
+def test_op_errors(device):
+    x = torch.randn(4, 16, device=device)
     seed = torch.tensor(0)
-    with pytest.raises(RuntimeError, match="bits must be one of 1, 2, 4, 8"):
-        ops.quantize_groups(x, 3, 8, seed)
+    for bits in (3, -1, 2 ** 60):  # checked before the outputs are sized by it
+        with pytest.raises(RuntimeError, match="bits must be one of 1, 2, 4, 8"):
+            ops.quantize_groups(x, bits, 8, seed)
     with pytest.raises(RuntimeError, match="group_size must be a positive multiple of 8"):
         ops.quantize_groups(x, 2, 12, seed)
     with pytest.raises(RuntimeError, match="x must be float32"):
@@ -167,9 +169,16 @@ def test_op_errors():
     with pytest.raises(RuntimeError, match="stats must be bfloat16"):
         ops.dequantize_groups(codes, stats.float(), 16, 2, 8, 0.0, 0.0, torch.float32)
     with pytest.raises(RuntimeError, match="codes must have a row for each of the 3 rows"):
-        ops.weight_grad_from_codes(torch.randn(3, 2), codes, stats, 16, 2, 8, 0.0, 0.0)
+        ops.weight_grad_from_codes(torch.randn(3, 2, device=device), codes, stats, 16, 2, 8, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="bits must be one of 1, 2, 4, 8"):  # no rows to hide it
+        ops.weight_grad_from_codes(torch.randn(0, 2, device=device), codes[:0], None, 16, 5, 8, 0.0, 0.0)
     with pytest.raises(RuntimeError, match="x must be float32"):
         ops.auxiliary_sign_forward(x.to(torch.int64), 0.01, False)
+    if device == "cpu":  # a meta argument beside CPU ones: the fake's device checks
+        with pytest.raises(RuntimeError, match="stats must be on the device of codes"):
+            ops.dequantize_groups(codes, stats.to("meta"), 16, 2, 8, 0.0, 0.0, torch.float32)
+        with pytest.raises(RuntimeError, match="codes must be on the device of grad_out"):
+            ops.weight_grad_from_codes(torch.randn(4, 2), codes.to("meta"), None, 16, 2, 8, 0.0, 0.0)
 
 
 # ---- layers ----

@@ -154,12 +154,18 @@ def test_statistics_of_b():
     ((torch.ones(2, 3), 0, 0, 4, 1.0, torch.ones(2, 5)), "derivative"),
     ((torch.ones(2, 3), 0, 0, 4, 1.0, torch.ones(2, 4, dtype=torch.float64)), "derivative"),
     ((torch.ones(2, 3, dtype=torch.int32), 0, 0, 4, 1.0, None), "e must be"),
+    ((torch.ones(2, 3), 0, 0, 4, 3.5e38, None), "scale must be a finite float32"),  # float(scale) is inf
 ])
 def test_bad_arguments_are_named(args, message):
     with pytest.raises(RuntimeError, match=message):
         ops.feedback_project(*args)
     with pytest.raises((ValueError, TypeError), match=message):
         tk.feedback_project(*args)
+
+
+def test_fake_kernel_checks_a_meta_derivative_beside_cpu_e():
+    with pytest.raises(RuntimeError, match="derivative must be on cpu"):
+        ops.feedback_project(torch.ones(2, 3), 0, 0, 4, 1.0, torch.ones(2, 4, device="meta"))
 
 
 def test_triton_kernel_takes_cuda_tensors_only():

@@ -32,10 +32,14 @@ int64_t row_grain(int64_t cols) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1));
 }
 
+void check_code_bits(int64_t bits) {
+  TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, "bits must be one of 1, 2, 4, 8, got ", bits);
+}
+
 // Calls f(std::integral_constant<int64_t, bits>{}) for bits in (1, 2, 4, 8): the group codes.
 template <typename F>
 void dispatch_code_bits(int64_t bits, const F& f) {
-  TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, "bits must be one of 1, 2, 4, 8, got ", bits);
+  check_code_bits(bits);
   dispatch_bits(bits, f);
 }
 
@@ -50,7 +54,7 @@ void check_group_size(int64_t group_size) {
 }
 
 int64_t num_groups(int64_t cols, int64_t group_size) {
-  return (cols + group_size - 1) / group_size;
+  return cols == 0 ? 0 : (cols - 1) / group_size + 1;  // not cols + group_size - 1: it may overflow
 }
 
 // codes [rows, packed_nbytes(cols, bits)] uint8 and, when given, stats [rows, groups, 2] bfloat16,
@@ -59,6 +63,7 @@ std::pair<at::Tensor, at::Tensor> check_codes_and_stats(const at::Tensor& codes,
                                                         const std::optional<at::Tensor>& stats, int64_t cols,
                                                         int64_t bits, int64_t group_size) {
   TORCH_CHECK(cols >= 0, "cols must be >= 0, got ", cols);
+  check_code_bits(bits);
   check_group_size(group_size);
   TORCH_CHECK(codes.scalar_type() == at::kByte, "codes must be uint8, got ", codes.scalar_type());
   TORCH_CHECK(codes.dim() == 2 && codes.size(1) == packed_nbytes(cols, bits), "codes must be [rows, ",
@@ -266,6 +271,7 @@ void quantize_row(const T* x, int64_t row, int64_t cols, int64_t group_size, uin
 std::tuple<at::Tensor, at::Tensor> quantize_groups(const at::Tensor& x_in, int64_t bits, int64_t group_size,
                                                    const at::Tensor& seed) {
   check_rows(x_in, "x");
+  check_code_bits(bits);  // before the outputs are sized by it
   check_group_size(group_size);
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1 && seed.device().is_cpu(),
               "seed must be an int64 scalar tensor on the CPU, got ", seed.scalar_type(), " of shape ",

@@ -99,7 +99,7 @@ at::Tensor feedback_project(const at::Tensor& e, int64_t seed, int64_t layer, in
   TORCH_CHECK(seed >= 0 && seed < (int64_t{1} << 32), "seed must be in [0, 2**32), got ", seed);
   TORCH_CHECK(layer >= 0 && layer < (int64_t{1} << 31), "layer must be in [0, 2**31), got ", layer);
   TORCH_CHECK(out_features >= 0, "out_features must be >= 0, got ", out_features);
-  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK(std::isfinite(static_cast<float>(scale)), "scale must be a finite float32, got ", scale);
   const int64_t n = e.size(0), k = e.size(1);
   at::Tensor derivative;
   if (derivative_in.has_value()) {

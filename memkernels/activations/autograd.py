@@ -60,7 +60,7 @@ def _activation_table(act: int, bits: int, p0: float, p1: float,
 @_activation_table.register_fake
 def _(act, bits, p0, p1, device):
     torch._check(bits in (1, 2, 3, 4, 8), lambda: f"bits must be one of 1, 2, 3, 4, 8, got {bits}")
-    n = 2 ** bits
+    n = 2 if act in TWO_VALUED else 2 ** bits  # their table is the exact 1-bit one whatever bits is
     return (torch.empty(n - 1, device=device), torch.empty(n, device=device),
             torch.empty(n, device=device))
 

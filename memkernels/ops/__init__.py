@@ -246,27 +246,81 @@ if _C is not None:
     def _packed_rows(t, rows, cols, bits):
         return t.new_empty((rows, packed_nbytes(cols, bits)), dtype=torch.uint8)
 
+    # The group codes' checks (csrc/cpu/compress.cpp).
+    def _check_rows(t, name):
+        _check_floating(t, name)
+        torch._check(t.dim() == 2, lambda: f"{name} must be 2-D [rows, cols], got shape {tuple(t.shape)}")
+
+    def _check_code_format(bits, group_size):
+        torch._check(bits in (1, 2, 4, 8), lambda: f"bits must be one of 1, 2, 4, 8, got {bits}")
+        torch._check(group_size > 0 and group_size % 8 == 0,
+                     lambda: f"group_size must be a positive multiple of 8, got {group_size}")
+
+    def _num_groups(cols, group_size):
+        return 0 if cols == 0 else (cols - 1) // group_size + 1
+
+    def _check_codes(codes, stats, cols, bits, group_size):
+        torch._check(cols >= 0, lambda: f"cols must be >= 0, got {cols}")
+        _check_code_format(bits, group_size)
+        row_bytes = packed_nbytes(cols, bits)
+        torch._check(codes.dtype == torch.uint8, lambda: f"codes must be uint8, got {codes.dtype}")
+        torch._check(codes.dim() == 2 and codes.shape[1] == row_bytes,
+                     lambda: f"codes must be [rows, {row_bytes}] (ceil(cols / 8) * bits bytes a row for cols = "
+                             f"{cols}, bits = {bits}), got shape {tuple(codes.shape)}")
+        if stats is not None:
+            groups = _num_groups(cols, group_size)
+            torch._check(stats.dtype == torch.bfloat16, lambda: f"stats must be bfloat16, got {stats.dtype}")
+            torch._check(stats.device == codes.device,
+                         lambda: f"stats must be on the device of codes ({codes.device}), got {stats.device}")
+            torch._check(tuple(stats.shape) == (codes.shape[0], groups, 2),
+                         lambda: f"stats must be [rows, ceil(cols / group_size), 2] = [{codes.shape[0]}, "
+                                 f"{groups}, 2], got {tuple(stats.shape)}")
+
     @torch.library.register_fake("memkernels::auxiliary_sign_forward")
     def _(x, eps, nonnegative):
+        _check_rows(x, "x")
         return _dense_like(x), _packed_rows(x, x.shape[0], x.shape[1], 1)
 
     @torch.library.register_fake("memkernels::quantize_groups")
     def _(x, bits, group_size, seed):
+        _check_rows(x, "x")
+        _check_code_format(bits, group_size)
+        torch._check(seed.dtype == torch.int64 and seed.numel() == 1 and seed.device.type == "cpu",
+                     lambda: f"seed must be an int64 scalar tensor on the CPU, got {seed.dtype} of shape "
+                             f"{tuple(seed.shape)} on {seed.device}")
         rows, cols = x.shape
-        groups = (cols + group_size - 1) // group_size
-        return _packed_rows(x, rows, cols, bits), x.new_empty((rows, groups, 2), dtype=torch.bfloat16)
+        return (_packed_rows(x, rows, cols, bits),
+                x.new_empty((rows, _num_groups(cols, group_size), 2), dtype=torch.bfloat16))
 
     @torch.library.register_fake("memkernels::dequantize_groups")
     def _(codes, stats, cols, bits, group_size, lo, step, dtype):
+        _check_codes(codes, stats, cols, bits, group_size)
         return codes.new_empty((codes.shape[0], cols), dtype=dtype)
 
     @torch.library.register_fake("memkernels::weight_grad_from_codes")
     def _(grad_out, codes, stats, cols, bits, group_size, lo, step):
+        _check_rows(grad_out, "grad_out")
+        _check_codes(codes, stats, cols, bits, group_size)
+        torch._check(codes.device == grad_out.device,
+                     lambda: f"codes must be on the device of grad_out ({grad_out.device}), got {codes.device}")
+        torch._check(codes.shape[0] == grad_out.shape[0],
+                     lambda: f"codes must have a row for each of the {grad_out.shape[0]} rows of grad_out, "
+                             f"got {codes.shape[0]}")
         return grad_out.new_empty((grad_out.shape[1], cols))
 
     @torch.library.register_fake("memkernels::feedback_project")
     def _(e, seed, layer, out_features, scale, derivative):
         torch._check(e.dim() == 2, lambda: f"e must be 2-D (batch, K), got shape {tuple(e.shape)}")
+        _check_floating(e, "e")
+        torch._check(out_features >= 0, lambda: f"out_features must be >= 0, got {out_features}")
+        if derivative is not None:
+            torch._check(derivative.device == e.device,
+                         lambda: f"derivative must be on {e.device}, got {derivative.device}")
+            torch._check(derivative.dtype == e.dtype,
+                         lambda: f"derivative must have e's dtype ({e.dtype}), got {derivative.dtype}")
+            torch._check(tuple(derivative.shape) == (e.shape[0], out_features),
+                         lambda: f"derivative must have shape ({e.shape[0]}, {out_features}), got "
+                                 f"{tuple(derivative.shape)}")
         return e.new_empty((e.shape[0], out_features))
 
     from memkernels.ops import _cuda  # noqa: E402,F401  (registers the CUDA kernels)

@@ -12,6 +12,8 @@ kernels produce bit for bit; TF32 would round them to 10 bits.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -80,6 +82,8 @@ def feedback_project(e: torch.Tensor, seed: int, layer: int, out_features: int, 
     check_feedback_key(seed, layer)
     if out_features < 0:
         raise ValueError(f"out_features must be >= 0, got {out_features}")
+    if not math.isfinite(scale) or abs(scale) > torch.finfo(torch.float32).max:
+        raise ValueError(f"scale must be a finite float32, got {scale}")
     n, k = e.shape
     if derivative is not None:
         if derivative.shape != (n, out_features) or derivative.dtype != e.dtype or derivative.device != e.device:
