@@ -38,6 +38,8 @@ def op_samples(device):
         ("gated_backward", (g, gcode, g, int(A.SILU), 3, levels, values)),
         ("pack_bits", (torch.randint(0, 8, (37,), dtype=torch.uint8, device=device), 3)),
         ("unpack_bits", (code, 3, x.numel())),
+        ("activation_table", (int(A.GELU), 3, 0.0, 0.0, x.device)),
+        ("activation_table", (int(A.RELU), 4, 0.0, 0.0, x.device)),  # two-valued: the 1-bit table
     ] + compress_samples(x, g)
 
 
