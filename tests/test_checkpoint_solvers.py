@@ -217,3 +217,8 @@ def test_native_dp_refuses_huge_lower_set_counts():
     graph = ck.Graph([ck.Node(str(v), 1.0, 8, is_output=True) for v in range(24)], [])
     with pytest.raises(ValueError, match="lower sets"):
         ck.solve(graph, 10**9, "dp", max_lower_sets=1000)
+    # Counted while the next level is found: 2,000 unordered nodes have ~2 million lower sets of
+    # two nodes, which used to fill gigabytes before the count was checked.
+    graph = ck.Graph([ck.Node(str(v), 1.0, 8, is_output=True) for v in range(2000)], [])
+    with pytest.raises(ValueError, match="more than 50000 lower sets"):
+        ck.solve(graph, 10**9, "dp")

@@ -378,15 +378,20 @@ class Planner {
   std::vector<Bits> lower_sets(int64_t max_lower_sets) const {
     std::set<std::vector<int>> level{{}};
     std::vector<Bits> all;
+    // The sets of the next level are lower sets too: counted as they are found, so that a graph
+    // with too many throws before they fill memory.
+    const auto check_count = [&](size_t found) {
+      if (static_cast<int64_t>(found) > max_lower_sets)
+        throw std::invalid_argument("method \"dp\": the graph has more than " + std::to_string(max_lower_sets) +
+                                    " lower sets; use \"dp-approx\" or \"chain\"");
+    };
     for (int size = 0; size <= n_; ++size) {
       std::set<std::vector<int>> next;
       for (const auto& nodes : level) {
         Bits set = empty();
         for (int v : nodes) insert(set, v);
         all.push_back(set);
-        if (static_cast<int64_t>(all.size()) > max_lower_sets)
-          throw std::invalid_argument("method \"dp\": the graph has more than " + std::to_string(max_lower_sets) +
-                                      " lower sets; use \"dp-approx\" or \"chain\"");
+        check_count(all.size() + next.size());
         for (int v = 0; v < n_; ++v) {
           if (test(set, v)) continue;
           bool ready = true;
@@ -395,6 +400,7 @@ class Planner {
           std::vector<int> grown = nodes;
           grown.insert(std::upper_bound(grown.begin(), grown.end(), v), v);
           next.insert(std::move(grown));
+          check_count(all.size() + next.size());
         }
       }
       level = std::move(next);
