@@ -18,6 +18,7 @@ grad) compute y alone and keep nothing.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -39,7 +40,7 @@ def device_table(act: int, bits: int, p0: float, p1: float, device: torch.device
 
 
 def _cached_table(act: int, bits: int, p0: float, p1: float, device: torch.device):
-    key = (int(act), bits, float(p0), float(p1), torch.device(device))
+    key = (int(act), bits, _one_nan(p0), _one_nan(p1), torch.device(device))
     entry = _device_tables.get(key)
     if entry is None:
         from memkernels.activations.tables import get_table
@@ -47,6 +48,13 @@ def _cached_table(act: int, bits: int, p0: float, p1: float, device: torch.devic
         entry = tuple(v.to(device) for v in (t.borders, t.levels, t.value_levels))
         _device_tables[key] = entry
     return entry
+
+
+def _one_nan(p) -> float:
+    """p as a float, every NaN as the one object math.nan: NaN != NaN, and a dict matches a key's
+    own object first, so a NaN parameter finds its table instead of adding one each call."""
+    p = float(p)
+    return p if p == p else math.nan
 
 
 @torch.library.custom_op("memkernels::activation_table", mutates_args=())
