@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import memkernels as mk
 from memkernels import reference
 from memkernels.activations import tables
 from memkernels.activations.spec import TWO_VALUED, VALID_BITS, Activation, default_params
@@ -340,6 +341,13 @@ def test_fit_table_step_derivative(bits, jump):
 def test_fit_table_rejects_bad_input():
     with pytest.raises(ValueError, match="derivative is not finite"):
         tables.fit_table(lambda x: 1.0 / (x - x), None, 2)
+    with pytest.raises(ValueError, match="derivative is not finite in float32"):  # its squares overflow
+        tables.fit_table(lambda x: 1e300 * torch.exp(x), None, 2)
+    # An activation's parameters that make f' so are named.
+    with pytest.raises(ValueError, match="ELU \\(alpha=1e\\+300\\), bits=3"):
+        mk.nn.ELU(alpha=1e300, bits=3)(torch.randn(4, requires_grad=True))
+    with pytest.raises(ValueError, match="SOFTPLUS \\(beta=nan, threshold=20.0\\)"):
+        mk.functional.softplus(torch.randn(4, requires_grad=True), beta=float("nan"), bits=3)
     for bits in (0, 9, 2.0):
         with pytest.raises(ValueError, match="bits"):
             tables.fit_table(lambda x: x, None, bits)

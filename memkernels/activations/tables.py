@@ -94,10 +94,13 @@ def _quadrature(nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _evaluate(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, name: str) -> torch.Tensor:
     """fn(x) as float64 of x's shape; a scalar result is broadcast (a constant f')."""
     y = torch.as_tensor(fn(x)).to(torch.float64).expand_as(x)
-    bad = ~torch.isfinite(y)
+    # Levels are float32, and the fit sums squares in float64: past float32's range it would
+    # overflow to inf and NaN.
+    bad = ~(y.abs() <= torch.finfo(torch.float32).max)
     if bad.any():
-        raise ValueError(f"{name} is not finite at x = {x[bad][0].item():.6g} (and {int(bad.sum()) - 1} "
-                         f"other grid points); tables need a finite f' and f on [-{GRID_LIMIT}, {GRID_LIMIT}]")
+        raise ValueError(f"{name} is not finite in float32 at x = {x[bad][0].item():.6g} (and "
+                         f"{int(bad.sum()) - 1} other grid points); tables need f' and f finite in float32 "
+                         f"on [-{GRID_LIMIT}, {GRID_LIMIT}]")
     return y
 
 
@@ -315,8 +318,12 @@ def fit_activation_table(act: Activation | int, bits: int, p0: float | None = No
     """fit_table for a built-in activation (reference.py's f and f', float64), no shipped tables."""
     act = Activation(act)
     p0, p1 = _used_params(act, p0, p1)
-    return fit_table(lambda x: reference.activation_derivative(x, act, p0, p1),
-                     lambda x: reference.activation_value(x, act, p0, p1), bits)
+    try:
+        return fit_table(lambda x: reference.activation_derivative(x, act, p0, p1),
+                         lambda x: reference.activation_value(x, act, p0, p1), bits)
+    except ValueError as error:
+        given = ", ".join(f"{name}={value}" for (name, _), value in zip(PARAMS.get(act, ()), (p0, p1)))
+        raise ValueError(f"{act.name} ({given}), bits={bits}: {error}") from error
 
 
 # The exact 1-bit table of a two-valued f': its border, and an x of code 0 and one of code 1.
