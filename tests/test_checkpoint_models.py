@@ -388,6 +388,94 @@ def test_plan_reports_and_errors():
         ck.plan(applied, x, None, graph=graph)
 
 
+class MaskedBlock(nn.Module):
+    """A forward with defaulted arguments that steer its control flow, as transformer blocks have."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x, mask=None, scale=2.0, *, residual=True):
+        y = self.fc2(F.dropout(F.gelu(self.fc1(x)), 0.25, self.training)) * scale
+        if mask is not None:
+            y = y.masked_fill(mask, 0.0)
+        return x + y if residual else y
+
+
+def test_defaulted_forward_arguments_are_traced_at_their_defaults():
+    model, x = MaskedBlock().train(), torch.randn(8, 16)
+    plan = ck.plan(model, x, None, "sqrt")
+    assert plan.recomputed and not any("assert" in node.name or "eq" in node.name for node in plan.graph.nodes)
+    assert_plan_trains_identically(model, plan, x)
+    applied = ck.apply(model, plan)
+    for call in (lambda: applied(x, None, 2.0), lambda: applied(x, scale=2.0, residual=True),
+                 lambda: applied(x=x, mask=None)):
+        torch.manual_seed(3)
+        out = call()
+        torch.manual_seed(3)
+        assert torch.equal(out, model(x))
+    with pytest.raises(ValueError, match=r"traced with scale=2.0, got scale=3.0; re-plan"):
+        applied(x, scale=3.0)
+    with pytest.raises(ValueError, match=r"traced with mask=None, got mask=a Tensor of shape \(8, 16\)"):
+        applied(x, torch.zeros(8, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="traced with residual=True, got residual=1"):
+        applied(x, residual=1)  # == True, but another type: the trace may have taken another branch
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bias'"):
+        applied(x, bias=None)
+    with torch.no_grad():  # the model itself runs, with what it is given
+        torch.manual_seed(3)
+        out = applied(x, scale=3.0, residual=False)
+        torch.manual_seed(3)
+        assert torch.equal(out, model(x, scale=3.0, residual=False))
+
+
+def test_an_argument_given_in_example_inputs_is_an_input():
+    model, x = MaskedBlock().eval(), torch.randn(8, 16)
+    mask = torch.rand(8, 16) < 0.5
+    applied = ck.apply(model, ck.plan(model, (x, mask), None, "all"))
+    assert any("masked_fill" in node.name for node in applied.plan.graph.nodes)
+    other = torch.rand(8, 16) < 0.5
+    assert torch.equal(applied(x, other), model(x, other))
+    assert torch.equal(applied(x, mask=other), model(x, other))
+    with pytest.raises(TypeError, match=r"planned with \['mask'\] among its inputs"):
+        applied(x)
+
+
+class NoDefault(nn.Module):
+    def forward(self, x, y):
+        return x * y
+
+
+class TensorDefault(nn.Module):
+    def forward(self, x, weight=torch.ones(3)):
+        return x * weight
+
+
+def test_arguments_that_cannot_be_specialized_are_named():
+    x = torch.randn(3)
+    with pytest.raises(ValueError, match="'y' has no default; pass it in example_inputs"):
+        ck.trace(NoDefault(), x)
+    with pytest.raises(ValueError, match="'weight' defaults to a Tensor"):
+        ck.trace(TensorDefault(), x)
+    applied = ck.apply(NoDefault(), ck.plan(NoDefault(), (x, x), None, "all", verify=False))
+    with pytest.raises(TypeError, match="missing a required argument: 'y'"):
+        applied(x)
+
+
+def test_hooks_on_the_planned_model_itself_are_refused():
+    model, x = mlp(), torch.randn(16, 256)
+    applied = ck.apply(model, ck.plan(model, x, None, "sqrt", verify=False))
+    calls = []
+    handle = model.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    with pytest.raises(RuntimeError, match="hooks of its own"):
+        applied(x)
+    handle.remove()
+    applied.register_forward_hook(lambda module, inputs, output: calls.append(2))
+    model[0].register_forward_hook(lambda module, inputs, output: calls.append(3))
+    applied(x)
+    assert calls == [3, 2]
+
+
 def long_chain(depth: int = 24, width: int = 128) -> nn.Module:
     layers = []
     for _ in range(depth):

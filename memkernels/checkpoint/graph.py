@@ -20,7 +20,8 @@ higher number). Each node carries the costs of the model in memkernels/checkpoin
 `trace` builds one from a model: an ``nn.Sequential`` becomes a chain of its children (a repeated
 module once per place, as its forward runs them); any other module is traced with
 ``torch.fx.symbolic_trace`` into a DAG of module calls, functions and methods (residual branches
-included; torch.nn and memkernels.nn modules stay single nodes). A node that modifies a tensor in
+included; torch.nn and memkernels.nn modules stay single nodes), with forward's arguments past
+the example inputs fixed at their defaults. A node that modifies a tensor in
 place (``ReLU(inplace=True)``) becomes one node with the nodes whose outputs live on that tensor's
 storage (the one that made it, views of it), so that no segment boundary falls between them. Every
 node runs once on the example inputs on their device, its costs measured there: bytes kept counted
@@ -31,7 +32,9 @@ codes count as packed; parameters and the model's inputs not at all), peaks with
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
+import operator
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -227,10 +230,13 @@ class _Step:
 class _Program:
     """How to run the model node by node: steps in topological order, the output template (in
     plain containers: dict, list, tuple), and each module's `training` flag (model.modules() order)
-    when traced: fx bakes ``self.training`` into the steps."""
+    when traced: fx bakes ``self.training`` into the steps. `specialized`: forward's defaulted
+    arguments past the inputs, at the values the steps were traced with."""
     steps: list[_Step]
     output: Any
     training: tuple[bool, ...]
+    signature: inspect.Signature | None = None  # of the model's forward; None: inputs positional only
+    specialized: dict[str, Any] = field(default_factory=dict)
     refs: list[list[int]] = field(init=False)  # refs[v]: nodes step v reads
 
     def __post_init__(self):
@@ -259,6 +265,34 @@ class _Program:
         """The model's output: a pytree map keeps the template's plain dicts and lists (fx's walk
         would make them immutable)."""
         return tree_map(lambda a: self.resolve(a, model, inputs, env), self.output)
+
+    def bind(self, model: nn.Module, inputs: tuple, kwargs: dict) -> tuple:
+        """The model's inputs from a call's positional and keyword arguments, checked against the
+        signature: TypeError for arguments forward does not take, ValueError for a specialized
+        argument given another value than the traced one."""
+        if self.signature is None:
+            if kwargs:
+                raise TypeError(f"{type(model).__name__}.forward was planned with positional inputs only; "
+                                f"got keyword arguments {sorted(kwargs)}")
+            return inputs
+        try:
+            bound = self.signature.bind(*inputs, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{type(model).__name__}.forward: {error}") from None
+        for name, value in self.specialized.items():
+            given = bound.arguments.get(name, value)
+            if not _same_constant(given, value):
+                shown = (f"a {type(given).__name__} of shape {tuple(given.shape)}"
+                         if isinstance(given, torch.Tensor) else repr(given))
+                raise ValueError(f"checkpoint plan: {type(model).__name__}.forward was traced with "
+                                 f"{name}={value!r}, got {name}={shown}; re-plan the model with {name} "
+                                 "among the example inputs")
+        inputs = [name for name in self.signature.parameters if name not in self.specialized]
+        missing = [name for name in inputs if name not in bound.arguments]
+        if missing:  # a defaulted input: the steps were traced with what the example gave
+            raise TypeError(f"{type(model).__name__}.forward was planned with {missing} among its inputs; "
+                            "pass them")
+        return tuple(bound.arguments[name] for name in inputs)
 
 
 def _get_attr(model: nn.Module, target: str):
@@ -292,6 +326,61 @@ def _plain(template):
     return template
 
 
+# Defaults a traced forward may be specialized to: values fx compares with ==, not containers
+# (fx would split them into one placeholder a leaf) nor tensors (fx would add them to the model).
+_CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _same_constant(value, traced) -> bool:
+    return value is traced or (type(value) is type(traced) and value == traced)
+
+
+def _forward_signature(model: nn.Module, num_inputs: int) -> tuple[inspect.Signature | None, dict[str, Any]]:
+    """forward's signature and its arguments past the first `num_inputs`, at their defaults:
+    fx traces them as those constants (``if mask is not None`` takes the branch the default takes).
+    (None, {}) where forward takes *args or **kwargs: fx makes those inputs placeholders itself."""
+    signature = inspect.signature(model.forward)
+    parameters = list(signature.parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        return None, {}
+    specialized = {}
+    for p in parameters[num_inputs:]:
+        if p.default is p.empty:
+            raise ValueError(f"trace: {type(model).__name__}.forward takes {len(parameters)} arguments and "
+                             f"example_inputs has {num_inputs}: {p.name!r} has no default; pass it in "
+                             "example_inputs")
+        if not isinstance(p.default, _CONSTANT_TYPES):
+            raise ValueError(f"trace: {type(model).__name__}.forward's argument {p.name!r} defaults to a "
+                             f"{type(p.default).__name__}; a plan can only be traced with a default of "
+                             f"None, bool, int, float, str, dtype or device: pass {p.name!r} in example_inputs")
+        specialized[p.name] = p.default
+    return signature, specialized
+
+
+def _drop_specialization_guards(graph: torch.fx.Graph, num_inputs: int) -> dict[torch.fx.Node, Any]:
+    """Removes from `graph` the checks fx adds where it specializes an argument to a constant
+    (``_assert_is_none(arg)``, ``torch._assert(arg == value)``): our steps get the constant itself.
+    Returns the specialized placeholders that something still reads, mapped to their values."""
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"][num_inputs:]
+    constants = {}
+    for placeholder in placeholders:
+        value = placeholder.args[0] if placeholder.args else None
+        for user in list(placeholder.users):
+            if user.op != "call_function":
+                continue
+            if user.target is torch.fx._symbolic_trace._assert_is_none:
+                graph.erase_node(user)
+            elif user.target is operator.eq and all(u.target is torch._assert for u in user.users):
+                for check in list(user.users):
+                    graph.erase_node(check)
+                graph.erase_node(user)
+        if placeholder.users:
+            constants[placeholder] = value
+        else:
+            graph.erase_node(placeholder)
+    return constants
+
+
 def _program(model: nn.Module, num_inputs: int) -> _Program:
     if isinstance(model, nn.Sequential):
         if len(model) == 0:
@@ -303,16 +392,20 @@ def _program(model: nn.Module, num_inputs: int) -> _Program:
             steps.append(_Step(name, lambda m, *a, _n=name, **k: getattr(m, _n)(*a, **k), args, {}, (child,)))
         output = _Ref(len(steps) - 1)
     else:
+        signature, specialized = _forward_signature(model, num_inputs)
         try:
-            graph = _Tracer().trace(model)
+            graph = _Tracer().trace(model, concrete_args=specialized or None)
         except Exception as error:  # fx fails on data-dependent control flow; say which model
             raise ValueError(f"trace: torch.fx could not trace {type(model).__name__} ({error}); "
                              "wrap it in nn.Sequential or make it fx-traceable") from error
-        index: dict[torch.fx.Node, Any] = {}
+        constants = _drop_specialization_guards(graph, num_inputs)
+        index: dict[torch.fx.Node, Any] = dict(constants)
         steps = []
         placeholders = 0
         output = None
         for node in graph.nodes:
+            if node in index:
+                continue
             if node.op == "placeholder":
                 index[node] = _Input(placeholders)
                 placeholders += 1
@@ -342,6 +435,7 @@ def _program(model: nn.Module, num_inputs: int) -> _Program:
         if not steps:
             raise ValueError(f"trace: {type(model).__name__}.forward runs no operation (it returns its "
                              "inputs or attributes): there is nothing to plan")
+        return _Program(steps, _plain(output), tuple(m.training for m in model.modules()), signature, specialized)
     return _Program(steps, _plain(output), tuple(m.training for m in model.modules()))
 
 

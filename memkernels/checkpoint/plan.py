@@ -123,8 +123,10 @@ def plan(model: nn.Module, example_inputs, budget: int | float | str | None, met
 
 class PlannedModule(nn.Module):
     """Runs `model` node by node as its plan says; `model` stays a submodule (same parameters), and
-    state_dict / load_state_dict use the model's own keys (no "model." prefix). Under
-    torch.no_grad (nothing kept for a backward) it runs `model` itself."""
+    state_dict / load_state_dict use the model's own keys (no "model." prefix). It takes the inputs
+    the plan was traced with, positionally or by name, and forward's other arguments at the values
+    they were traced with (their defaults). Under torch.no_grad (nothing kept for a backward) it
+    runs `model` itself, on whatever it is given."""
 
     def __init__(self, model: nn.Module, plan: Plan):
         super().__init__()
@@ -217,17 +219,25 @@ class PlannedModule(nn.Module):
             env.update(zip(exports, outs))
             self._release(reads, set(nodes), env)
 
-    def forward(self, *inputs):
+    def forward(self, *inputs, **kwargs):
         if not torch.is_grad_enabled():  # nothing is kept for a backward: nothing to recompute
-            return self.model(*inputs)
-        self._check_modes()
+            return self.model(*inputs, **kwargs)
+        self._check_model()
         program: _Program = self.plan.graph.program
+        inputs = program.bind(self.model, inputs, kwargs)
         env: dict[int, Any] = {}
         self._run_schedule(self._schedule, inputs, env)
         return program.output_of(self.model, inputs, env)
 
-    def _check_modes(self):
-        """fx bakes `self.training` into the traced steps, and the measured costs depend on it."""
+    def _check_model(self):
+        """fx bakes `self.training` into the traced steps, and the measured costs depend on it.
+        The model's own hooks would not run: its forward is never called."""
+        hooks = self.model._forward_pre_hooks or self.model._forward_hooks or self.model._backward_hooks \
+            or self.model._backward_pre_hooks
+        if hooks:
+            raise RuntimeError(f"checkpoint plan: {type(self.model).__name__} has hooks of its own, which a "
+                               "PlannedModule, running it node by node, would not call; register them on "
+                               "the PlannedModule (or on the modules inside) instead")
         traced = self.plan.graph.program.training
         if tuple(m.training for m in self.model.modules()) == traced:
             return
