@@ -262,6 +262,8 @@ def convert(model: nn.Module, bits: int | None = None, include=None, exclude=Non
         report.swapped.append((name, type(module).__name__, f"{type(new).__name__}({new.extra_repr()})"))
         return new
 
+    # The model itself first: a gated MLP is fused whole, before its act_fn would be swapped alone.
+    model = swap("", model)
     for parent_name, parent in list(model.named_modules()):
         if swapped.get(id(parent), parent) is not parent:
             continue  # replaced already (a fused MLP, built from its converted children)
@@ -270,5 +272,4 @@ def convert(model: nn.Module, bits: int | None = None, include=None, exclude=Non
                 new = swap(f"{parent_name}.{child_name}" if parent_name else child_name, child)
                 if new is not child:
                     setattr(parent, child_name, new)
-    model = swap("", model)
     return (model, report) if return_report else model

@@ -273,6 +273,19 @@ def test_model_itself_is_swapped():
     assert isinstance(converted, mk.nn.Linear) and converted.weight is linear.weight
 
 
+def test_a_gated_mlp_that_is_the_model_itself_is_fused_whole():
+    model, _ = tiny_llama()
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 32)
+    fused, report = mk.convert(copy.deepcopy(mlp), bits=3, linear="int8", return_report=True)
+    assert isinstance(fused, mk.nn.GatedMLP) and fused.bits == 3
+    assert [(name, old) for name, old, _ in report.swapped] == [
+        ("gate_proj", "Linear"), ("up_proj", "Linear"), ("down_proj", "Linear"), ("", "LlamaMLP")]
+    assert all(p.save == "int8" for p in (fused.gate_proj, fused.up_proj, fused.down_proj))
+    assert list(fused.state_dict()) == list(mlp.state_dict())
+    torch.testing.assert_close(fused(x), mlp(x))
+
+
 def test_layer_subclasses_are_skipped_and_reported():
     class MyLinear(nn.Linear):
         pass
