@@ -222,3 +222,15 @@ def test_native_dp_refuses_huge_lower_set_counts():
     graph = ck.Graph([ck.Node(str(v), 1.0, 8, is_output=True) for v in range(2000)], [])
     with pytest.raises(ValueError, match="more than 50000 lower sets"):
         ck.solve(graph, 10**9, "dp")
+
+
+@pytest.mark.parametrize("method", ["dp", "dp-approx", "chain"])
+def test_native_methods_without_the_extension_say_so(monkeypatch, method):
+    from memkernels import ops
+    monkeypatch.setattr(ops, "_C", None)
+    monkeypatch.setattr(ops, "_C_IMPORT_ERROR", ImportError("no _C here"))
+    graph = ck.Graph.chain([1.0, 1.0], [8, 8], [8, 8])
+    with pytest.raises(RuntimeError, match=rf"{method!r} runs in memkernels._C, which is not built \(no _C here\)"
+                       r".*Python: none, all, sqrt, chen-greedy, log"):
+        ck.solve(graph, None, method)
+    assert ck.solve(graph, None, "sqrt").predicted_peak > 0  # the Python methods still plan

@@ -354,8 +354,13 @@ def _chen_greedy(graph: Graph, arrays: dict, budget: int) -> tuple[Segments, int
 
 
 def _dp_native(method: str, arrays: dict, budget: int, buckets: int, max_lower_sets: int):
-    from memkernels import _C  # the planner is compiled into the extension
-    result = _C.planner_solve(method, budget=min(budget, UNLIMITED), buckets=buckets,
+    from memkernels import ops  # the planner is compiled into the extension
+    if not ops.extension_loaded():
+        python_methods = ", ".join(m for m in METHODS if m not in DP_METHODS)
+        raise RuntimeError(f"checkpoint method {method!r} runs in memkernels._C, which is not built "
+                           f"({ops._C_IMPORT_ERROR}); {ops.BUILD_HINT}, or use a method planned in "
+                           f"Python: {python_methods}")
+    result = ops._C.planner_solve(method, budget=min(budget, UNLIMITED), buckets=buckets,
                               max_lower_sets=max_lower_sets, **arrays)
     if result is None:
         return None
