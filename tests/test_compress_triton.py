@@ -7,10 +7,12 @@ shapes: rows <= 64, and tl.dot is slow there).
 """
 from _triton_modules import DEVICE, triton_modules
 
+import re
+
 import pytest
 import torch
 
-from memkernels import reference as ref
+from memkernels import ops, reference as ref
 
 _, tk, tc = triton_modules("pack", "activations", "compress")
 
@@ -216,61 +218,102 @@ def test_empty():
         assert torch.equal(grad_weight.cpu(), torch.zeros(5, cols))
 
 
-def _validation_cases():
-    x = torch.zeros(4, 20, device=DEVICE)
+def _refused(device):
+    """(op, args, message): arguments on `device` that every kernel of the op refuses, with the CPU
+    kernel's message to the character (memkernels/ops/_checks.py holds the checks of the fakes and
+    the Triton kernels)."""
+    x = torch.zeros(4, 20, device=device)
     seed = seed_tensor(0)
-    codes = torch.zeros(4, 12, dtype=torch.uint8, device=DEVICE)  # 4 bits, 20 columns
-    stats = torch.zeros(4, 2, 2, dtype=torch.bfloat16, device=DEVICE)  # group_size 16
-    grad = torch.zeros(4, 3, device=DEVICE)
+    codes = torch.zeros(4, 12, dtype=torch.uint8, device=device)  # 4 bits, 20 columns
+    stats = torch.zeros(4, 2, 2, dtype=torch.bfloat16, device=device)  # group_size 16
+    grad = torch.zeros(4, 3, device=device)
+    f32 = torch.float32
     return [
-        (lambda: tc.auxiliary_sign_forward(x.long(), 0.01, False), TypeError, "x must be float"),
-        (lambda: tc.auxiliary_sign_forward(x[0], 0.01, False), ValueError, "x must be 2-D"),
-        (lambda: tc.quantize_groups(x, 3, 16, seed), ValueError, r"bits must be one of \(1, 2, 4, 8\)"),
-        (lambda: tc.quantize_groups(x, 4.0, 16, seed), TypeError, "bits must be an int"),
-        (lambda: tc.quantize_groups(x, 4, 12, seed), ValueError, "group_size must be a positive multiple of 8"),
-        (lambda: tc.quantize_groups(x, 4, 0, seed), ValueError, "group_size must be >= 8"),
-        (lambda: tc.quantize_groups(x, 4, 16, 0), ValueError, "seed must be an int64 scalar tensor"),
-        (lambda: tc.quantize_groups(x, 4, 16, seed.int()), ValueError, "seed must be an int64 scalar"),
-        (lambda: tc.quantize_groups(x, 4, 16, torch.zeros(2, dtype=torch.int64)), ValueError,
-         "seed must be an int64 scalar"),
-        (lambda: tc.quantize_groups(x.view(2, 2, 20), 4, 16, seed), ValueError, "x must be 2-D"),
-        (lambda: tc.dequantize_groups(codes.float(), stats, 20, 4, 16, 0, 0, torch.float32), TypeError,
-         "codes must be uint8"),
-        (lambda: tc.dequantize_groups(codes[:, :8], stats, 20, 4, 16, 0, 0, torch.float32), ValueError,
-         r"codes must be \[rows, ceil\(cols / 8\) \* bits\] = \[rows, 12\]"),
-        (lambda: tc.dequantize_groups(codes, stats.float(), 20, 4, 16, 0, 0, torch.float32), TypeError,
-         "stats must be bfloat16"),
-        (lambda: tc.dequantize_groups(codes, stats[:, :1], 20, 4, 16, 0, 0, torch.float32), ValueError,
-         r"stats must be \[rows, ceil\(cols / group_size\), 2\] = \[4, 2, 2\]"),
-        (lambda: tc.dequantize_groups(codes, stats, 20, 4, 16, 0, 0, torch.int32), TypeError,
-         "dtype must be float"),
-        (lambda: tc.dequantize_groups(codes, stats, -1, 4, 16, 0, 0, torch.float32), ValueError,
-         "cols must be >= 0"),
-        (lambda: tc.weight_grad_from_codes(grad[:3], codes, stats, 20, 4, 16, 0, 0), ValueError,
-         "codes must have a row for each of the 3 rows of grad_out"),
-        (lambda: tc.weight_grad_from_codes(grad.int(), codes, stats, 20, 4, 16, 0, 0), TypeError,
-         "grad_out must be float"),
-        (lambda: tc.weight_grad_from_codes(grad[0], codes, stats, 20, 4, 16, 0, 0), ValueError,
-         "grad_out must be 2-D"),
-        (lambda: tc.weight_grad_from_codes(grad, codes, stats, 20, 8, 16, 0, 0), ValueError,
-         r"codes must be \[rows, ceil\(cols / 8\) \* bits\] = \[rows, 24\]"),
-        (lambda: tc.auxiliary_sign_forward(x.to("meta"), 0.01, False), ValueError,
-         "must be a CUDA tensor"),
+        ("auxiliary_sign_forward", (x.long(), 0.01, False),
+         "x must be float32, float64, bfloat16 or float16, got Long"),
+        ("auxiliary_sign_forward", (x[0], 0.01, False), "x must be 2-D [rows, cols], got shape [20]"),
+        ("quantize_groups", (x.int(), 4, 16, seed), "x must be float32, float64, bfloat16 or float16, got Int"),
+        ("quantize_groups", (x.view(2, 2, 20), 4, 16, seed), "x must be 2-D [rows, cols], got shape [2, 2, 20]"),
+        ("quantize_groups", (x, 3, 16, seed), "bits must be one of 1, 2, 4, 8, got 3"),
+        ("quantize_groups", (x, 4, 12, seed), "group_size must be a positive multiple of 8, got 12"),
+        ("quantize_groups", (x, 4, 0, seed), "group_size must be a positive multiple of 8, got 0"),
+        ("quantize_groups", (x, 4, 16, seed.int()),
+         "seed must be an int64 scalar tensor on the CPU, got Int of shape [] on cpu"),
+        ("quantize_groups", (x, 4, 16, torch.zeros(2, dtype=torch.int64)),
+         "seed must be an int64 scalar tensor on the CPU, got Long of shape [2] on cpu"),
+        ("quantize_groups", (x, 4, 16, seed.to("meta")),
+         "seed must be an int64 scalar tensor on the CPU, got Long of shape [] on meta"),
+        ("dequantize_groups", (codes, stats, -1, 4, 16, 0.0, 0.0, f32), "cols must be >= 0, got -1"),
+        ("dequantize_groups", (codes, stats, 20, 3, 16, 0.0, 0.0, f32), "bits must be one of 1, 2, 4, 8, got 3"),
+        ("dequantize_groups", (codes, stats, 20, 4, 4, 0.0, 0.0, f32),
+         "group_size must be a positive multiple of 8, got 4"),
+        ("dequantize_groups", (codes.float(), stats, 20, 4, 16, 0.0, 0.0, f32), "codes must be uint8, got Float"),
+        ("dequantize_groups", (codes[:, :8], stats, 20, 4, 16, 0.0, 0.0, f32),
+         "codes must be [rows, 12] (ceil(cols / 8) * bits bytes a row for cols = 20, bits = 4), got shape [4, 8]"),
+        ("dequantize_groups", (codes[0], stats, 20, 4, 16, 0.0, 0.0, f32),
+         "codes must be [rows, 12] (ceil(cols / 8) * bits bytes a row for cols = 20, bits = 4), got shape [12]"),
+        ("dequantize_groups", (codes, stats.float(), 20, 4, 16, 0.0, 0.0, f32), "stats must be bfloat16, got Float"),
+        ("dequantize_groups", (codes, stats[:, :1], 20, 4, 16, 0.0, 0.0, f32),
+         "stats must be [rows, ceil(cols / group_size), 2] = [4, 2, 2], got shape [4, 1, 2]"),
+        ("dequantize_groups", (codes, stats, 20, 4, 16, 0.0, 0.0, torch.int32),
+         "dtype must be float32, float64, bfloat16 or float16, got Int"),
+        ("weight_grad_from_codes", (grad.int(), codes, stats, 20, 4, 16, 0.0, 0.0),
+         "grad_out must be float32, float64, bfloat16 or float16, got Int"),
+        ("weight_grad_from_codes", (grad[0], codes, stats, 20, 4, 16, 0.0, 0.0),
+         "grad_out must be 2-D [rows, cols], got shape [3]"),
+        ("weight_grad_from_codes", (grad, codes, stats, 20, 8, 16, 0.0, 0.0),
+         "codes must be [rows, 24] (ceil(cols / 8) * bits bytes a row for cols = 20, bits = 8), got shape [4, 12]"),
+        ("weight_grad_from_codes", (grad[:3], codes, stats, 20, 4, 16, 0.0, 0.0),
+         "codes must have a row for each of the 3 rows of grad_out, got 4"),
     ]
 
 
-@pytest.mark.parametrize("case", range(len(_validation_cases())))
-def test_validation(case):
-    call, error, message = _validation_cases()[case]
-    with pytest.raises(error, match=message):
+def _refused_beside_meta(device):
+    """(op, args, message): a meta tensor beside tensors on `device` (not meta)."""
+    codes = torch.zeros(4, 12, dtype=torch.uint8, device=device)
+    stats = torch.zeros(4, 2, 2, dtype=torch.bfloat16, device="meta")
+    grad = torch.zeros(4, 3, device=device)
+    return [
+        ("dequantize_groups", (codes, stats, 20, 4, 16, 0.0, 0.0, torch.float32),
+         f"stats must be on the device of codes ({codes.device}), got meta"),
+        ("weight_grad_from_codes", (grad, codes.to("meta"), None, 20, 4, 16, 0.0, 0.0),
+         f"codes must be on the device of grad_out ({grad.device}), got meta"),
+    ]
+
+
+def assert_refused(call, message):
+    with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
         call()
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="needs two devices")
-def test_validation_devices():
-    codes = torch.zeros(4, 12, dtype=torch.uint8, device=DEVICE)
-    stats = torch.zeros(4, 2, 2, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="stats is on cpu"):
-        tc.dequantize_groups(codes, stats, 20, 4, 16, 0, 0, torch.float32)
-    with pytest.raises(ValueError, match="codes is on cpu"):
-        tc.weight_grad_from_codes(torch.zeros(4, 3, device=DEVICE), codes.cpu(), None, 20, 4, 16, 0, 0)
+@pytest.mark.parametrize("case", range(len(_refused("cpu"))))
+def test_refused_as_by_the_cpu_kernel(case):
+    """The Triton kernel, the CPU kernel and the fake (on meta tensors) refuse alike."""
+    op, args, message = _refused(DEVICE)[case]
+    assert_refused(lambda: getattr(tc, op)(*args), message)
+    if ops.extension_loaded():
+        for device in ("cpu", "meta"):
+            op, args, message = _refused(device)[case]
+            assert_refused(lambda: getattr(ops, op)(*args), message)
+
+
+@pytest.mark.parametrize("case", range(len(_refused_beside_meta("cpu"))))
+def test_refused_beside_another_device(case):
+    op, args, message = _refused_beside_meta(DEVICE)[case]
+    assert_refused(lambda: getattr(tc, op)(*args), message)
+    if ops.extension_loaded():
+        op, args, message = _refused_beside_meta("cpu")[case]
+        assert_refused(lambda: getattr(ops, op)(*args), message)
+
+
+def test_triton_kernels_take_cuda_tensors_only():
+    x = torch.zeros(4, 20, device="meta")
+    codes = torch.zeros(4, 12, dtype=torch.uint8, device="meta")
+    grad = torch.zeros(4, 3, device="meta")
+    calls = [(lambda: tc.auxiliary_sign_forward(x, 0.01, False), "x"),
+             (lambda: tc.quantize_groups(x, 4, 16, seed_tensor(0)), "x"),
+             (lambda: tc.dequantize_groups(codes, None, 20, 4, 16, 0.0, 0.0, torch.float32), "codes"),
+             (lambda: tc.weight_grad_from_codes(grad, codes, None, 20, 4, 16, 0.0, 0.0), "grad_out")]
+    for call, name in calls:
+        assert_refused(call, f"{name} must be a CUDA tensor (CPU tensors run these Triton kernels only under "
+                             f"TRITON_INTERPRET=1), got meta")

@@ -2,6 +2,8 @@
 reference B of memkernels/reference.py, bit for bit where B itself is compared; statistics of B;
 opcheck. Triton runs on CPU tensors under TRITON_INTERPRET=1 when there is no GPU (small shapes).
 """
+import re
+
 from _triton_modules import DEVICE, triton_modules
 
 import pytest
@@ -147,30 +149,53 @@ def test_statistics_of_b():
 
 
 @pytest.mark.parametrize("args, message", [
-    ((torch.ones(3), 0, 0, 4, 1.0, None), "2-D"),
-    ((torch.ones(2, 3), -1, 0, 4, 1.0, None), "seed"),
-    ((torch.ones(2, 3), 2**32, 0, 4, 1.0, None), "seed"),
-    ((torch.ones(2, 3), 0, 2**31, 4, 1.0, None), "layer"),
-    ((torch.ones(2, 3), 0, 0, 4, 1.0, torch.ones(2, 5)), "derivative"),
-    ((torch.ones(2, 3), 0, 0, 4, 1.0, torch.ones(2, 4, dtype=torch.float64)), "derivative"),
-    ((torch.ones(2, 3, dtype=torch.int32), 0, 0, 4, 1.0, None), "e must be"),
-    ((torch.ones(2, 3), 0, 0, 4, 3.5e38, None), "scale must be a finite float32"),  # float(scale) is inf
+    ((torch.ones(3), 0, 0, 4, 1.0, None), "e must be 2-D (batch, K), got shape [3]"),
+    ((torch.ones(2, 3, dtype=torch.int32), 0, 0, 4, 1.0, None),
+     "e must be float32, float64, bfloat16 or float16, got Int"),
+    ((torch.ones(2, 3), -1, 0, 4, 1.0, None), "seed must be in [0, 2**32), got -1"),
+    ((torch.ones(2, 3), 2**32, 0, 4, 1.0, None), "seed must be in [0, 2**32), got 4294967296"),
+    ((torch.ones(2, 3), 0, -1, 4, 1.0, None), "layer must be in [0, 2**31), got -1"),
+    ((torch.ones(2, 3), 0, 2**31, 4, 1.0, None), "layer must be in [0, 2**31), got 2147483648"),
+    ((torch.ones(2, 3), 0, 0, -1, 1.0, None), "out_features must be >= 0, got -1"),
+    ((torch.ones(2, 3), 0, 0, 4, 3.5e38, None), "scale must be a finite float32, got 3.5e+38"),  # float(scale) is inf
+    ((torch.ones(2, 3), 0, 0, 4, float("nan"), None), "scale must be a finite float32, got nan"),
+    ((torch.ones(2, 3), 0, 0, 4, 1.0, torch.ones(2, 4, dtype=torch.float64)),
+     "derivative must have e's dtype (Float), got Double"),
+    ((torch.ones(2, 3), 0, 0, 4, 1.0, torch.ones(2, 5)), "derivative must have shape (2, 4), got [2, 5]"),
 ])
 def test_bad_arguments_are_named(args, message):
-    with pytest.raises(RuntimeError, match=message):
-        ops.feedback_project(*args)
-    with pytest.raises((ValueError, TypeError), match=message):
-        tk.feedback_project(*args)
+    """The CPU kernel, the fake (on meta tensors) and the Triton kernel refuse alike, to the character
+    (memkernels/ops/_checks.py)."""
+    for kernel, device in ((ops.feedback_project, "cpu"), (ops.feedback_project, "meta"),
+                           (tk.feedback_project, DEVICE)):
+        moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
+            kernel(*moved)
 
 
-def test_fake_kernel_checks_a_meta_derivative_beside_cpu_e():
-    with pytest.raises(RuntimeError, match="derivative must be on cpu"):
+def test_a_scale_that_rounds_to_the_largest_float32_is_taken():
+    # 3.4028235e38 is above float32's largest value but rounds to it: float32(scale) is finite.
+    e = torch.full((2, 1), 0.5)
+    assert ops.feedback_project(e, 0, 0, 4, 3.4028235e38, None).isfinite().all()
+    assert ops.feedback_project(e.to("meta"), 0, 0, 4, 3.4028235e38, None).shape == (2, 4)
+
+
+def test_a_derivative_on_another_device_is_refused():
+    with pytest.raises(RuntimeError, match="^derivative must be on cpu, got meta$"):
         ops.feedback_project(torch.ones(2, 3), 0, 0, 4, 1.0, torch.ones(2, 4, device="meta"))
+    with pytest.raises(RuntimeError, match=f"^derivative must be on {DEVICE}, got meta$"):
+        tk.feedback_project(torch.ones(2, 3, device=DEVICE), 0, 0, 4, 1.0, torch.ones(2, 4, device="meta"))
 
 
 def test_triton_kernel_takes_cuda_tensors_only():
-    with pytest.raises(ValueError, match="e must be a CUDA tensor"):
+    with pytest.raises(RuntimeError, match=re.escape("e must be a CUDA tensor (CPU tensors run this Triton kernel "
+                                                     "only under TRITON_INTERPRET=1), got meta")):
         tk.feedback_project(torch.ones(2, 3, device="meta"), 0, 0, 4, 1.0, None)
+
+
+def test_triton_kernel_takes_no_float64():
+    with pytest.raises(RuntimeError, match="^e must be float32, bfloat16 or float16 for the Triton kernel, got Double$"):
+        tk.feedback_project(torch.ones(2, 3, dtype=torch.float64, device=DEVICE), 0, 0, 4, 1.0, None)
 
 
 def test_opcheck(device):

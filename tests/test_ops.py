@@ -2,6 +2,7 @@
 without graph breaks, the CUDA backend choice, and the large-index path."""
 import functools
 import os
+import re
 
 import pytest
 import torch
@@ -180,6 +181,47 @@ def test_fake_kernels_check_arguments():
                                                  torch.empty(8, device="meta"))
     with pytest.raises(RuntimeError, match="borders must be given"):
         torch.ops.memkernels.activation_forward(meta, int(A.GELU), 0.0, 0.0, 3, None)
+
+
+def _refused(device):
+    """(op, args, message): arguments on `device` the CPU kernel refuses, with its message."""
+    x = torch.randn(2, 3, device=device)
+    borders = torch.randn(7, device=device)
+    levels = torch.randn(8, device=device)
+    codes = torch.zeros(10, dtype=torch.uint8, device=device)
+    return [
+        ("activation_forward", (x.int(), int(A.GELU), 0.0, 0.0, 0, None),
+         "x must be float32, float64, bfloat16 or float16, got Int"),
+        ("activation_forward", (x, int(A.GELU), 0.0, 0.0, 5, None), "bits must be 0 (exact) or one of 1, 2, 3, 4, 8, got 5"),
+        ("activation_forward", (x, int(A.GELU), 0.0, 0.0, 3, None), "borders must be given when bits > 0 (bits = 3)"),
+        ("activation_forward", (x, int(A.GELU), 0.0, 0.0, 3, borders.double()), "borders must be float32, got Double"),
+        ("activation_forward", (x, int(A.GELU), 0.0, 0.0, 3, levels),
+         "borders must have 2**bits - 1 = 7 values for bits = 3, got 8"),
+        ("activation_backward", (x, x.double(), 0, None), "saved must have the dtype of grad_out (Float), got Double"),
+        ("activation_backward", (x, x[:1], 0, None), "saved must have the shape of grad_out [2, 3], got [1, 3]"),
+        ("activation_backward", (x, x, 3, levels), "saved must be the uint8 packed code when bits > 0, got Float"),
+        ("activation_backward", (x, codes, 3, levels),
+         "saved must hold ceil(numel / 8) * bits = 3 bytes for 6 elements at bits = 3, got 10"),
+        ("activation_backward", (x, codes[:3], 3, borders), "levels must have 2**bits = 8 values for bits = 3, got 7"),
+        ("gated_forward", (x, x.t(), int(A.SILU), 0, None), "b must have the shape of a [2, 3], got [3, 2]"),
+        ("pack_bits", (codes.float(), 2), "codes must be uint8, got Float"),
+        ("pack_bits", (codes, 5), "bits must be one of 1, 2, 3, 4, 8, got 5"),
+        ("unpack_bits", (codes.int(), 2, 40), "packed must be uint8, got Int"),
+        ("unpack_bits", (codes, 0, 40), "bits must be one of 1, 2, 3, 4, 8, got 0"),
+        ("unpack_bits", (codes, 2, -1), "numel must be >= 0, got -1"),
+        ("unpack_bits", (codes, 2, 41), "packed must hold ceil(numel / 8) * bits = 12 bytes for numel = 41 at "
+                                        "bits = 2, got 10"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_refused("cpu"))))
+def test_fake_kernels_refuse_as_the_cpu_kernels(case):
+    """The fakes' checks (memkernels/ops/_checks.py) are the CPU kernels', messages to the character.
+    (The group-code and feedback ops: tests/test_compress_triton.py, tests/test_feedback_ops.py.)"""
+    for device in ("cpu", "meta"):
+        op, args, message = _refused(device)[case]
+        with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
+            getattr(torch.ops.memkernels, op)(*args)
 
 
 def test_gpu_backend_choice(monkeypatch):

@@ -15,6 +15,7 @@ import torch
 
 from memkernels import reference
 from memkernels.activations.spec import packed_nbytes
+from memkernels.ops import _checks
 
 try:
     from memkernels import _C  # noqa: F401  (registers the ops and their CPU kernels)
@@ -146,181 +147,95 @@ if _C is not None:
     def _dense_like(t):
         return t.new_empty(t.shape)
 
-    # The argument checks of the CPU kernels (csrc/cpu/activations.cpp, checks.h), with their
-    # messages: a fake or meta call must fail where the real one would, not return a tensor.
-    _FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-    def _check_floating(t, name):
-        torch._check(t.dtype in _FLOATING,
-                     lambda: f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
-
-    def _check_like(t, name, ref, ref_name):
-        torch._check(t.device == ref.device,
-                     lambda: f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
-        torch._check(t.dtype == ref.dtype,
-                     lambda: f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
-        torch._check(t.shape == ref.shape,
-                     lambda: f"{name} must have the shape of {ref_name} {list(ref.shape)}, got {list(t.shape)}")
-
-    def _check_bits(bits):
-        torch._check(bits in (0, 1, 2, 3, 4, 8),
-                     lambda: f"bits must be 0 (exact) or one of 1, 2, 3, 4, 8, got {bits}")
-
-    def _check_table(table, name, size, bits, like):
-        torch._check(table is not None, lambda: f"{name} must be given when bits > 0 (bits = {bits})")
-        torch._check(table.dtype == torch.float32, lambda: f"{name} must be float32, got {table.dtype}")
-        torch._check(table.device == like.device,
-                     lambda: f"{name} must be on {like.device}, got {table.device}")
-        torch._check(table.numel() == size,
-                     lambda: f"{name} must have {size} values for bits = {bits}, got {table.numel()}")
-
-    def _check_saved(saved, name, bits, grad_out):
-        if bits == 0:
-            _check_like(saved, name, grad_out, "grad_out")
-            return
-        torch._check(saved.dtype == torch.uint8,
-                     lambda: f"{name} must be the uint8 packed code when bits > 0, got {saved.dtype}")
-        torch._check(saved.device == grad_out.device,
-                     lambda: f"{name} must be on {grad_out.device}, got {saved.device}")
-        want = packed_nbytes(grad_out.numel(), bits)
-        torch._check(saved.numel() == want,
-                     lambda: f"{name} must hold ceil(numel / 8) * bits = {want} bytes, got {saved.numel()}")
-
+    # Each fake makes its CPU kernel's argument checks (memkernels/ops/_checks.py): a fake or meta
+    # call must fail where the real one would, not return a tensor.
     @torch.library.register_fake("memkernels::activation_forward")
     def _(x, activation, p0, p1, bits, borders):
-        _check_floating(x, "x")
-        _check_bits(bits)
+        _checks.check_floating(x, "x")
+        _checks.check_bits(bits)
         if bits:
-            _check_table(borders, "borders", 2 ** bits - 1, bits, x)
+            _checks.check_table(borders, "borders", 2 ** bits - 1, bits, x)
         return _dense_like(x), (_dense_like(x) if bits == 0 else _packed(x, x.numel(), bits))
 
     @torch.library.register_fake("memkernels::activation_value")
     def _(x, activation, p0, p1):
-        _check_floating(x, "x")
+        _checks.check_floating(x, "x")
         return _dense_like(x)
 
     @torch.library.register_fake("memkernels::activation_backward")
     def _(grad_out, saved, bits, levels):
-        _check_floating(grad_out, "grad_out")
-        _check_bits(bits)
-        _check_saved(saved, "saved", bits, grad_out)
+        _checks.check_floating(grad_out, "grad_out")
+        _checks.check_bits(bits)
+        _checks.check_saved(saved, "saved", bits, grad_out)
         if bits:
-            _check_table(levels, "levels", 2 ** bits, bits, grad_out)
+            _checks.check_table(levels, "levels", 2 ** bits, bits, grad_out)
         return _dense_like(grad_out)
 
     @torch.library.register_fake("memkernels::activation_backward_from_input")
     def _(grad_out, x, activation, p0, p1):
-        _check_floating(grad_out, "grad_out")
-        _check_like(x, "x", grad_out, "grad_out")
+        _checks.check_floating(grad_out, "grad_out")
+        _checks.check_like(x, "x", grad_out, "grad_out")
         return _dense_like(grad_out)
 
     @torch.library.register_fake("memkernels::gated_forward")
     def _(a, b, activation, bits, borders):
-        _check_floating(a, "a")
-        _check_like(b, "b", a, "a")
-        _check_bits(bits)
+        _checks.check_floating(a, "a")
+        _checks.check_like(b, "b", a, "a")
+        _checks.check_bits(bits)
         if bits:
-            _check_table(borders, "borders", 2 ** bits - 1, bits, a)
+            _checks.check_table(borders, "borders", 2 ** bits - 1, bits, a)
         code = _packed(a, a.numel(), bits) if bits else a.new_empty((0,), dtype=torch.uint8)
         return _dense_like(a), code
 
     @torch.library.register_fake("memkernels::gated_backward")
     def _(grad_out, saved_a, b, activation, bits, levels, value_levels):
-        _check_floating(grad_out, "grad_out")
-        _check_like(b, "b", grad_out, "grad_out")
-        _check_bits(bits)
-        _check_saved(saved_a, "saved_a", bits, grad_out)
+        _checks.check_floating(grad_out, "grad_out")
+        _checks.check_like(b, "b", grad_out, "grad_out")
+        _checks.check_bits(bits)
+        _checks.check_saved(saved_a, "saved_a", bits, grad_out)
         if bits:
-            _check_table(levels, "levels", 2 ** bits, bits, grad_out)
-            _check_table(value_levels, "value_levels", 2 ** bits, bits, grad_out)
+            _checks.check_table(levels, "levels", 2 ** bits, bits, grad_out)
+            _checks.check_table(value_levels, "value_levels", 2 ** bits, bits, grad_out)
         return _dense_like(grad_out), _dense_like(grad_out)
 
     @torch.library.register_fake("memkernels::pack_bits")
     def _(codes, bits):
+        _checks.check_pack_bits(codes, bits)
         return _packed(codes, codes.numel(), bits)
 
     @torch.library.register_fake("memkernels::unpack_bits")
     def _(packed, bits, numel):
+        _checks.check_unpack_bits(packed, bits, numel)
         return packed.new_empty((numel,), dtype=torch.uint8)
 
     def _packed_rows(t, rows, cols, bits):
         return t.new_empty((rows, packed_nbytes(cols, bits)), dtype=torch.uint8)
 
-    # The group codes' checks (csrc/cpu/compress.cpp).
-    def _check_rows(t, name):
-        _check_floating(t, name)
-        torch._check(t.dim() == 2, lambda: f"{name} must be 2-D [rows, cols], got shape {tuple(t.shape)}")
-
-    def _check_code_format(bits, group_size):
-        torch._check(bits in (1, 2, 4, 8), lambda: f"bits must be one of 1, 2, 4, 8, got {bits}")
-        torch._check(group_size > 0 and group_size % 8 == 0,
-                     lambda: f"group_size must be a positive multiple of 8, got {group_size}")
-
-    def _num_groups(cols, group_size):
-        return 0 if cols == 0 else (cols - 1) // group_size + 1
-
-    def _check_codes(codes, stats, cols, bits, group_size):
-        torch._check(cols >= 0, lambda: f"cols must be >= 0, got {cols}")
-        _check_code_format(bits, group_size)
-        row_bytes = packed_nbytes(cols, bits)
-        torch._check(codes.dtype == torch.uint8, lambda: f"codes must be uint8, got {codes.dtype}")
-        torch._check(codes.dim() == 2 and codes.shape[1] == row_bytes,
-                     lambda: f"codes must be [rows, {row_bytes}] (ceil(cols / 8) * bits bytes a row for cols = "
-                             f"{cols}, bits = {bits}), got shape {tuple(codes.shape)}")
-        if stats is not None:
-            groups = _num_groups(cols, group_size)
-            torch._check(stats.dtype == torch.bfloat16, lambda: f"stats must be bfloat16, got {stats.dtype}")
-            torch._check(stats.device == codes.device,
-                         lambda: f"stats must be on the device of codes ({codes.device}), got {stats.device}")
-            torch._check(tuple(stats.shape) == (codes.shape[0], groups, 2),
-                         lambda: f"stats must be [rows, ceil(cols / group_size), 2] = [{codes.shape[0]}, "
-                                 f"{groups}, 2], got {tuple(stats.shape)}")
-
     @torch.library.register_fake("memkernels::auxiliary_sign_forward")
     def _(x, eps, nonnegative):
-        _check_rows(x, "x")
+        _checks.check_auxiliary_sign_forward(x)
         return _dense_like(x), _packed_rows(x, x.shape[0], x.shape[1], 1)
 
     @torch.library.register_fake("memkernels::quantize_groups")
     def _(x, bits, group_size, seed):
-        _check_rows(x, "x")
-        _check_code_format(bits, group_size)
-        torch._check(seed.dtype == torch.int64 and seed.numel() == 1 and seed.device.type == "cpu",
-                     lambda: f"seed must be an int64 scalar tensor on the CPU, got {seed.dtype} of shape "
-                             f"{tuple(seed.shape)} on {seed.device}")
+        _checks.check_quantize_groups(x, bits, group_size, seed)
         rows, cols = x.shape
         return (_packed_rows(x, rows, cols, bits),
-                x.new_empty((rows, _num_groups(cols, group_size), 2), dtype=torch.bfloat16))
+                x.new_empty((rows, _checks.num_groups(cols, group_size), 2), dtype=torch.bfloat16))
 
     @torch.library.register_fake("memkernels::dequantize_groups")
     def _(codes, stats, cols, bits, group_size, lo, step, dtype):
-        _check_codes(codes, stats, cols, bits, group_size)
+        _checks.check_dequantize_groups(codes, stats, cols, bits, group_size, dtype)
         return codes.new_empty((codes.shape[0], cols), dtype=dtype)
 
     @torch.library.register_fake("memkernels::weight_grad_from_codes")
     def _(grad_out, codes, stats, cols, bits, group_size, lo, step):
-        _check_rows(grad_out, "grad_out")
-        _check_codes(codes, stats, cols, bits, group_size)
-        torch._check(codes.device == grad_out.device,
-                     lambda: f"codes must be on the device of grad_out ({grad_out.device}), got {codes.device}")
-        torch._check(codes.shape[0] == grad_out.shape[0],
-                     lambda: f"codes must have a row for each of the {grad_out.shape[0]} rows of grad_out, "
-                             f"got {codes.shape[0]}")
+        _checks.check_weight_grad_from_codes(grad_out, codes, stats, cols, bits, group_size)
         return grad_out.new_empty((grad_out.shape[1], cols))
 
     @torch.library.register_fake("memkernels::feedback_project")
     def _(e, seed, layer, out_features, scale, derivative):
-        torch._check(e.dim() == 2, lambda: f"e must be 2-D (batch, K), got shape {tuple(e.shape)}")
-        _check_floating(e, "e")
-        torch._check(out_features >= 0, lambda: f"out_features must be >= 0, got {out_features}")
-        if derivative is not None:
-            torch._check(derivative.device == e.device,
-                         lambda: f"derivative must be on {e.device}, got {derivative.device}")
-            torch._check(derivative.dtype == e.dtype,
-                         lambda: f"derivative must have e's dtype ({e.dtype}), got {derivative.dtype}")
-            torch._check(tuple(derivative.shape) == (e.shape[0], out_features),
-                         lambda: f"derivative must have shape ({e.shape[0]}, {out_features}), got "
-                                 f"{tuple(derivative.shape)}")
+        _checks.check_feedback_project(e, seed, layer, out_features, scale, derivative)
         return e.new_empty((e.shape[0], out_features))
 
     from memkernels.ops import _cuda  # noqa: E402,F401  (registers the CUDA kernels)

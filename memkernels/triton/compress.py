@@ -35,7 +35,6 @@ below with builtins only.
 """
 from __future__ import annotations
 
-import numbers
 import struct
 
 import torch
@@ -43,11 +42,11 @@ import triton
 import triton.language as tl
 
 from memkernels.activations.spec import packed_nbytes
-from memkernels.triton.activations import _FLOAT_DTYPES, _check, _interpreted, _packed_input
+from memkernels.ops._checks import CODE_BITS  # noqa: F401  (the code widths these kernels take)
+from memkernels.ops._checks import (check_auxiliary_sign_forward, check_dequantize_groups, check_quantize_groups,
+                                    check_weight_grad_from_codes)
+from memkernels.triton.activations import _interpreted, _packed_input, _runs_on
 from memkernels.triton.pack import BLOCK_GROUPS, pack_groups, unpack_groups
-
-# Bits of a group code: a power of two, so that no value straddles a byte.
-CODE_BITS = (1, 2, 4, 8)
 
 INF = tl.constexpr(float("inf"))
 BF16_NAN = tl.constexpr(0x7FC0)  # torch's bfloat16 NaN
@@ -344,54 +343,11 @@ def _weight_grad_kernel(grad_ptr, codes_ptr, stats_ptr, out_ptr, rows, out_featu
 # ---- host side ----
 
 
-def _check_code_bits(bits):
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
-        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
-    if bits not in CODE_BITS:
-        raise ValueError(f"bits must be one of {CODE_BITS} for group codes (3-bit codes are not "
-                         f"offered: a value would straddle bytes), got {bits}")
-
-
-def _check_count(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_group_size(group_size):
-    _check_count("group_size", group_size, 8)
-    if group_size % 8:
-        raise ValueError(f"group_size must be a positive multiple of 8, got {group_size}")
-
-
-def _check_2d(name, t):
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [rows, cols], got shape {tuple(t.shape)}")
-
-
-def _check_codes(codes, stats, cols, bits, group_size):
-    """codes uint8 [rows, ceil(cols / 8) * bits]; stats None or bfloat16 [rows, groups, 2] on the
-    device of codes. Call after _check (codes is a uint8 tensor on a device the kernels run on)."""
-    _check_count("cols", cols, 0)
-    _check_group_size(group_size)
-    row_bytes = packed_nbytes(cols, bits)
-    if codes.dim() != 2 or codes.shape[1] != row_bytes:
-        raise ValueError(f"codes must be [rows, ceil(cols / 8) * bits] = [rows, {row_bytes}] for "
-                         f"cols={cols}, bits={bits}; got shape {tuple(codes.shape)}")
-    if stats is None:
-        return
-    if not isinstance(stats, torch.Tensor):
-        raise TypeError(f"stats must be a Tensor or None, got {type(stats).__name__}")
-    if stats.dtype != torch.bfloat16:
-        raise TypeError(f"stats must be bfloat16, got {stats.dtype}")
-    groups = triton.cdiv(cols, group_size)
-    if tuple(stats.shape) != (codes.shape[0], groups, 2):
-        raise ValueError(f"stats must be [rows, ceil(cols / group_size), 2] = "
-                         f"[{codes.shape[0]}, {groups}, 2] for cols={cols}, "
-                         f"group_size={group_size}; got shape {tuple(stats.shape)}")
-    if stats.device != codes.device:
-        raise ValueError(f"stats is on {stats.device} but codes is on {codes.device}")
+def _check_runs_on(t, name):
+    """t is on a device these kernels run on (the op's checks, memkernels/ops/_checks.py, come first)."""
+    torch._check(_runs_on(t.device),
+                 lambda: f"{name} must be a CUDA tensor (CPU tensors run these Triton kernels only under "
+                         f"TRITON_INTERPRET=1), got {t.device}")
 
 
 def _float64_bits(value) -> int:
@@ -430,8 +386,8 @@ def auxiliary_sign_forward(x, eps, nonnegative):
 
     Computed in float32 (float64 for float64 x, eps then unrounded), as the reference does.
     """
-    _check(1, exact_ok=False, values=[("x", x)])  # the signs are a 1-bit code of x
-    _check_2d("x", x)
+    check_auxiliary_sign_forward(x)
+    _check_runs_on(x, "x")
     rows, cols = x.shape
     x_aux = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
     signs = torch.empty((rows, packed_nbytes(cols, 1)), dtype=torch.uint8, device=x.device)
@@ -452,15 +408,8 @@ def quantize_groups(x, bits, group_size, seed):
 
     seed: an int64 scalar tensor on the CPU (read with .item(), no device sync).
     """
-    _check_code_bits(bits)
-    _check(bits, exact_ok=False, values=[("x", x)])
-    _check_2d("x", x)
-    _check_group_size(group_size)
-    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1 \
-            or seed.device.type != "cpu":
-        got = (f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}"
-               if isinstance(seed, torch.Tensor) else type(seed).__name__)
-        raise ValueError(f"seed must be an int64 scalar tensor on the CPU, got {got}")
+    check_quantize_groups(x, bits, group_size, seed)
+    _check_runs_on(x, "x")
     rows, cols = x.shape
     groups = triton.cdiv(cols, group_size)
     codes = torch.empty((rows, packed_nbytes(cols, bits)), dtype=torch.uint8, device=x.device)
@@ -487,11 +436,8 @@ def dequantize_groups(codes, stats, cols, bits, group_size, lo, step, dtype):
     """[rows, cols] of `dtype`: min + scale * code with (min, scale) of the code's group from
     `stats`, or lo + step * code (lo, step rounded to float32) when stats is None; computed in
     float32."""
-    _check_code_bits(bits)
-    _check(bits, exact_ok=False, uint8=[("codes", codes)])
-    _check_codes(codes, stats, cols, bits, group_size)
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
+    check_dequantize_groups(codes, stats, cols, bits, group_size, dtype)
+    _check_runs_on(codes, "codes")
     rows = codes.shape[0]
     out = torch.empty((rows, cols), dtype=dtype, device=codes.device)
     if out.numel():
@@ -527,14 +473,9 @@ def weight_grad_from_codes(grad_out, codes, stats, cols, bits, group_size, lo, s
     rounded to its dtype on the tensor cores, float32 multiplies exactly (input_precision "ieee",
     as torch's float32 matmul). grad_out may have any strides.
     """
-    _check_code_bits(bits)
-    _check(bits, exact_ok=False, values=[("grad_out", grad_out)], uint8=[("codes", codes)])
-    _check_2d("grad_out", grad_out)
-    _check_codes(codes, stats, cols, bits, group_size)
+    check_weight_grad_from_codes(grad_out, codes, stats, cols, bits, group_size)
+    _check_runs_on(grad_out, "grad_out")
     rows, out_features = grad_out.shape
-    if codes.shape[0] != rows:
-        raise ValueError(f"codes must have a row for each of the {rows} rows of grad_out, got "
-                         f"{codes.shape[0]}")
     grad_weight = torch.empty((out_features, cols), dtype=grad_out.dtype, device=grad_out.device)
     if grad_weight.numel():
         blocks = _gemm_blocks(grad_out.dtype)

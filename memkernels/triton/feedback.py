@@ -12,13 +12,11 @@ kernels produce bit for bit; TF32 would round them to 10 bits.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from memkernels.reference import check_feedback_key
+from memkernels.ops._checks import check_feedback_project, scalar_type_name
 from memkernels.triton.activations import _runs_on
 
 BLOCK_N = 64
@@ -72,23 +70,16 @@ def feedback_project(e: torch.Tensor, seed: int, layer: int, out_features: int, 
                      derivative: torch.Tensor | None) -> torch.Tensor:
     """(e @ B) * derivative: e (N, K) float16/bfloat16/float32 on CUDA (or CPU under
     TRITON_INTERPRET=1), out (N, out_features) in e's dtype, float32 accumulation."""
-    if e.dim() != 2:
-        raise ValueError(f"e must be 2-D (batch, K), got shape {tuple(e.shape)}")
-    if e.dtype not in _DTYPES:
-        raise TypeError(f"e must be float16, bfloat16 or float32 for the Triton kernel, got {e.dtype}")
-    if not _runs_on(e.device):
-        raise ValueError(f"e must be a CUDA tensor (CPU tensors run this Triton kernel only under "
+    check_feedback_project(e, seed, layer, out_features, scale, derivative)
+    # What this kernel alone needs (the CUDA C++ kernel checks the same, csrc/cuda/feedback.cu).
+    torch._check(e.dtype in _DTYPES,
+                 lambda: f"e must be float32, bfloat16 or float16 for the Triton kernel, got "
+                         f"{scalar_type_name(e.dtype)}")
+    torch._check(_runs_on(e.device),
+                 lambda: f"e must be a CUDA tensor (CPU tensors run this Triton kernel only under "
                          f"TRITON_INTERPRET=1), got {e.device}")
-    check_feedback_key(seed, layer)
-    if out_features < 0:
-        raise ValueError(f"out_features must be >= 0, got {out_features}")
-    if not math.isfinite(scale) or abs(scale) > torch.finfo(torch.float32).max:
-        raise ValueError(f"scale must be a finite float32, got {scale}")
     n, k = e.shape
     if derivative is not None:
-        if derivative.shape != (n, out_features) or derivative.dtype != e.dtype or derivative.device != e.device:
-            raise ValueError(f"derivative must be ({n}, {out_features}) {e.dtype} on {e.device}, got "
-                             f"{tuple(derivative.shape)} {derivative.dtype} on {derivative.device}")
         derivative = derivative.contiguous()
     out = torch.empty((n, out_features), dtype=e.dtype, device=e.device)
     if out.numel() == 0:
