@@ -5,7 +5,8 @@ and never lowers them, so a kernel can pass every test and still fail to compile
 the compiler rejects, a tl.dot shape it does not support, a layout conversion, ptxas). This script
 drives the Triton host functions (memkernels/triton/*.py) with small CPU tensors over every dtype,
 code width and flag that selects a different kernel, and every activation exact and in 3 bits (the
-activation and the code width are independent parts of a kernel): a stand-in driver reports a CUDA
+activation and the code width are independent parts of a kernel, as is the backward's load of a
+gradient that is one broadcast value, launched for one activation): a stand-in driver reports a CUDA
 target, triton's jit_cache_hook records each kernel specialization the launch asks for (the
 signature, constexprs and alignment attributes triton derives from the real arguments) and skips
 the launch, then each is compiled to a cubin for every target. Nothing runs; outputs stay unset.
@@ -86,6 +87,8 @@ def launch_every_kernel() -> None:
     numel = 4096  # a multiple of 16, as most sizes are: triton then specializes on alignment
     for dtype in ta._FLOAT_DTYPES:
         x = torch.randn(numel, dtype=dtype)
+        one = torch.ones((), dtype=dtype).expand(numel)  # y.sum()'s gradient: GRAD_BROADCAST
+        ta.activation_backward_from_input(one, x, int(Activation.GELU), 0.0, 0.0)
         for bits in (0, *VALID_BITS):
             borders = torch.randn((1 << bits) - 1).sort().values if bits else None
             levels = torch.randn(1 << bits) if bits else None
@@ -95,10 +98,12 @@ def launch_every_kernel() -> None:
                 if bits == 0:
                     ta.activation_value(x, int(activation), 0.5, 20.0)
                     ta.activation_backward_from_input(x, x, int(activation), 0.5, 20.0)
-            ta.activation_backward(x, saved, bits, levels)
+            for grad in (x, one):
+                ta.activation_backward(grad, saved, bits, levels)
             for activation in GATES:
                 _, saved = ta.gated_forward(x, x, int(activation), bits, borders)
-                ta.gated_backward(x, x if bits == 0 else saved, x, int(activation), bits, levels, levels)
+                for grad in (x, one) if activation == GATES[0] else (x,):
+                    ta.gated_backward(grad, x if bits == 0 else saved, x, int(activation), bits, levels, levels)
     for bits in VALID_BITS:
         codes = torch.randint(0, 1 << bits, (numel,), dtype=torch.uint8)
         ta.unpack_bits(ta.pack_bits(codes, bits), bits, numel)

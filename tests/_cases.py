@@ -1,4 +1,6 @@
-"""The activations under test: (name, mk function, torch function, kwargs, Activation id, p0, p1)."""
+"""The activations under test: (name, mk function, torch function, kwargs, Activation id, p0, p1);
+and helpers for the tests of losses straight on their output."""
+import torch
 import torch.nn.functional as TF
 
 import memkernels.functional as MF
@@ -24,3 +26,30 @@ CASES = [
     ("hardsigmoid", MF.hardsigmoid, TF.hardsigmoid, {}, A.HARDSIGMOID, 0.0, 0.0),
 ]
 IDS = [c[0] for c in CASES]
+
+# Losses straight on an activation's output: the backward of sum hands the activation an expanded
+# scalar as grad_out (every stride 0), that of mean a dense tensor of 1 / numel.
+LOSSES = ("sum", "mean")
+
+
+def loss_grad(loss, y):
+    """The grad_out that autograd hands y's grad_fn for getattr(y, loss)(), as autograd makes it."""
+    z = torch.zeros_like(y, requires_grad=True)
+    (g,) = torch.autograd.grad(getattr(z, loss)(), z)
+    return g
+
+
+def kept_beyond(fn, *args):
+    """Bytes of the storages that fn(*args) keeps for backward other than its arguments' and its
+    output's: what it allocates to keep (f'(x), a code, a copy)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(*args)
+    for t in (*args, y):
+        storages.pop(t.untyped_storage().data_ptr(), None)
+    return sum(storages.values())

@@ -8,7 +8,7 @@ from memkernels.activations.autograd import TORCH_BACKWARD, keeps_input
 from memkernels.activations.spec import TWO_VALUED, packed_nbytes
 from memkernels.activations.tables import get_table
 
-from _cases import CASES, IDS
+from _cases import CASES, IDS, LOSSES, kept_beyond, loss_grad
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1,), (7,), (1023,), (4097,), (3, 5, 7)]
@@ -138,6 +138,78 @@ def test_empty(case, bits, device):
         assert y.shape == shape
         y.sum().backward()
         assert x.grad.shape == shape
+
+
+REDUCED_SHAPES = [(1,), (7,), (1023,), (4097,), (0,), (3, 5, 7)]
+
+
+def assert_same_grad(grad, want, strides=True):
+    assert grad.dtype == want.dtype and grad.shape == want.shape
+    assert grad.stride() == want.stride() or not strides
+    assert torch.equal(grad, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [None, 1, 3])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_loss_on_the_output(case, bits, dtype, device):
+    """y.sum() and y.mean() straight on the output, whose backward hands the activation an
+    expanded scalar (sum) that the kernels read as one value, uncopied: the gradient is the one a
+    contiguous grad_out of the same values gives, bit for bit, in every mode (f'(x), x or y kept,
+    codes), dense layouts (a transpose) included. (Where torch's backward runs, exact Sigmoid,
+    Tanh and Hardswish, torch lays out its gradient after its inputs, the expanded one too.)"""
+    _, mfn, _, kwargs, act, _, _ = case
+    ours = bits is not None or act not in TORCH_BACKWARD
+    for shape in REDUCED_SHAPES:
+        x, _ = inputs(shape, dtype, device)
+        xs = [x] + ([x.detach().mT.contiguous().mT.requires_grad_()] if x.dim() > 1 else [])
+        for x in xs:
+            for loss in LOSSES:
+                x.grad = None
+                y = mfn(x, **kwargs, bits=bits)
+                getattr(y, loss)().backward()
+                g = loss_grad(loss, y)
+                if loss == "sum" and g.numel() > 1:
+                    assert set(g.stride()) == {0}  # what the kernels must read uncopied
+                (want,) = torch.autograd.grad(mfn(x, **kwargs, bits=bits), x, g.contiguous())
+                assert_same_grad(x.grad, want, strides=ours)
+
+
+@pytest.mark.parametrize("bits", [None, 3])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_strided_grad_out(case, bits, device):
+    """A grad_out expanded along some dims only, sliced or transposed is copied, not read as one
+    value: the gradient is that of its contiguous copy; so is a one-element grad_out."""
+    _, mfn, _, kwargs, _, _, _ = case
+    x, _ = inputs((3, 5, 7), torch.float32, device)
+    w = torch.randn(5, 7, device=device)
+    for g in (w.expand(3, 5, 7), w[:, :1].expand(3, 5, 7), torch.randn(3, 10, 7, device=device)[:, ::2],
+              torch.randn(7, 5, 3, device=device).permute(2, 1, 0)):
+        (grad,) = torch.autograd.grad(mfn(x, **kwargs, bits=bits), x, g)
+        (want,) = torch.autograd.grad(mfn(x, **kwargs, bits=bits), x, g.contiguous())
+        assert torch.equal(grad, want)
+    x1 = x.detach()[:1, :1, :1].requires_grad_()
+    (grad,) = torch.autograd.grad(mfn(x1, **kwargs, bits=bits).sum(), x1)
+    assert torch.equal(grad, torch.autograd.grad(mfn(x1, **kwargs, bits=bits), x1, torch.ones_like(x1))[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits", [None, 3])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_sum_backward_peak_memory(case, bits, dtype):
+    """The peak of fn(x).sum().backward() is y, x.grad and the two scalars of the sum, as for
+    torch.neg, plus what the activation allocates to keep (f'(x) or its code; nothing where it keeps
+    x or y): the backward reads the expanded scalar gradient as one value instead of a full-size
+    contiguous copy (which torch's own backward does not make either)."""
+    _, mfn, _, kwargs, _, _, _ = case
+    fn = lambda t: mfn(t, **kwargs, bits=bits)  # noqa: E731
+    x = torch.randn(1 << 14, dtype=dtype, requires_grad=True)
+    fn(x).sum().backward()  # fits or loads the tables first: they stay, cached
+    x.grad = None
+    baseline = mk.profile.peak_memory(torch.neg, x)
+    assert baseline == 2 * x.nbytes + 2 * x.element_size()
+    x.grad = None
+    assert mk.profile.peak_memory(fn, x) == baseline + kept_beyond(fn, x)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -8,6 +8,8 @@ from memkernels import reference
 from memkernels.activations.spec import Activation as A, packed_nbytes
 from memkernels.activations.tables import get_table
 
+from _cases import LOSSES, kept_beyond, loss_grad
+
 GATES = [
     ("swiglu", lambda a, b, **k: mk.functional.swiglu(a, b, **k), lambda a, b: TF.silu(a) * b, A.SILU),
     ("geglu", lambda a, b, **k: mk.functional.geglu(a, b, **k), lambda a, b: TF.gelu(a) * b, A.GELU),
@@ -88,6 +90,49 @@ def test_module_splits_concatenated_input(bits, device):
     # never x, whose first half would then stay alive.
     assert kept == (x.numel() * 4 if bits is None else x.numel() // 2 * 4 + packed_nbytes(x.numel() // 2, 3))
     torch.testing.assert_close(mk.nn.GeGLU(dim=0)(x), TF.gelu(x[:2]) * x[2:])
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("bits", [None, 1, 3])
+@pytest.mark.parametrize("gate", GATES, ids=IDS)
+def test_loss_on_the_output(gate, bits, dtype, device):
+    """y.sum() and y.mean() straight on the output (sum: an expanded scalar grad_out, read as one
+    value, uncopied): both gradients are those of a contiguous grad_out of the same values, bit for
+    bit, for two tensors and for the module's halves of one."""
+    name, mfn, _, _ = gate
+    module = {"swiglu": mk.nn.SwiGLU(bits=bits), "geglu": mk.nn.GeGLU(bits=bits)}.get(name)
+    for shape in ((1,), (7,), (1023,), (4097,), (0,), (3, 5, 7)):
+        a, b, _ = halves(shape, dtype, device)
+        for loss in LOSSES:
+            y = mfn(a, b, bits=bits)
+            grads = torch.autograd.grad(getattr(y, loss)(), (a, b))
+            g = loss_grad(loss, y)
+            wants = torch.autograd.grad(mfn(a, b, bits=bits), (a, b), g.contiguous())
+            for grad, want in zip(grads, wants):
+                assert grad.dtype == want.dtype and grad.stride() == want.stride() and torch.equal(grad, want)
+            if module is not None:
+                x = torch.cat([a, b], -1).detach().requires_grad_()
+                (grad,) = torch.autograd.grad(getattr(module(x), loss)(), x)
+                (want,) = torch.autograd.grad(module(x), x, loss_grad(loss, module(x)).contiguous())
+                assert torch.equal(grad, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits", [None, 3])
+@pytest.mark.parametrize("gate", GATES, ids=IDS)
+def test_sum_backward_peak_memory(gate, bits, dtype):
+    """The peak of fn(a, b).sum().backward() is y, the two gradients and the sum's two scalars, as
+    for a * b, plus what the unit allocates to keep (the code of a): no full-size copy of the
+    expanded scalar gradient."""
+    _, mfn, _, _ = gate
+    fn = lambda s, t: mfn(s, t, bits=bits)  # noqa: E731
+    a, b = (torch.randn(1 << 14, dtype=dtype, requires_grad=True) for _ in range(2))
+    fn(a, b).sum().backward()  # loads the tables first: they stay, cached
+    a.grad = b.grad = None
+    baseline = mk.profile.peak_memory(torch.mul, a, b)
+    assert baseline == 3 * a.nbytes + 2 * a.element_size()
+    a.grad = b.grad = None
+    assert mk.profile.peak_memory(fn, a, b) == baseline + kept_beyond(fn, a, b)
 
 
 def test_bad_arguments():

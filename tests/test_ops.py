@@ -24,6 +24,7 @@ def op_samples(device):
     borders, levels, values = (v.to(device) for v in (t.borders, t.levels, t.value_levels))
     y, code = ops.activation_forward(x, int(A.GELU), 0.0, 0.0, 3, borders)
     _, gcode = ops.gated_forward(x, g, int(A.SILU), 3, borders)
+    one = torch.randn((), device=device).expand(x.shape)  # y.sum()'s grad_out: one value, strides 0
     return [
         ("activation_forward", (x, int(A.GELU), 0.0, 0.0, 0, None)),
         ("activation_forward", (x.t(), int(A.SOFTPLUS), 2.0, 3.0, 3, borders)),
@@ -31,12 +32,17 @@ def op_samples(device):
         ("activation_value", (x.t(), int(A.LEAKY_RELU), 0.2, 0.0)),
         ("activation_backward", (g, code, 3, levels)),
         ("activation_backward", (g, g, 0, None)),
+        ("activation_backward", (one, code, 3, levels)),
+        ("activation_backward", (one, g, 0, None)),
         ("activation_backward_from_input", (g, x, int(A.SILU), 0.0, 0.0)),
         ("activation_backward_from_input", (g.t(), x.t(), int(A.SOFTPLUS), 2.0, 3.0)),
+        ("activation_backward_from_input", (one, x, int(A.GELU), 0.0, 0.0)),
         ("gated_forward", (x, g, int(A.SILU), 0, None)),
         ("gated_forward", (x, g, int(A.GELU_TANH), 3, borders)),
         ("gated_backward", (g, x, g, int(A.SILU), 0, None, None)),
         ("gated_backward", (g, gcode, g, int(A.SILU), 3, levels, values)),
+        ("gated_backward", (one, x, g, int(A.GELU), 0, None, None)),
+        ("gated_backward", (one, gcode, g, int(A.SILU), 3, levels, values)),
         ("pack_bits", (torch.randint(0, 8, (37,), dtype=torch.uint8, device=device), 3)),
         ("unpack_bits", (code, 3, x.numel())),
         ("activation_table", (int(A.GELU), 3, 0.0, 0.0, x.device)),

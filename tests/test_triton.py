@@ -5,6 +5,7 @@ shapes: the interpreter runs about a million elements a second).
 """
 import contextlib
 
+from _cases import LOSSES, loss_grad
 from _codes import exact_codes, float64_around_borders
 from _triton_modules import DEVICE, triton_modules
 
@@ -180,6 +181,71 @@ def test_gated(act, dtype, bits):
     for got, want in zip(grads, grads_ref):
         assert got.shape == a.shape
         assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", list(Activation), ids=lambda a: a.name)
+def test_backward_of_a_loss_on_the_output(act, dtype):
+    """The grad_out of y.sum() (an expanded scalar, which the kernel reads as one value, uncopied)
+    and of y.mean(): every backward op gives what a contiguous grad_out of the same values gives,
+    bit for bit, in the same layout. activation_backward multiplies by what forward kept whatever
+    the activation: it runs for GELU alone, on f'(x) and on 3-bit codes (the code width and the
+    gradient's load are independent parts of the kernel, and the other tests cover every width)."""
+    p0, p1 = default_params(act)
+    for shape in ((1,), (7,), (1023,), (4097,), (0,), (5, 7, 13)):
+        x = make_input(shape, dtype)
+        b = make_input(shape, dtype, scale=1.0).flip(0)
+        calls = [lambda g: (tk.activation_backward_from_input(g, x, int(act), p0, p1),)]
+        if act == Activation.GELU:
+            _, derivative = tk.activation_forward(x, int(act), p0, p1, 0, None)
+            borders, levels, _ = make_tables(3, x)
+            _, code = tk.activation_forward(x, int(act), p0, p1, 3, borders)
+            calls += [lambda g: (tk.activation_backward(g, derivative, 0, None),),
+                      lambda g: (tk.activation_backward(g, code, 3, levels),)]
+        if act in GATES:
+            borders, gate_levels, value_levels = make_tables(3, x)
+            _, gated_code = tk.gated_forward(x, b, int(act), 3, borders)
+            calls += [lambda g: tk.gated_backward(g, x, b, int(act), 0, None, None),
+                      lambda g: tk.gated_backward(g, gated_code, b, int(act), 3, gate_levels, value_levels)]
+        for loss in LOSSES:
+            g = loss_grad(loss, x)
+            assert g.numel() <= 1 or loss == "mean" or set(g.stride()) == {0}
+            for call in calls:
+                for got, want in zip(call(g), call(g.contiguous())):
+                    assert got.dtype == want.dtype and got.stride() == want.stride()
+                    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_one_value_grad_is_read_uncopied(monkeypatch):
+    """Only a grad_out of one value broadcast to every element (each dim of more than one element
+    with stride 0) reaches the kernel as it is; a partly expanded, sliced or transposed one is
+    copied first (the one value is read from the tensor's first element)."""
+    x = make_input((5, 7, 13), torch.float32)
+    _, derivative = tk.activation_forward(x, int(Activation.GELU), 0.0, 0.0, 0, None)
+    one = torch.randn((), device=DEVICE)
+    cases = [(one.expand(5, 7, 13), True), (one.view(1, 1, 1).expand(5, 1, 13).expand(5, 7, 13), True),
+             (torch.randn(1, 7, 1, device=DEVICE).expand(5, 7, 13), False),
+             (torch.randn(7, 13, device=DEVICE).expand(5, 7, 13), False),
+             (torch.randn(13, 7, 5, device=DEVICE).permute(2, 1, 0), False),
+             (torch.randn(5, 14, 13, device=DEVICE)[:, ::2], False)]
+    seen = []  # (grad, GRAD_BROADCAST) of each launch
+
+    class Recording:
+        def __getitem__(self, grid):
+            launch = kernel[grid]
+            return lambda *args, **kwargs: (seen.append((args[0], kwargs["GRAD_BROADCAST"])),
+                                            launch(*args, **kwargs))
+
+    kernel = tk._backward_kernel
+    monkeypatch.setattr(tk, "_backward_kernel", Recording())
+    for g, broadcast in cases:
+        assert tk._broadcasts_one_value(g) == broadcast
+        got = tk.activation_backward(g, derivative, 0, None)
+        want = tk.activation_backward(g.contiguous(), derivative, 0, None)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        assert seen[-2][1] == broadcast and (seen[-2][0] is g) == broadcast
+    assert tk._broadcasts_one_value(torch.randn(1, 1, device=DEVICE).t())  # one element: either way
+    assert not tk._broadcasts_one_value(torch.empty(0, 3, device=DEVICE))
 
 
 @pytest.mark.parametrize("numel", (1, 7, 8, 9, 1000, 4097))

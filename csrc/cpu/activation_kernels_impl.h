@@ -3,12 +3,14 @@
 //
 // One pass over memory each way. Forward reads x once and writes y and what backward keeps:
 // f'(x) (bits == 0) or the packed code of x, counted and packed tile by tile with no code tensor in
-// between. Backward reads grad_out and the saved tensor once (or x, f' then computed from it);
+// between. Backward reads grad_out and the saved tensor once (or x, f' then computed from it; a
+// grad_out that is one value broadcast, the gradient of y.sum(), through a tile of it: GradTiles);
 // codes are unpacked a group at a time and looked up in the (at most 256-entry) level table on the
 // stack.
 #pragma once
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "activations.h"
@@ -153,6 +155,26 @@ void gated_forward(Activation act, const at::Tensor& a, const at::Tensor& b, int
 
 // ---- backward ----
 
+// The incoming gradient of a backward kernel, a tile at a time: grad_out's own elements, or, where
+// grad_out is one value broadcast to every element (the gradient of y.sum(), an expanded scalar,
+// which activations.cpp passes on uncopied), a tile's worth of that value, which every tile reads.
+// Either way the kernel loads and multiplies as it always does: the same arithmetic, bit for bit,
+// for kTile elements of memory instead of a full-size copy.
+template <typename scalar_t>
+struct GradTiles {
+  const scalar_t* grad_out;
+  bool broadcast;
+  alignas(64) scalar_t repeated[kTile];
+
+  GradTiles(const scalar_t* grad_out_, bool broadcast_) : grad_out(grad_out_), broadcast(broadcast_) {
+    if (broadcast) {
+      std::fill_n(repeated, kTile, grad_out[0]);
+    }
+  }
+  // The gradient of the tile of elements [begin, begin + kTile).
+  const scalar_t* tile(int64_t begin) const { return broadcast ? repeated : grad_out + begin; }
+};
+
 // table[code] for the codes of one tile: unpacks its groups, then looks each code up.
 template <typename T>
 struct LevelTable {
@@ -172,14 +194,14 @@ struct LevelTable {
 
 // grad_in = grad_out * d, d = saved (bits == 0) or levels[code].
 template <typename scalar_t>
-void activation_backward_kernel(const scalar_t* grad_out, const scalar_t* saved, const uint8_t* codes,
+void activation_backward_kernel(const GradTiles<scalar_t>& grad, const scalar_t* saved, const uint8_t* codes,
                                 int64_t bits, const at::Tensor& levels, scalar_t* grad_in, int64_t numel) {
   using T = opmath_t<scalar_t>;
   const std::optional<LevelTable<T>> table =
       bits == 0 ? std::nullopt : std::make_optional<LevelTable<T>>(levels);
   const bool stream = stream_stores(grad_in, numel);
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
-    const scalar_t* gs = grad_out + begin;
+    const scalar_t* gs = grad.tile(begin);
     scalar_t* outs = grad_in + begin;
     // ds: the tile's f'(x), kept (scalar_t) or looked up (T).
     const auto multiply = [&](const auto* ds) {
@@ -197,19 +219,19 @@ void activation_backward_kernel(const scalar_t* grad_out, const scalar_t* saved,
   });
 }
 
-void activation_backward(const at::Tensor& grad_out, const at::Tensor& saved, int64_t bits, const at::Tensor& levels,
-                         const at::Tensor& grad_in) {
+void activation_backward(const at::Tensor& grad_out, bool grad_broadcast, const at::Tensor& saved, int64_t bits,
+                         const at::Tensor& levels, const at::Tensor& grad_in) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "activation_backward", [&] {
-    activation_backward_kernel<scalar_t>(
-        grad_out.const_data_ptr<scalar_t>(), bits == 0 ? saved.const_data_ptr<scalar_t>() : nullptr,
-        bits == 0 ? nullptr : saved.const_data_ptr<uint8_t>(), bits, levels, grad_in.mutable_data_ptr<scalar_t>(),
-        grad_out.numel());
+    const GradTiles<scalar_t> grad(grad_out.const_data_ptr<scalar_t>(), grad_broadcast);
+    activation_backward_kernel<scalar_t>(grad, bits == 0 ? saved.const_data_ptr<scalar_t>() : nullptr,
+                                         bits == 0 ? nullptr : saved.const_data_ptr<uint8_t>(), bits, levels,
+                                         grad_in.mutable_data_ptr<scalar_t>(), grad_out.numel());
   });
 }
 
 // grad_in = grad_out * f'(x), f' computed from x as forward computes it.
 template <Activation A, typename scalar_t>
-void activation_backward_from_input_kernel(const scalar_t* grad_out, const scalar_t* x, scalar_t* grad_in,
+void activation_backward_from_input_kernel(const GradTiles<scalar_t>& grad, const scalar_t* x, scalar_t* grad_in,
                                            int64_t numel, double p0_, double p1_) {
   using T = opmath_t<scalar_t>;
   using V = Vectorized<T>;
@@ -217,7 +239,7 @@ void activation_backward_from_input_kernel(const scalar_t* grad_out, const scala
   const V p0(static_cast<T>(p0_)), p1(static_cast<T>(p1_));
   const bool stream = stream_stores(grad_in, numel);
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
-    const scalar_t* gs = grad_out + begin;
+    const scalar_t* gs = grad.tile(begin);
     const scalar_t* xs = x + begin;
     scalar_t* outs = grad_in + begin;
     for_each_vec<T>(n, [&](int64_t i, int64_t count) {
@@ -227,11 +249,12 @@ void activation_backward_from_input_kernel(const scalar_t* grad_out, const scala
   });
 }
 
-void activation_backward_from_input(Activation act, const at::Tensor& grad_out, const at::Tensor& x, double p0,
-                                    double p1, const at::Tensor& grad_in) {
+void activation_backward_from_input(Activation act, const at::Tensor& grad_out, bool grad_broadcast,
+                                    const at::Tensor& x, double p0, double p1, const at::Tensor& grad_in) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "activation_backward_from_input", [&] {
+    const GradTiles<scalar_t> grad(grad_out.const_data_ptr<scalar_t>(), grad_broadcast);
     dispatch_activation(act, [&](auto a) {
-      activation_backward_from_input_kernel<a.value>(grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+      activation_backward_from_input_kernel<a.value>(grad, x.const_data_ptr<scalar_t>(),
                                                      grad_in.mutable_data_ptr<scalar_t>(), x.numel(), p0, p1);
     });
   });
@@ -240,7 +263,7 @@ void activation_backward_from_input(Activation act, const at::Tensor& grad_out, 
 // grad_a = g * b * f'(a), grad_b = g * f(a): from a itself (bits == 0) or from levels[code] and
 // value_levels[code].
 template <Activation A, typename scalar_t>
-void gated_backward_kernel(const scalar_t* grad_out, const scalar_t* a, const uint8_t* codes, const scalar_t* b,
+void gated_backward_kernel(const GradTiles<scalar_t>& grad, const scalar_t* a, const uint8_t* codes, const scalar_t* b,
                            int64_t bits, const at::Tensor& levels, const at::Tensor& value_levels,
                            scalar_t* grad_a, scalar_t* grad_b, int64_t numel) {
   using T = opmath_t<scalar_t>;
@@ -253,7 +276,7 @@ void gated_backward_kernel(const scalar_t* grad_out, const scalar_t* a, const ui
   const V zero(T(0));
   const bool stream_a = stream_stores(grad_a, numel), stream_b = stream_stores(grad_b, numel);
   for_each_tile(numel, [&](int64_t begin, int64_t n) {
-    const scalar_t* gs = grad_out + begin;
+    const scalar_t* gs = grad.tile(begin);
     const scalar_t* bs = b + begin;
     scalar_t* gas = grad_a + begin;
     scalar_t* gbs = grad_b + begin;
@@ -279,13 +302,14 @@ void gated_backward_kernel(const scalar_t* grad_out, const scalar_t* a, const ui
   });
 }
 
-void gated_backward(Activation act, const at::Tensor& grad_out, const at::Tensor& saved_a, const at::Tensor& b,
-                    int64_t bits, const at::Tensor& levels, const at::Tensor& value_levels, const at::Tensor& grad_a,
-                    const at::Tensor& grad_b) {
+void gated_backward(Activation act, const at::Tensor& grad_out, bool grad_broadcast, const at::Tensor& saved_a,
+                    const at::Tensor& b, int64_t bits, const at::Tensor& levels, const at::Tensor& value_levels,
+                    const at::Tensor& grad_a, const at::Tensor& grad_b) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "gated_backward", [&] {
+    const GradTiles<scalar_t> grad(grad_out.const_data_ptr<scalar_t>(), grad_broadcast);
     dispatch_activation(act, [&](auto f) {
       gated_backward_kernel<f.value>(
-          grad_out.const_data_ptr<scalar_t>(), bits == 0 ? saved_a.const_data_ptr<scalar_t>() : nullptr,
+          grad, bits == 0 ? saved_a.const_data_ptr<scalar_t>() : nullptr,
           bits == 0 ? nullptr : saved_a.const_data_ptr<uint8_t>(), b.const_data_ptr<scalar_t>(), bits, levels,
           value_levels, grad_a.mutable_data_ptr<scalar_t>(), grad_b.mutable_data_ptr<scalar_t>(), grad_out.numel());
     });

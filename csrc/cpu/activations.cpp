@@ -102,6 +102,28 @@ at::Tensor empty_codes(int64_t numel, int64_t bits, const at::Tensor& like) {
   return at::empty({packed_nbytes(numel, bits)}, like.options().dtype(at::kByte));
 }
 
+// Whether t holds one value broadcast to every element: each dim of more than one element has
+// stride 0 (an expanded scalar, what autograd hands the activation's backward for y.sum()). The
+// backward kernels read such a grad_out as that one value (grad_broadcast), where a contiguous
+// copy would allocate a full-size tensor that torch's own backward (through TensorIterator) does
+// not. Other strided gradients are copied.
+bool broadcasts_one_value(const at::Tensor& t) {
+  if (t.numel() == 0) {
+    return false;
+  }
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) != 1 && t.stride(d) != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// grad_out as the backward kernels take it: itself when it broadcasts one value, else contiguous.
+at::Tensor kernel_grad_out(const at::Tensor& grad_out, bool broadcast) {
+  return broadcast ? grad_out : grad_out.contiguous();
+}
+
 // ---- ops ----
 
 std::tuple<at::Tensor, at::Tensor> activation_forward(const at::Tensor& x_in, int64_t activation, double p0,
@@ -158,9 +180,10 @@ at::Tensor activation_backward(const at::Tensor& grad_out_in, const at::Tensor& 
   if (bits > 0) {
     levels = check_table(levels_in, "levels", int64_t{1} << bits, bits, grad_out_in);
   }
-  const at::Tensor grad_out = grad_out_in.contiguous();
+  const bool broadcast = broadcasts_one_value(grad_out_in);
+  const at::Tensor grad_out = kernel_grad_out(grad_out_in, broadcast);
   at::Tensor grad_in = empty_output(grad_out);
-  activation_kernels().backward(grad_out, saved, bits, levels, grad_in);
+  activation_kernels().backward(grad_out, broadcast, saved, bits, levels, grad_in);
   return grad_in;
 }
 
@@ -169,9 +192,10 @@ at::Tensor activation_backward_from_input(const at::Tensor& grad_out_in, const a
   check_floating(grad_out_in, "grad_out");
   check_like(x_in, "x", grad_out_in, "grad_out");
   const Activation act = check_activation(activation);
-  const at::Tensor grad_out = grad_out_in.contiguous(), x = x_in.contiguous();
+  const bool broadcast = broadcasts_one_value(grad_out_in);
+  const at::Tensor grad_out = kernel_grad_out(grad_out_in, broadcast), x = x_in.contiguous();
   at::Tensor grad_in = empty_output(grad_out);
-  activation_kernels().backward_from_input(act, grad_out, x, p0, p1, grad_in);
+  activation_kernels().backward_from_input(act, grad_out, broadcast, x, p0, p1, grad_in);
   return grad_in;
 }
 
@@ -189,10 +213,12 @@ std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& grad_out_in,
     levels = check_table(levels_in, "levels", int64_t{1} << bits, bits, grad_out_in);
     value_levels = check_table(value_levels_in, "value_levels", int64_t{1} << bits, bits, grad_out_in);
   }
-  const at::Tensor grad_out = grad_out_in.contiguous(), b = b_in.contiguous();
+  const bool broadcast = broadcasts_one_value(grad_out_in);
+  const at::Tensor grad_out = kernel_grad_out(grad_out_in, broadcast), b = b_in.contiguous();
   at::Tensor grad_a = empty_output(grad_out);
   at::Tensor grad_b = empty_output(grad_out);
-  activation_kernels().gated_backward(act, grad_out, saved_a, b, bits, levels, value_levels, grad_a, grad_b);
+  activation_kernels().gated_backward(act, grad_out, broadcast, saved_a, b, bits, levels, value_levels, grad_a,
+                                      grad_b);
   return {grad_a, grad_b};
 }
 

@@ -220,15 +220,16 @@ forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ b,
 }
 
 // grad_in = g * f'; b != nullptr (gated): grad_in = g * b * f', grad_b = g * f.
-// bits == 0: saved is f'(x) itself, or a itself when gated (f, f' computed here, which is the
-// only use of A). bits > 0: f' = levels[code], f = value_levels[code].
+// g = grad's elements, or grad[0] for every element when grad_broadcast (grad one value expanded:
+// see broadcasts_one_value). bits == 0: saved is f'(x) itself, or a itself when gated (f, f'
+// computed here, which is the only use of A). bits > 0: f' = levels[code], f = value_levels[code].
 template <typename scalar_t, Activation A>
 __global__ void __launch_bounds__(kThreads)
-backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ saved,
-                const uint8_t* __restrict__ packed, const scalar_t* __restrict__ b,
-                const float* __restrict__ levels, const float* __restrict__ value_levels,
-                scalar_t* __restrict__ grad_in, scalar_t* __restrict__ grad_b, int bits,
-                int64_t numel, bool vec) {
+backward_kernel(const scalar_t* __restrict__ grad, bool grad_broadcast,
+                const scalar_t* __restrict__ saved, const uint8_t* __restrict__ packed,
+                const scalar_t* __restrict__ b, const float* __restrict__ levels,
+                const float* __restrict__ value_levels, scalar_t* __restrict__ grad_in,
+                scalar_t* __restrict__ grad_b, int bits, int64_t numel, bool vec) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ float s_levels[kMaxTable];
   __shared__ float s_value_levels[kMaxTable];
@@ -242,7 +243,13 @@ backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ 
        g += int64_t(gridDim.x) * blockDim.x) {
     const int64_t first = g * kGroup;
     acc_t gs[kGroup], ds[kGroup], vs[kGroup];
-    load_group(grad, first, numel, vec, gs);
+    if (grad_broadcast) {
+      const acc_t g0 = static_cast<acc_t>(grad[0]);
+#pragma unroll
+      for (int i = 0; i < kGroup; ++i) gs[i] = g0;
+    } else {
+      load_group(grad, first, numel, vec, gs);
+    }
     if (packed != nullptr) {
       const uint64_t word = load_word(packed, g, bits);
       const uint32_t mask = (1u << bits) - 1;
@@ -282,6 +289,18 @@ backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ 
 }
 
 // ---- host side ----
+
+// Whether t holds one value broadcast to every element: each dim of more than one element has
+// stride 0 (an expanded scalar, what autograd hands the activation's backward for y.sum()). The
+// backward kernel reads such a gradient as that one value, where a contiguous copy would allocate
+// a full-size tensor that torch's own backward does not. Other strided gradients are copied.
+bool broadcasts_one_value(const at::Tensor& t) {
+  if (t.numel() == 0) return false;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) != 1 && t.stride(d) != 0) return false;
+  }
+  return true;
+}
 
 template <Activation A>
 using ActivationTag = std::integral_constant<Activation, A>;
@@ -404,7 +423,8 @@ void launch_forward(const at::Tensor& x, const at::Tensor& b, at::Tensor& y, at:
 }
 
 // grad_in = g * f' (b defined: grad_in = g * b * f', grad_b = g * f). `saved` is f' or a
-// (bits == 0) or the packed code. Only gated, bits == 0 needs the activation.
+// (bits == 0) or the packed code; grad is contiguous or broadcasts one value. Only gated,
+// bits == 0 needs the activation.
 void launch_backward(const at::Tensor& grad, const at::Tensor& saved, const at::Tensor& b,
                      const at::Tensor& levels, const at::Tensor& value_levels, at::Tensor& grad_in,
                      at::Tensor& grad_b, int64_t activation, int64_t bits, const char* op) {
@@ -414,21 +434,23 @@ void launch_backward(const at::Tensor& grad, const at::Tensor& saved, const at::
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "activation_bwd",
                                   [&] {
+    const bool grad_broadcast = broadcasts_one_value(grad);
     const scalar_t* grad_ptr = grad.const_data_ptr<scalar_t>();
     const scalar_t* saved_ptr = bits == 0 ? saved.const_data_ptr<scalar_t>() : nullptr;
     const uint8_t* packed_ptr = bits == 0 ? nullptr : saved.const_data_ptr<uint8_t>();
     const scalar_t* b_ptr = ptr_or_null<scalar_t>(b);
     scalar_t* grad_in_ptr = grad_in.mutable_data_ptr<scalar_t>();
     scalar_t* grad_b_ptr = mutable_ptr_or_null<scalar_t>(grad_b);
-    const bool vec = vector_aligned({grad_ptr, saved_ptr, b_ptr, grad_in_ptr, grad_b_ptr},
+    const bool vec = vector_aligned({grad_broadcast ? nullptr : grad_ptr, saved_ptr, b_ptr,
+                                     grad_in_ptr, grad_b_ptr},
                                     sizeof(Group<scalar_t>));
     const float* levels_ptr = levels.defined() ? levels.const_data_ptr<float>() : nullptr;
     const float* value_levels_ptr =
         value_levels.defined() ? value_levels.const_data_ptr<float>() : nullptr;
     auto launch = [&](auto tag) {
       backward_kernel<scalar_t, decltype(tag)::value><<<num_blocks(numel), kThreads, 0, stream>>>(
-          grad_ptr, saved_ptr, packed_ptr, b_ptr, levels_ptr, value_levels_ptr, grad_in_ptr,
-          grad_b_ptr, static_cast<int>(bits), numel, vec);
+          grad_ptr, grad_broadcast, saved_ptr, packed_ptr, b_ptr, levels_ptr, value_levels_ptr,
+          grad_in_ptr, grad_b_ptr, static_cast<int>(bits), numel, vec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (b.defined() && bits == 0) {
@@ -467,7 +489,8 @@ at::Tensor activation_backward(const at::Tensor& grad_in_arg, const at::Tensor& 
                                int64_t bits, const std::optional<at::Tensor>& levels) {
   check_float_input(grad_in_arg, "grad_out");
   check_bits(bits, /*exact_ok=*/true);
-  const at::Tensor grad = grad_in_arg.contiguous();
+  const at::Tensor grad =
+      broadcasts_one_value(grad_in_arg) ? grad_in_arg : grad_in_arg.contiguous();
   at::Tensor saved, table;
   if (bits == 0) {
     check_like(saved_in, "saved", grad, "grad_out");
@@ -515,7 +538,7 @@ std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& grad_out,
   check_like(b_in, "b", grad_out, "grad_out");
   check_bits(bits, /*exact_ok=*/true);
   dispatch_activation(activation, "gated_backward", [](auto) {});
-  const at::Tensor grad = grad_out.contiguous();
+  const at::Tensor grad = broadcasts_one_value(grad_out) ? grad_out : grad_out.contiguous();
   const at::Tensor b = b_in.contiguous();
   at::Tensor saved, table, value_table;
   if (bits == 0) {

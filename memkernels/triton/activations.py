@@ -247,16 +247,21 @@ def _forward_kernel(x_ptr, b_ptr, y_ptr, deriv_ptr, packed_ptr, borders_ptr, num
 def _backward_kernel(grad_ptr, saved_ptr, b_ptr, levels_ptr, value_levels_ptr, grad_in_ptr,
                      grad_b_ptr, numel, num_groups, p0_hi, p0_lo, p1_hi, p1_lo, ACT: tl.constexpr,
                      BITS: tl.constexpr, GATED: tl.constexpr, FROM_INPUT: tl.constexpr,
-                     FP64: tl.constexpr, BLOCK_GROUPS: tl.constexpr):
+                     FP64: tl.constexpr, GRAD_BROADCAST: tl.constexpr, BLOCK_GROUPS: tl.constexpr):
     """grad_in = g * f'(x) (GATED: grad_in = g * b * f'(a), grad_b = g * f(a)).
 
-    BITS == 0: saved is f'(x) itself, or x (FROM_INPUT; GATED: a), f' then computed from it with
-    parameters p0, p1; BITS > 0: saved is the packed code and f', f are levels[code],
-    value_levels[code]. Unused pointers are passed as grad and never read.
+    g is grad's elements, or with GRAD_BROADCAST its one element, the same for all (grad an
+    expanded scalar: see _broadcasts_one_value). BITS == 0: saved is f'(x) itself, or x
+    (FROM_INPUT; GATED: a), f' then computed from it with parameters p0, p1; BITS > 0: saved is
+    the packed code and f', f are levels[code], value_levels[code]. Unused pointers are passed as
+    grad and never read.
     """
     groups, elements = group_offsets(tl.program_id(0), BLOCK_GROUPS)
     mask = elements < numel
-    g = _to_compute(tl.load(grad_ptr + elements, mask=mask, other=0.0), FP64)
+    if GRAD_BROADCAST:
+        g = _to_compute(tl.load(grad_ptr), FP64)
+    else:
+        g = _to_compute(tl.load(grad_ptr + elements, mask=mask, other=0.0), FP64)
     if BITS == 0:
         saved = _to_compute(tl.load(saved_ptr + elements, mask=mask, other=0.0), FP64)
         if GATED or FROM_INPUT:
@@ -382,11 +387,24 @@ def _forward(x, b, activation, p0, p1, bits, borders, gated, save=True):
     return y, saved
 
 
+def _broadcasts_one_value(t) -> bool:
+    """Whether t holds one value broadcast to every element: each dim of more than one element
+    has stride 0 (an expanded scalar, what autograd hands the activation's backward for y.sum()).
+    The backward kernel reads such a gradient as that one value, where a contiguous copy would
+    allocate a full-size tensor that torch's own backward does not."""
+    return t.numel() > 0 and all(size == 1 or stride == 0 for size, stride in zip(t.shape, t.stride()))
+
+
 def _backward(grad_out, saved, b, activation, bits, levels, value_levels, gated, from_input=False,
               p0=0.0, p1=0.0):
+    """The backward kernel's outputs, contiguous; grad_out is contiguous or broadcasts one value,
+    every other tensor is contiguous."""
+    broadcast = _broadcasts_one_value(grad_out)
+    if not broadcast:
+        grad_out = grad_out.contiguous()
     numel = grad_out.numel()
-    grad_in = torch.empty_like(grad_out)
-    grad_b = torch.empty_like(grad_out) if gated else None
+    grad_in = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
+    grad_b = torch.empty_like(grad_in) if gated else None
     if numel:
         p0_hi, p0_lo = _split_float(p0)
         p1_hi, p1_lo = _split_float(p1)
@@ -396,7 +414,7 @@ def _backward(grad_out, saved, b, activation, bits, levels, value_levels, gated,
             grad_out if value_levels is None else value_levels.contiguous(),
             grad_in, grad_out if grad_b is None else grad_b, numel, triton.cdiv(numel, 8),
             p0_hi, p0_lo, p1_hi, p1_lo, ACT=activation, BITS=bits, GATED=gated, FROM_INPUT=from_input,
-            FP64=grad_out.dtype == torch.float64, BLOCK_GROUPS=BLOCK_GROUPS)
+            FP64=grad_out.dtype == torch.float64, GRAD_BROADCAST=broadcast, BLOCK_GROUPS=BLOCK_GROUPS)
     return grad_in, grad_b
 
 
@@ -425,13 +443,13 @@ def activation_backward(grad_out, saved, bits, levels):
         _check(bits, values=[("grad_out", grad_out)], packed=("saved", saved),
                tables=[("levels", levels)])
     saved = _packed_input(saved) if bits else saved.contiguous()
-    return _backward(grad_out.contiguous(), saved, None, 0, bits, levels, None, gated=False)[0]
+    return _backward(grad_out, saved, None, 0, bits, levels, None, gated=False)[0]
 
 
 def activation_backward_from_input(grad_out, x, activation, p0, p1):
     """grad_out * f'(x), f'(x) computed from x as activation_forward computes it."""
     _check(0, values=[("grad_out", grad_out), ("x", x)], activation=activation)
-    return _backward(grad_out.contiguous(), x.contiguous(), None, int(activation), 0, None, None,
+    return _backward(grad_out, x.contiguous(), None, int(activation), 0, None, None,
                      gated=False, from_input=True, p0=float(p0), p1=float(p1))[0]
 
 
@@ -454,7 +472,7 @@ def gated_backward(grad_out, saved_a, b, activation, bits, levels, value_levels)
                packed=("saved_a", saved_a),
                tables=[("levels", levels), ("value_levels", value_levels)])
     saved_a = _packed_input(saved_a) if bits else saved_a.contiguous()
-    return _backward(grad_out.contiguous(), saved_a, b.contiguous(), int(activation), bits,
+    return _backward(grad_out, saved_a, b.contiguous(), int(activation), bits,
                      levels, value_levels, gated=True)
 
 
