@@ -1,13 +1,15 @@
 """Fused activations as functions, with torch.nn.functional's signatures plus ``bits``.
 
-Each computes the same forward values as its torch twin and keeps for backward only f'(x):
-``bits=None`` keeps it in the input's dtype (exact); ``bits`` in {1, 2, 3, 4, 8} keeps a packed
-code of that many bits an element whose level is the optimal piecewise-constant f' (tables in
+Each computes its torch twin's forward values (to float tolerance) and keeps for backward one
+thing of the input's size: ``bits=None`` keeps, in the input's dtype, f'(x) or whichever of x and
+y its f' costs least to recompute from (exact; which one, per activation, dtype and device: the
+README's "Fused activations"); ``bits`` in {1, 2, 3, 4, 8} keeps a packed code of that many bits
+an element whose level is the optimal piecewise-constant f' (tables in
 memkernels/activations/tables.json). ``relu``, ``leaky_relu`` and ``hardsigmoid``, whose f' takes
 two values, always keep 1 exact bit.
 
-``inplace`` is accepted for signature compatibility; the result is always a new tensor (the
-memory saved comes from not keeping the input, which is freed when nothing else holds it).
+``inplace`` is accepted for signature compatibility; the result is always a new tensor (where a
+code or f'(x) is kept, the input is freed when nothing else holds it).
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Drop-in modules for torch.nn's activations, Linear and Conv2d.
 
-Activations take torch's constructor arguments plus ``bits``: ``bits=None`` keeps f'(x) in the
-input's dtype (exact); ``bits`` in {1, 2, 3, 4, 8} keeps a packed code of that many bits an element
-(see memkernels.functional). They hold no parameters or buffers, so swapping them into a model
+Activations take torch's constructor arguments plus ``bits``: ``bits=None`` is exact and keeps one
+tensor of the input's size and dtype (f'(x), x or y: see memkernels.functional); ``bits`` in
+{1, 2, 3, 4, 8} keeps a packed code of that many bits an element. They hold no parameters or buffers, so swapping them into a model
 leaves its state_dict unchanged.
 
 Linear and Conv2d are torch.nn.Linear / Conv2d (same parameters, same state_dict keys) plus
