@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 
 import _harness as h  # also puts the repository root on sys.path
@@ -272,20 +273,23 @@ def run(args) -> list[dict]:
                 "date": datetime.date.today().isoformat(), "command": args.command}
 
     rows = []
-    for dtype_name in dtype_names:
-        for name in names:
-            case = CASES[name]
-            compiled = None
-            if not args.no_compile:
-                torch._dynamo.reset()
-                compiled = torch.compile(case.baseline, dynamic=False)
-            backends = backends_to_time(name, device.type, with_cuda)
-            for numel in sizes:
-                for row in run_case(case, dtype_name, numel, bits_list, backends, compiled, device, warmup,
-                                    repeats, copy_gbps):
-                    row.update(run_info)
-                    print(format_progress(row), flush=True)
-                    rows.append(row)
+    # Backward is also timed alone, re-run on a retained graph; a compiled backward whose saved
+    # tensors it may donate (overwrite) refuses retain_graph, so the baseline is compiled without.
+    with torch._functorch.config.patch(donated_buffer=False):
+        for dtype_name in dtype_names:
+            for name in names:
+                case = CASES[name]
+                compiled = None
+                if not args.no_compile:
+                    torch._dynamo.reset()
+                    compiled = torch.compile(case.baseline, dynamic=False)
+                backends = backends_to_time(name, device.type, with_cuda)
+                for numel in sizes:
+                    for row in run_case(case, dtype_name, numel, bits_list, backends, compiled, device, warmup,
+                                        repeats, copy_gbps):
+                        row.update(run_info)
+                        print(format_progress(row), flush=True)
+                        rows.append(row)
     return rows
 
 
@@ -401,7 +405,8 @@ def notes(rows: list[dict], device: torch.device) -> list[str]:
         "(measured, not computed). Gated units (swiglu, geglu) take a and b of `elements` each. "
         "bits = none keeps f'(x) exactly; bits = k keeps a packed k-bit code.",
         "torch.compile baseline: torch.compile(f, dynamic=False) of the PyTorch activation, compiled once per "
-        "(activation, dtype) (one graph per size), warmed up before timing"
+        "(activation, dtype) (one graph per size), without donated buffers (which forbid re-running a "
+        "backward on a retained graph), warmed up before timing"
         + ("." if compiled else " — skipped (--no-compile)."),
     ]
     if device.type == "cpu":
