@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "activations.h"
+#include "grad_layout.h"
 #include "cpu/activation_kernels.h"
 #include "cpu/checks.h"
 
@@ -100,23 +101,6 @@ at::Tensor empty_output(const at::Tensor& like) {
 
 at::Tensor empty_codes(int64_t numel, int64_t bits, const at::Tensor& like) {
   return at::empty({packed_nbytes(numel, bits)}, like.options().dtype(at::kByte));
-}
-
-// Whether t holds one value broadcast to every element: each dim of more than one element has
-// stride 0 (an expanded scalar, what autograd hands the activation's backward for y.sum()). The
-// backward kernels read such a grad_out as that one value (grad_broadcast), where a contiguous
-// copy would allocate a full-size tensor that torch's own backward (through TensorIterator) does
-// not. Other strided gradients are copied.
-bool broadcasts_one_value(const at::Tensor& t) {
-  if (t.numel() == 0) {
-    return false;
-  }
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (t.size(d) != 1 && t.stride(d) != 0) {
-      return false;
-    }
-  }
-  return true;
 }
 
 // grad_out as the backward kernels take it: itself when it broadcasts one value, else contiguous.

@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "activations.h"
+#include "grad_layout.h"
 #include "cuda/kernels.h"
 
 namespace memkernels::cuda {
@@ -289,18 +290,6 @@ backward_kernel(const scalar_t* __restrict__ grad, bool grad_broadcast,
 }
 
 // ---- host side ----
-
-// Whether t holds one value broadcast to every element: each dim of more than one element has
-// stride 0 (an expanded scalar, what autograd hands the activation's backward for y.sum()). The
-// backward kernel reads such a gradient as that one value, where a contiguous copy would allocate
-// a full-size tensor that torch's own backward does not. Other strided gradients are copied.
-bool broadcasts_one_value(const at::Tensor& t) {
-  if (t.numel() == 0) return false;
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (t.size(d) != 1 && t.stride(d) != 0) return false;
-  }
-  return true;
-}
 
 template <Activation A>
 using ActivationTag = std::integral_constant<Activation, A>;
