@@ -557,3 +557,14 @@ def test_plan_re_solves_when_the_measured_peak_passes_the_budget(monkeypatch):
     with pytest.raises(ck.InfeasibleBudget, match="an estimate") as error:
         ck.plan(model, x, full, "dp", graph=graph)  # each re-solve fits the model, none the measurement
     assert len(calls) == 4 and error.value.estimated and error.value.least_budget == full + 1
+
+
+def test_named_parameters_and_buffers_have_the_models_names():
+    model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 4))
+    applied = ck.apply(model, ck.plan(model, torch.randn(8, 16), None, "all", verify=False))
+    for named in ("named_parameters", "named_buffers"):
+        ours, theirs = list(getattr(applied, named)()), list(getattr(model, named)())
+        assert [n for n, _ in ours] == [n for n, _ in theirs]
+        assert all(a is b for (_, a), (_, b) in zip(ours, theirs))
+        assert [n for n, _ in getattr(applied, named)(prefix="net")] == [f"net.{n}" for n, _ in theirs]
+    assert len(list(applied.parameters())) == len(list(model.parameters()))

@@ -123,7 +123,8 @@ def plan(model: nn.Module, example_inputs, budget: int | float | str | None, met
 
 class PlannedModule(nn.Module):
     """Runs `model` node by node as its plan says; `model` stays a submodule (same parameters), and
-    state_dict / load_state_dict use the model's own keys (no "model." prefix). It takes the inputs
+    state_dict / load_state_dict, named_parameters and named_buffers use the model's own names (no
+    "model." prefix). It takes the inputs
     the plan was traced with, positionally or by name, and forward's other arguments at the values
     they were traced with (their defaults). Under torch.no_grad (nothing kept for a backward) it
     runs `model` itself, on whatever it is given."""
@@ -229,6 +230,17 @@ class PlannedModule(nn.Module):
         self._run_schedule(self._schedule, inputs, env)
         return program.output_of(self.model, inputs, env)
 
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """The model's parameters under its own names, as state_dict gives them (torch's
+        checkpoint_wrapper does the same), so that name-built parameter groups carry over."""
+        for name, p in super().named_parameters(prefix, recurse, remove_duplicate):
+            yield _without_model_prefix(name, prefix), p
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """The model's buffers under its own names, as named_parameters."""
+        for name, b in super().named_buffers(prefix, recurse, remove_duplicate):
+            yield _without_model_prefix(name, prefix), b
+
     def _check_model(self):
         """fx bakes `self.training` into the traced steps, and the measured costs depend on it.
         The model's own hooks would not run: its forward is never called."""
@@ -255,6 +267,12 @@ def _copy_into(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for t, value in zip(tensors, values):
             t.copy_(value)
+
+
+def _without_model_prefix(name: str, prefix: str) -> str:
+    """"model.0.weight" -> "0.weight" (after `prefix` and its dot, when given)."""
+    head = prefix + "." if prefix else ""
+    return head + name[len(head) + len("model."):] if name.startswith(head + "model.") else name
 
 
 def _drop_model_prefix(module, state_dict, prefix, local_metadata):
