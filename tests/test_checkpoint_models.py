@@ -2,6 +2,7 @@
 within the budget and does not rise as the budget falls, the predicted peak is close to it, and
 the planned model's gradients equal the unplanned model's bit for bit, dropout included."""
 import copy
+import io
 import sys
 
 import pytest
@@ -568,3 +569,30 @@ def test_named_parameters_and_buffers_have_the_models_names():
         assert all(a is b for (_, a), (_, b) in zip(ours, theirs))
         assert [n for n, _ in getattr(applied, named)(prefix="net")] == [f"net.{n}" for n, _ in theirs]
     assert len(list(applied.parameters())) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["mlp", "gpt", "masked", "residual"])
+def test_a_planned_model_saved_whole_loads_and_trains_identically(name):
+    """torch.save(applied) pickles the plan's steps (no lambdas) with the model; the loaded copy's
+    steps call the loaded model's modules."""
+    if name == "masked":
+        model, x = MaskedBlock().train(), torch.randn(8, 16)
+    elif name == "residual":
+        layers = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), ResidualBlock())
+        model, x = torch.fx.symbolic_trace(layers), torch.randn(4, 3, 16, 16)
+    else:
+        build, make_input = MODELS[name]
+        model, x = build().train(), make_input()
+    applied = ck.apply(model, ck.plan(model, x, None, "sqrt", verify=False))
+    buffer = io.BytesIO()
+    torch.save(applied, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert [node.name for node in loaded.plan.graph.nodes] == [node.name for node in applied.plan.graph.nodes]
+    loaded_modules = {id(m) for m in loaded.model.modules()}
+    assert all(id(m) in loaded_modules for step in loaded.plan.graph.program.steps for m in step.modules)
+    out, grads = _grads(applied, x)
+    loaded_out, loaded_grads = _grads(loaded, x)
+    assert torch.equal(out, loaded_out)
+    for g, h in zip(grads, loaded_grads, strict=True):
+        assert torch.equal(g, h)

@@ -389,7 +389,7 @@ def _program(model: nn.Module, num_inputs: int) -> _Program:
         # As nn.Sequential.forward runs them: named_children() would skip a repeated module.
         for i, (name, child) in enumerate(model._modules.items()):
             args = tuple(_Input(k) for k in range(num_inputs)) if i == 0 else (_Ref(i - 1),)
-            steps.append(_Step(name, lambda m, *a, _n=name, **k: getattr(m, _n)(*a, **k), args, {}, (child,)))
+            steps.append(_Step(name, partial(_call_module, name), args, {}, (child,)))
         output = _Ref(len(steps) - 1)
     else:
         signature, specialized = _forward_signature(model, num_inputs)
@@ -419,13 +419,13 @@ def _program(model: nn.Module, num_inputs: int) -> _Program:
                 output = args[0]
                 continue
             if node.op == "call_module":
-                call = (lambda m, *a, _t=node.target, **k: _get_attr(m, _t)(*a, **k))
+                call = partial(_call_module, node.target)
                 modules = (_get_attr(model, node.target),)
             elif node.op == "call_function":
-                call = (lambda m, *a, _f=node.target, **k: _f(*a, **k))
+                call = partial(_call_function, node.target)
                 modules = ()
             else:  # call_method
-                call = (lambda m, obj, *a, _t=node.target, **k: getattr(obj, _t)(*a, **k))
+                call = partial(_call_method, node.target)
                 modules = ()
             index[node] = _Ref(len(steps))
             steps.append(_Step(node.name, call, args, kwargs, modules))
@@ -437,6 +437,20 @@ def _program(model: nn.Module, num_inputs: int) -> _Program:
                              "inputs or attributes): there is nothing to plan")
         return _Program(steps, _plain(output), tuple(m.training for m in model.modules()), signature, specialized)
     return _Program(steps, _plain(output), tuple(m.training for m in model.modules()))
+
+
+# A step's call(model, *args, **kwargs), by fx node kind: partials of these module-level functions,
+# not lambdas, so that a planned model pickles (torch.save) with its plan.
+def _call_module(target: str, model: nn.Module, *args, **kwargs):
+    return _get_attr(model, target)(*args, **kwargs)
+
+
+def _call_function(fn: Callable, model: nn.Module, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+def _call_method(name: str, model: nn.Module, obj, *args, **kwargs):
+    return getattr(obj, name)(*args, **kwargs)
 
 
 def _run_members(members: list[_Step], model: nn.Module, *parts):
