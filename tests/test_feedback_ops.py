@@ -188,7 +188,7 @@ def test_a_derivative_on_another_device_is_refused():
 
 
 def test_triton_kernel_takes_cuda_tensors_only():
-    with pytest.raises(RuntimeError, match=re.escape("e must be a CUDA tensor (CPU tensors run this Triton kernel "
+    with pytest.raises(RuntimeError, match=re.escape("e must be a CUDA tensor (CPU tensors run these Triton kernels "
                                                      "only under TRITON_INTERPRET=1), got meta")):
         tk.feedback_project(torch.ones(2, 3, device="meta"), 0, 0, 4, 1.0, None)
 

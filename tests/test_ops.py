@@ -189,6 +189,10 @@ def test_fake_kernels_check_arguments():
         torch.ops.memkernels.activation_forward(meta, int(A.GELU), 0.0, 0.0, 3, None)
 
 
+_UNKNOWN_ACTIVATION = "activation must be an id in [0, 14) (memkernels.activations.spec.Activation), got"
+_NOT_A_GATE = "activation of a gated unit must be SILU, GELU or GELU_TANH, got id"
+
+
 def _refused(device):
     """(op, args, message): arguments on `device` the CPU kernel refuses, with its message."""
     x = torch.randn(2, 3, device=device)
@@ -203,6 +207,14 @@ def _refused(device):
         ("activation_forward", (x, int(A.GELU), 0.0, 0.0, 3, borders.double()), "borders must be float32, got Double"),
         ("activation_forward", (x, int(A.GELU), 0.0, 0.0, 3, levels),
          "borders must have 2**bits - 1 = 7 values for bits = 3, got 8"),
+        ("activation_forward", (x, 14, 0.0, 0.0, 0, None), f"{_UNKNOWN_ACTIVATION} 14"),
+        ("activation_forward", (x, -1, 0.0, 0.0, 5, None), f"{_UNKNOWN_ACTIVATION} -1"),  # before bits
+        ("activation_value", (x, 99, 0.0, 0.0), f"{_UNKNOWN_ACTIVATION} 99"),
+        ("activation_backward_from_input", (x, x, -2, 0.0, 0.0), f"{_UNKNOWN_ACTIVATION} -2"),
+        ("gated_forward", (x, x, 99, 0, None), f"{_UNKNOWN_ACTIVATION} 99"),
+        ("gated_forward", (x, x, int(A.RELU), 0, None), f"{_NOT_A_GATE} 0"),
+        ("gated_backward", (x, x, x, 14, 0, None, None), f"{_UNKNOWN_ACTIVATION} 14"),
+        ("gated_backward", (x, x, x, int(A.TANH), 5, None, None), f"{_NOT_A_GATE} 11"),  # before bits
         ("activation_backward", (x, x.double(), 0, None), "saved must have the dtype of grad_out (Float), got Double"),
         ("activation_backward", (x, x[:1], 0, None), "saved must have the shape of grad_out [2, 3], got [1, 3]"),
         ("activation_backward", (x, x, 3, levels), "saved must be the uint8 packed code when bits > 0, got Float"),
@@ -223,11 +235,24 @@ def _refused(device):
 @pytest.mark.parametrize("case", range(len(_refused("cpu"))))
 def test_fake_kernels_refuse_as_the_cpu_kernels(case):
     """The fakes' checks (memkernels/ops/_checks.py) are the CPU kernels', messages to the character.
-    (The group-code and feedback ops: tests/test_compress_triton.py, tests/test_feedback_ops.py.)"""
+    (The group-code and feedback ops: tests/test_compress_triton.py, tests/test_feedback_ops.py;
+    the Triton kernels: tests/test_triton.py.)"""
     for device in ("cpu", "meta"):
         op, args, message = _refused(device)[case]
         with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
             getattr(torch.ops.memkernels, op)(*args)
+
+
+@pytest.mark.parametrize("case", range(len(_refused("cpu"))))
+def test_fake_kernels_refuse_under_fake_tensor_mode(case):
+    """What torch.compile traces with: fake tensors of CPU tensors reach the fakes, which refuse
+    with the CPU kernel's message."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    op, args, message = _refused("cpu")[case]
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
+            getattr(torch.ops.memkernels, op)(*fake_args)
 
 
 def test_gpu_backend_choice(monkeypatch):

@@ -4,6 +4,7 @@ On a GPU they run on CUDA tensors; without one, on CPU tensors under TRITON_INTE
 shapes: the interpreter runs about a million elements a second).
 """
 import contextlib
+import re
 
 from _cases import LOSSES, loss_grad
 from _codes import exact_codes, float64_around_borders
@@ -12,6 +13,7 @@ from _triton_modules import DEVICE, triton_modules
 import pytest
 import torch
 
+from memkernels import ops
 from memkernels import reference as ref
 from memkernels.activations.spec import GATES, PARAMS, Activation, default_params
 
@@ -311,57 +313,152 @@ def test_empty():
     assert tk.unpack_bits(packed, 3, 0).shape == (0,)
 
 
-def _validation_cases():
-    x = torch.zeros(10, device=DEVICE)
-    borders = torch.zeros(7, device=DEVICE)
-    levels = torch.zeros(8, device=DEVICE)
-    packed = torch.zeros(3 * 2, dtype=torch.uint8, device=DEVICE)
-    gelu, relu = int(Activation.GELU), int(Activation.RELU)
+def _refused(device):
+    """(op, args, message): arguments on `device` that every kernel of the op refuses, with the CPU
+    kernel's message to the character (csrc/cpu/activations.cpp, pack_bits.cpp; the Triton kernels
+    and the fakes make the same checks, memkernels/ops/_checks.py)."""
+    x = torch.zeros(2, 10, device=device)  # 20 elements: 9 bytes of 3-bit code
+    borders = torch.zeros(7, device=device)
+    levels = torch.zeros(8, device=device)
+    packed = torch.zeros(9, dtype=torch.uint8, device=device)
+    gelu, silu = int(Activation.GELU), int(Activation.SILU)
+    relu, hardswish = int(Activation.RELU), int(Activation.HARDSWISH)
+    floating = "must be float32, float64, bfloat16 or float16, got"
+    bits_or_exact = "bits must be 0 (exact) or one of 1, 2, 3, 4, 8, got"
+    unknown = "activation must be an id in [0, 14) (memkernels.activations.spec.Activation), got"
+    not_a_gate = "activation of a gated unit must be SILU, GELU or GELU_TANH, got id"
     return [
-        (lambda: tk.activation_forward(x.long(), gelu, 0, 0, 0, None), TypeError,
-         "x must be float"),
-        (lambda: tk.activation_forward(x, 99, 0, 0, 0, None), ValueError, "activation must be"),
-        (lambda: tk.activation_forward(x, gelu, 0, 0, 5, borders), ValueError, "bits must be"),
-        (lambda: tk.activation_forward(x, gelu, 0, 0, 3, None), TypeError, "borders must be"),
-        (lambda: tk.activation_forward(x, gelu, 0, 0, 3, borders[:6]), ValueError,
-         "borders must be a 1-D float32 tensor of 7"),
-        (lambda: tk.activation_forward(x, gelu, 0, 0, 3, borders.double()), ValueError,
-         "borders must be a 1-D float32"),
-        (lambda: tk.activation_backward(x, x[:5], 0, None), ValueError, "saved .* must match"),
-        (lambda: tk.activation_backward_from_input(x, x[:5], gelu, 0, 0), ValueError, "x .* must match"),
-        (lambda: tk.activation_backward_from_input(x, x, 99, 0, 0), ValueError, "activation must be"),
-        (lambda: tk.activation_backward(x, x.half(), 0, None), ValueError, "saved .* must match"),
-        (lambda: tk.activation_backward(x, packed[:5], 3, levels), ValueError, "saved must hold"),
-        (lambda: tk.activation_backward(x, packed.float(), 3, levels), TypeError,
-         "saved must be uint8"),
-        (lambda: tk.activation_backward(x, packed, 3, levels[:4]), ValueError, "levels must be"),
-        (lambda: tk.gated_forward(x, x[:5], gelu, 0, None), ValueError, "b .* must match"),
-        (lambda: tk.gated_forward(x, x, relu, 0, None), ValueError, "activation must be one of"),
-        (lambda: tk.gated_backward(x, packed, x, gelu, 3, levels, None), TypeError,
-         "value_levels must be"),
-        (lambda: tk.pack_bits(x, 3), TypeError, "codes must be uint8"),
-        (lambda: tk.pack_bits(packed, 0), ValueError, "bits must be"),
-        (lambda: tk.unpack_bits(packed, 3, 100), ValueError, "packed must hold"),
-        (lambda: tk.unpack_bits(packed, 3, -1), ValueError, "numel must be"),
-        (lambda: tk.activation_forward(x, gelu, 0, 0, 3.0, borders), TypeError,
-         "bits must be an int"),
-        (lambda: tk.activation_forward(x.to("meta"), gelu, 0, 0, 0, None), ValueError,
-         "must be a CUDA tensor"),
+        ("activation_forward", (x.int(), gelu, 0.0, 0.0, 0, None), f"x {floating} Int"),
+        ("activation_forward", (x.int(), 99, 0.0, 0.0, 5, None), f"x {floating} Int"),  # the first check fails
+        ("activation_forward", (x, 99, 0.0, 0.0, 0, None), f"{unknown} 99"),
+        ("activation_forward", (x, -1, 0.0, 0.0, 5, None), f"{unknown} -1"),
+        ("activation_forward", (x, gelu, 0.0, 0.0, 5, borders), f"{bits_or_exact} 5"),
+        ("activation_forward", (x, gelu, 0.0, 0.0, 3, None), "borders must be given when bits > 0 (bits = 3)"),
+        ("activation_forward", (x, gelu, 0.0, 0.0, 3, borders.double()), "borders must be float32, got Double"),
+        ("activation_forward", (x, gelu, 0.0, 0.0, 3, borders[:6]),
+         "borders must have 2**bits - 1 = 7 values for bits = 3, got 6"),
+        ("activation_value", (x.long(), gelu, 0.0, 0.0), f"x {floating} Long"),
+        ("activation_value", (x, 14, 0.0, 0.0), f"{unknown} 14"),
+        ("activation_backward", (x.int(), x, 0, None), f"grad_out {floating} Int"),
+        ("activation_backward", (x, x, 7, levels), f"{bits_or_exact} 7"),
+        ("activation_backward", (x, x.double(), 0, None), "saved must have the dtype of grad_out (Float), got Double"),
+        ("activation_backward", (x, x[:, :5], 0, None), "saved must have the shape of grad_out [2, 10], got [2, 5]"),
+        ("activation_backward", (x, x, 3, levels), "saved must be the uint8 packed code when bits > 0, got Float"),
+        ("activation_backward", (x, packed[:5], 3, levels),
+         "saved must hold ceil(numel / 8) * bits = 9 bytes for 20 elements at bits = 3, got 5"),
+        ("activation_backward", (x, packed, 3, None), "levels must be given when bits > 0 (bits = 3)"),
+        ("activation_backward", (x, packed, 3, borders), "levels must have 2**bits = 8 values for bits = 3, got 7"),
+        ("activation_backward_from_input", (x.bool(), x, gelu, 0.0, 0.0), f"grad_out {floating} Bool"),
+        ("activation_backward_from_input", (x, x.half(), gelu, 0.0, 0.0),
+         "x must have the dtype of grad_out (Float), got Half"),
+        ("activation_backward_from_input", (x, x[:, :5], gelu, 0.0, 0.0),
+         "x must have the shape of grad_out [2, 10], got [2, 5]"),
+        ("activation_backward_from_input", (x, x, 99, 0.0, 0.0), f"{unknown} 99"),
+        ("gated_forward", (x.int(), x.int(), silu, 0, None), f"a {floating} Int"),
+        ("gated_forward", (x, x.t(), silu, 0, None), "b must have the shape of a [2, 10], got [10, 2]"),
+        ("gated_forward", (x, x, relu, 0, None), f"{not_a_gate} 0"),
+        ("gated_forward", (x, x, 99, 0, None), f"{unknown} 99"),
+        ("gated_forward", (x, x, silu, 5, None), f"{bits_or_exact} 5"),
+        ("gated_forward", (x, x, silu, 3, levels), "borders must have 2**bits - 1 = 7 values for bits = 3, got 8"),
+        ("gated_backward", (x.int(), x, x, silu, 0, None, None), f"grad_out {floating} Int"),
+        ("gated_backward", (x, x, x.double(), silu, 0, None, None),
+         "b must have the dtype of grad_out (Float), got Double"),
+        ("gated_backward", (x, x, x, hardswish, 0, None, None), f"{not_a_gate} 12"),
+        ("gated_backward", (x, x, x, -3, 0, None, None), f"{unknown} -3"),
+        ("gated_backward", (x, packed, x, gelu, 6, levels, levels), f"{bits_or_exact} 6"),
+        ("gated_backward", (x, x[:, :5], x, gelu, 0, None, None),
+         "saved_a must have the shape of grad_out [2, 10], got [2, 5]"),
+        ("gated_backward", (x, packed[:5], x, gelu, 3, levels, levels),
+         "saved_a must hold ceil(numel / 8) * bits = 9 bytes for 20 elements at bits = 3, got 5"),
+        ("gated_backward", (x, packed, x, gelu, 3, levels, None),
+         "value_levels must be given when bits > 0 (bits = 3)"),
+        ("gated_backward", (x, packed, x, gelu, 3, levels.double(), levels), "levels must be float32, got Double"),
+        ("pack_bits", (x, 3), "codes must be uint8, got Float"),
+        ("pack_bits", (packed, 0), "bits must be one of 1, 2, 3, 4, 8, got 0"),
+        ("pack_bits", (packed, 5), "bits must be one of 1, 2, 3, 4, 8, got 5"),
+        ("unpack_bits", (packed.int(), 3, 20), "packed must be uint8, got Int"),
+        ("unpack_bits", (packed, 0, 20), "bits must be one of 1, 2, 3, 4, 8, got 0"),
+        ("unpack_bits", (packed, 3, -1), "numel must be >= 0, got -1"),
+        ("unpack_bits", (packed, 3, 100),
+         "packed must hold ceil(numel / 8) * bits = 39 bytes for numel = 100 at bits = 3, got 9"),
     ]
 
 
-@pytest.mark.parametrize("case", range(len(_validation_cases())))
-def test_validation(case):
-    call, error, message = _validation_cases()[case]
-    with pytest.raises(error, match=message):
+def _refused_beside_meta(device):
+    """(op, args, message): a table or code on the meta device beside tensors on `device`."""
+    x = torch.zeros(2, 10, device=device)
+    meta_table = torch.zeros(8, device="meta")
+    meta_code = torch.zeros(9, dtype=torch.uint8, device="meta")
+    gelu = int(Activation.GELU)
+    return [
+        ("activation_forward", (x, gelu, 0.0, 0.0, 3, meta_table[:7]), f"borders must be on {x.device}, got meta"),
+        ("activation_backward", (x, meta_code, 3, meta_table), f"saved must be on {x.device}, got meta"),
+        ("activation_backward", (x, x.to("meta"), 0, None),
+         f"saved must be on the device of grad_out ({x.device}), got meta"),
+        ("gated_forward", (x, x.to("meta"), gelu, 0, None), f"b must be on the device of a ({x.device}), got meta"),
+        ("gated_backward", (x, torch.zeros(9, dtype=torch.uint8, device=device), x, gelu, 3,
+                            torch.zeros(8, device=device), meta_table),
+         f"value_levels must be on {x.device}, got meta"),
+    ]
+
+
+def _cpu_op_message(op, args):
+    """The message the CPU kernel refuses `args` with."""
+    with pytest.raises(RuntimeError) as info:
+        getattr(torch.ops.memkernels, op)(*args)
+    return str(info.value)
+
+
+def assert_refused(call, message):
+    with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
         call()
 
 
+@pytest.mark.parametrize("case", range(len(_refused("cpu"))))
+def test_refused_as_by_the_cpu_kernel(case):
+    """The Triton kernel refuses with the CPU kernel's message, to the character, and so does the
+    fake (on meta tensors)."""
+    op, args, message = _refused(DEVICE)[case]
+    assert_refused(lambda: getattr(tk, op)(*args), message)
+    if ops.extension_loaded():
+        _, cpu_args, _ = _refused("cpu")[case]
+        assert _cpu_op_message(op, cpu_args) == message
+        _, meta_args, _ = _refused("meta")[case]
+        assert_refused(lambda: getattr(torch.ops.memkernels, op)(*meta_args), message)
+
+
+@pytest.mark.parametrize("case", range(len(_refused_beside_meta("cpu"))))
+def test_refused_beside_another_device(case):
+    op, args, message = _refused_beside_meta(DEVICE)[case]
+    assert_refused(lambda: getattr(tk, op)(*args), message)
+    if ops.extension_loaded():
+        op, args, message = _refused_beside_meta("cpu")[case]
+        assert _cpu_op_message(op, args) == message
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs two devices")
-def test_validation_devices():
+def test_refused_beside_the_cpu():
     x = torch.zeros(10, device=DEVICE)
-    with pytest.raises(ValueError, match="borders is on cpu"):
-        tk.activation_forward(x, int(Activation.GELU), 0, 0, 3, torch.zeros(7))
+    assert_refused(lambda: tk.activation_forward(x, int(Activation.GELU), 0, 0, 3, torch.zeros(7)),
+                   f"borders must be on {x.device}, got cpu")
+
+
+def test_triton_kernels_take_cuda_tensors_only():
+    """Past the op's checks, a tensor on a device the kernels do not run on is refused by name."""
+    x = torch.zeros(2, 10, device="meta")
+    packed = torch.zeros(9, dtype=torch.uint8, device="meta")
+    gelu = int(Activation.GELU)
+    calls = [(lambda: tk.activation_forward(x, gelu, 0.0, 0.0, 0, None), "x"),
+             (lambda: tk.activation_value(x, gelu, 0.0, 0.0), "x"),
+             (lambda: tk.activation_backward(x, x, 0, None), "grad_out"),
+             (lambda: tk.activation_backward_from_input(x, x, gelu, 0.0, 0.0), "grad_out"),
+             (lambda: tk.gated_forward(x, x, gelu, 0, None), "a"),
+             (lambda: tk.gated_backward(x, x, x, gelu, 0, None, None), "grad_out"),
+             (lambda: tk.pack_bits(packed, 3), "codes"),
+             (lambda: tk.unpack_bits(packed, 3, 20), "packed")]
+    for call, name in calls:
+        assert_refused(call, f"{name} must be a CUDA tensor (CPU tensors run these Triton kernels only under "
+                             f"TRITON_INTERPRET=1), got meta")
 
 
 def test_cuda_kernels_make_their_tensors_device_current(monkeypatch):

@@ -151,51 +151,33 @@ if _C is not None:
     # call must fail where the real one would, not return a tensor.
     @torch.library.register_fake("memkernels::activation_forward")
     def _(x, activation, p0, p1, bits, borders):
-        _checks.check_floating(x, "x")
-        _checks.check_bits(bits)
-        if bits:
-            _checks.check_table(borders, "borders", 2 ** bits - 1, bits, x)
+        _checks.check_activation_forward(x, activation, bits, borders)
         return _dense_like(x), (_dense_like(x) if bits == 0 else _packed(x, x.numel(), bits))
 
     @torch.library.register_fake("memkernels::activation_value")
     def _(x, activation, p0, p1):
-        _checks.check_floating(x, "x")
+        _checks.check_activation_value(x, activation)
         return _dense_like(x)
 
     @torch.library.register_fake("memkernels::activation_backward")
     def _(grad_out, saved, bits, levels):
-        _checks.check_floating(grad_out, "grad_out")
-        _checks.check_bits(bits)
-        _checks.check_saved(saved, "saved", bits, grad_out)
-        if bits:
-            _checks.check_table(levels, "levels", 2 ** bits, bits, grad_out)
+        _checks.check_activation_backward(grad_out, saved, bits, levels)
         return _dense_like(grad_out)
 
     @torch.library.register_fake("memkernels::activation_backward_from_input")
     def _(grad_out, x, activation, p0, p1):
-        _checks.check_floating(grad_out, "grad_out")
-        _checks.check_like(x, "x", grad_out, "grad_out")
+        _checks.check_activation_backward_from_input(grad_out, x, activation)
         return _dense_like(grad_out)
 
     @torch.library.register_fake("memkernels::gated_forward")
     def _(a, b, activation, bits, borders):
-        _checks.check_floating(a, "a")
-        _checks.check_like(b, "b", a, "a")
-        _checks.check_bits(bits)
-        if bits:
-            _checks.check_table(borders, "borders", 2 ** bits - 1, bits, a)
+        _checks.check_gated_forward(a, b, activation, bits, borders)
         code = _packed(a, a.numel(), bits) if bits else a.new_empty((0,), dtype=torch.uint8)
         return _dense_like(a), code
 
     @torch.library.register_fake("memkernels::gated_backward")
     def _(grad_out, saved_a, b, activation, bits, levels, value_levels):
-        _checks.check_floating(grad_out, "grad_out")
-        _checks.check_like(b, "b", grad_out, "grad_out")
-        _checks.check_bits(bits)
-        _checks.check_saved(saved_a, "saved_a", bits, grad_out)
-        if bits:
-            _checks.check_table(levels, "levels", 2 ** bits, bits, grad_out)
-            _checks.check_table(value_levels, "value_levels", 2 ** bits, bits, grad_out)
+        _checks.check_gated_backward(grad_out, saved_a, b, activation, bits, levels, value_levels)
         return _dense_like(grad_out), _dense_like(grad_out)
 
     @torch.library.register_fake("memkernels::pack_bits")

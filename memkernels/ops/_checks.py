@@ -3,8 +3,9 @@ pack_bits.cpp, compress.cpp, feedback.cpp): the same conditions, in the same ord
 messages, raised as RuntimeError through torch._check (TORCH_CHECK's exception in Python).
 
 The fake kernels (memkernels/ops/__init__.py) call them, so that a fake or meta call fails where the
-real one would, and so do the Triton kernels (memkernels/triton/compress.py, feedback.py), so that a
-user gets the same error from every device. This module needs neither memkernels._C nor triton.
+real one would, and so do the Triton kernels (memkernels/triton/activations.py, compress.py,
+feedback.py), so that a user gets the same error from every device. This module needs neither
+memkernels._C nor triton.
 
 Values in the messages print as C++ prints them (dtypes by their ScalarType names, shapes as lists,
 floats as %g): the messages are the CPU kernels' to the character.
@@ -16,7 +17,7 @@ import struct
 
 import torch
 
-from memkernels.activations.spec import packed_nbytes
+from memkernels.activations.spec import GATES, Activation, packed_nbytes
 
 # How C++ prints a ScalarType (c10/core/ScalarType.h), for the dtypes an argument may come in.
 _SCALAR_TYPE_NAMES = {
@@ -55,10 +56,28 @@ def check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> 
 
 # ---- activations (csrc/cpu/activations.cpp) ----
 
+# kNumActivations of csrc/activations.h: the ids are 0 .. NUM_ACTIVATIONS - 1.
+NUM_ACTIVATIONS = len(Activation)
+_GATE_IDS = tuple(int(a) for a in GATES)
+
 
 def check_bits(bits: int) -> None:
     torch._check(bits in (0, 1, 2, 3, 4, 8),
                  lambda: f"bits must be 0 (exact) or one of 1, 2, 3, 4, 8, got {bits}")
+
+
+def check_activation(activation: int) -> None:
+    """activation is the id of an activation (memkernels.activations.spec.Activation)."""
+    torch._check(0 <= activation < NUM_ACTIVATIONS,
+                 lambda: f"activation must be an id in [0, {NUM_ACTIVATIONS}) "
+                         f"(memkernels.activations.spec.Activation), got {activation}")
+
+
+def check_gate(activation: int) -> None:
+    """activation is the id of an activation that may gate a GLU (spec.GATES)."""
+    check_activation(activation)
+    torch._check(activation in _GATE_IDS,
+                 lambda: f"activation of a gated unit must be SILU, GELU or GELU_TANH, got id {activation}")
 
 
 def check_table(table: torch.Tensor | None, name: str, size: int, bits: int, like: torch.Tensor) -> None:
@@ -84,6 +103,56 @@ def check_saved(saved: torch.Tensor, name: str, bits: int, grad_out: torch.Tenso
     torch._check(saved.numel() == want,
                  lambda: f"{name} must hold ceil(numel / 8) * bits = {want} bytes for {numel} elements at bits = "
                          f"{bits}, got {saved.numel()}")
+
+
+def check_activation_forward(x: torch.Tensor, activation: int, bits: int, borders: torch.Tensor | None) -> None:
+    check_floating(x, "x")
+    check_activation(activation)
+    check_bits(bits)
+    if bits:
+        check_table(borders, "borders", 2 ** bits - 1, bits, x)
+
+
+def check_activation_value(x: torch.Tensor, activation: int) -> None:
+    check_floating(x, "x")
+    check_activation(activation)
+
+
+def check_activation_backward(grad_out: torch.Tensor, saved: torch.Tensor, bits: int,
+                              levels: torch.Tensor | None) -> None:
+    check_floating(grad_out, "grad_out")
+    check_bits(bits)
+    check_saved(saved, "saved", bits, grad_out)
+    if bits:
+        check_table(levels, "levels", 2 ** bits, bits, grad_out)
+
+
+def check_activation_backward_from_input(grad_out: torch.Tensor, x: torch.Tensor, activation: int) -> None:
+    check_floating(grad_out, "grad_out")
+    check_like(x, "x", grad_out, "grad_out")
+    check_activation(activation)
+
+
+def check_gated_forward(a: torch.Tensor, b: torch.Tensor, activation: int, bits: int,
+                        borders: torch.Tensor | None) -> None:
+    check_floating(a, "a")
+    check_like(b, "b", a, "a")
+    check_gate(activation)
+    check_bits(bits)
+    if bits:
+        check_table(borders, "borders", 2 ** bits - 1, bits, a)
+
+
+def check_gated_backward(grad_out: torch.Tensor, saved_a: torch.Tensor, b: torch.Tensor, activation: int,
+                         bits: int, levels: torch.Tensor | None, value_levels: torch.Tensor | None) -> None:
+    check_floating(grad_out, "grad_out")
+    check_like(b, "b", grad_out, "grad_out")
+    check_gate(activation)
+    check_bits(bits)
+    check_saved(saved_a, "saved_a", bits, grad_out)
+    if bits:
+        check_table(levels, "levels", 2 ** bits, bits, grad_out)
+        check_table(value_levels, "value_levels", 2 ** bits, bits, grad_out)
 
 
 # ---- pack_bits, unpack_bits (csrc/cpu/pack_bits.cpp) ----

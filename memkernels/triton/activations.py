@@ -28,15 +28,16 @@ triton was imported before TRITON_INTERPRET was set, and tests reload this modul
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 import triton
 import triton.language as tl
 
-from memkernels.activations.spec import GATES, VALID_BITS, Activation, packed_nbytes
+from memkernels.activations.spec import Activation, packed_nbytes
 from memkernels.activations.spec import SELU_ALPHA as _SELU_ALPHA
 from memkernels.activations.spec import SELU_SCALE as _SELU_SCALE
+from memkernels.ops._checks import (check_activation_backward, check_activation_backward_from_input,
+                                    check_activation_forward, check_activation_value, check_gated_backward,
+                                    check_gated_forward, check_pack_bits, check_unpack_bits)
 from memkernels.triton.pack import (BLOCK_GROUPS, group_offsets, pack_bits_kernel, pack_groups,
                                     unpack_bits_kernel, unpack_groups)
 
@@ -298,59 +299,11 @@ def _runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and _interpreted())
 
 
-def _check(bits, *, exact_ok=True, values=(), activation=None, gate=False, uint8=(), packed=None,
-           numel=None, tables=()):
-    """Validate an op's arguments; raise TypeError/ValueError naming the argument at fault.
-
-    values: [(name, tensor)] floating tensors that must share shape, dtype and device.
-    activation: the activation id (must be one of GATES when `gate`).
-    uint8: [(name, tensor)] uint8 tensors. packed: (name, tensor) k-bit code of `numel` elements
-    (default: as many as the first of `values`).
-    tables: [(name, tensor)] float32 1-D tables: "borders" of 2**bits - 1 values, levels of 2**bits.
-    """
-    allowed = ((0,) if exact_ok else ()) + VALID_BITS
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
-        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
-    if bits not in allowed:
-        raise ValueError(f"bits must be one of {allowed}, got {bits}")
-    if activation is not None:
-        if isinstance(activation, bool) or not isinstance(activation, numbers.Integral):
-            raise TypeError(f"activation must be an int id, got {type(activation).__name__}")
-        ids = GATES if gate else tuple(Activation)
-        if activation not in [int(a) for a in ids]:
-            raise ValueError(f"activation must be one of {[f'{a.name}={int(a)}' for a in ids]}, "
-                             f"got {activation}")
-    named = list(values) + list(uint8) + ([packed] if packed else []) + list(tables)
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-    first_name, first = named[0]
-    for name, t in values:
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-        if t.dtype != first.dtype or t.shape != first.shape:
-            raise ValueError(f"{name} ({t.dtype}, {tuple(t.shape)}) must match {first_name} "
-                             f"({first.dtype}, {tuple(first.shape)})")
-    for name, t in list(uint8) + ([packed] if packed else []):
-        if t.dtype != torch.uint8:
-            raise TypeError(f"{name} must be uint8, got {t.dtype}")
-    if numel is None and values:
-        numel = first.numel()
-    if packed and packed[1].numel() != packed_nbytes(numel, bits):
-        raise ValueError(f"{packed[0]} must hold ceil(numel / 8) * bits = "
-                         f"{packed_nbytes(numel, bits)} bytes for numel={numel}, bits={bits}; "
-                         f"got {packed[1].numel()}")
-    for name, t in tables:
-        length = (1 << bits) - (name == "borders")
-        if t.dtype != torch.float32 or t.dim() != 1 or t.numel() != length:
-            raise ValueError(f"{name} must be a 1-D float32 tensor of {length} values for "
-                             f"bits={bits}, got {t.dtype} of shape {tuple(t.shape)}")
-    for name, t in named:
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
-    if not _runs_on(first.device):
-        raise ValueError(f"{first_name} must be a CUDA tensor (CPU tensors run these Triton "
-                         f"kernels only under TRITON_INTERPRET=1), got {first.device}")
+def _check_runs_on(t, name):
+    """t is on a device these kernels run on (the op's checks, memkernels/ops/_checks.py, come first)."""
+    torch._check(_runs_on(t.device),
+                 lambda: f"{name} must be a CUDA tensor (CPU tensors run these Triton kernels only under "
+                         f"TRITON_INTERPRET=1), got {t.device}")
 
 
 def _packed_input(t):
@@ -422,41 +375,40 @@ def activation_forward(x, activation, p0, p1, bits, borders):
     """(f(x), saved): saved = f'(x) in x's dtype and shape (bits == 0) or the packed code of x,
     (ceil(numel / 8) * bits,) uint8, code = #{borders < x} (Hardsigmoid: < -|x|) for borders
     (2**bits - 1,) float32."""
-    _check(bits, values=[("x", x)], activation=activation,
-           tables=[("borders", borders)] if bits else ())
+    check_activation_forward(x, activation, bits, borders)
+    _check_runs_on(x, "x")
     return _forward(x.contiguous(), None, int(activation), float(p0), float(p1), bits, borders,
                     gated=False)
 
 
 def activation_value(x, activation, p0, p1):
     """f(x) alone, the values of activation_forward: for calls no gradient can need."""
-    _check(0, values=[("x", x)], activation=activation)
+    check_activation_value(x, activation)
+    _check_runs_on(x, "x")
     return _forward(x.contiguous(), None, int(activation), float(p0), float(p1), 0, None, gated=False,
                     save=False)[0]
 
 
 def activation_backward(grad_out, saved, bits, levels):
     """grad_out * f'(x): f'(x) = saved (bits == 0) or levels[code] (levels (2**bits,) float32)."""
-    if bits == 0:
-        _check(bits, values=[("grad_out", grad_out), ("saved", saved)])
-    else:
-        _check(bits, values=[("grad_out", grad_out)], packed=("saved", saved),
-               tables=[("levels", levels)])
+    check_activation_backward(grad_out, saved, bits, levels)
+    _check_runs_on(grad_out, "grad_out")
     saved = _packed_input(saved) if bits else saved.contiguous()
     return _backward(grad_out, saved, None, 0, bits, levels, None, gated=False)[0]
 
 
 def activation_backward_from_input(grad_out, x, activation, p0, p1):
     """grad_out * f'(x), f'(x) computed from x as activation_forward computes it."""
-    _check(0, values=[("grad_out", grad_out), ("x", x)], activation=activation)
+    check_activation_backward_from_input(grad_out, x, activation)
+    _check_runs_on(grad_out, "grad_out")
     return _backward(grad_out, x.contiguous(), None, int(activation), 0, None, None,
                      gated=False, from_input=True, p0=float(p0), p1=float(p1))[0]
 
 
 def gated_forward(a, b, activation, bits, borders):
     """(f(a) * b, code): code is a's packed code (bits > 0) or an empty uint8 tensor (bits == 0)."""
-    _check(bits, values=[("a", a), ("b", b)], activation=activation, gate=True,
-           tables=[("borders", borders)] if bits else ())
+    check_gated_forward(a, b, activation, bits, borders)
+    _check_runs_on(a, "a")
     return _forward(a.contiguous(), b.contiguous(), int(activation), 0.0, 0.0, bits, borders,
                     gated=True)
 
@@ -464,13 +416,8 @@ def gated_forward(a, b, activation, bits, borders):
 def gated_backward(grad_out, saved_a, b, activation, bits, levels, value_levels):
     """(g * b * f'(a), g * f(a)); saved_a is a itself (bits == 0) or its packed code, then
     f'(a), f(a) are levels[code], value_levels[code] ((2**bits,) float32 each)."""
-    if bits == 0:
-        _check(bits, values=[("grad_out", grad_out), ("saved_a", saved_a), ("b", b)],
-               activation=activation, gate=True)
-    else:
-        _check(bits, values=[("grad_out", grad_out), ("b", b)], activation=activation, gate=True,
-               packed=("saved_a", saved_a),
-               tables=[("levels", levels), ("value_levels", value_levels)])
+    check_gated_backward(grad_out, saved_a, b, activation, bits, levels, value_levels)
+    _check_runs_on(grad_out, "grad_out")
     saved_a = _packed_input(saved_a) if bits else saved_a.contiguous()
     return _backward(grad_out, saved_a, b.contiguous(), int(activation), bits,
                      levels, value_levels, gated=True)
@@ -481,7 +428,8 @@ def pack_bits(codes, bits):
 
     Bits of a code at or above `bits` are dropped rather than spilled into its neighbours.
     """
-    _check(bits, exact_ok=False, uint8=[("codes", codes)])
+    check_pack_bits(codes, bits)
+    _check_runs_on(codes, "codes")
     codes = codes.contiguous()
     numel = codes.numel()
     packed = torch.empty(packed_nbytes(numel, bits), dtype=torch.uint8, device=codes.device)
@@ -493,9 +441,8 @@ def pack_bits(codes, bits):
 
 def unpack_bits(packed, bits, numel):
     """The first `numel` codes of a packed k-bit code, (numel,) uint8."""
-    if isinstance(numel, bool) or not isinstance(numel, numbers.Integral) or numel < 0:
-        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
-    _check(bits, exact_ok=False, packed=("packed", packed), numel=numel)
+    check_unpack_bits(packed, bits, numel)
+    _check_runs_on(packed, "packed")
     codes = torch.empty(numel, dtype=torch.uint8, device=packed.device)
     if numel:
         unpack_bits_kernel[_grid(numel)](_packed_input(packed), codes, numel,

@@ -45,7 +45,7 @@ from memkernels.activations.spec import packed_nbytes
 from memkernels.ops._checks import CODE_BITS  # noqa: F401  (the code widths these kernels take)
 from memkernels.ops._checks import (check_auxiliary_sign_forward, check_dequantize_groups, check_quantize_groups,
                                     check_weight_grad_from_codes)
-from memkernels.triton.activations import _interpreted, _packed_input, _runs_on
+from memkernels.triton.activations import _check_runs_on, _interpreted, _packed_input
 from memkernels.triton.pack import BLOCK_GROUPS, pack_groups, unpack_groups
 
 INF = tl.constexpr(float("inf"))
@@ -341,13 +341,6 @@ def _weight_grad_kernel(grad_ptr, codes_ptr, stats_ptr, out_ptr, rows, out_featu
 
 
 # ---- host side ----
-
-
-def _check_runs_on(t, name):
-    """t is on a device these kernels run on (the op's checks, memkernels/ops/_checks.py, come first)."""
-    torch._check(_runs_on(t.device),
-                 lambda: f"{name} must be a CUDA tensor (CPU tensors run these Triton kernels only under "
-                         f"TRITON_INTERPRET=1), got {t.device}")
 
 
 def _float64_bits(value) -> int:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from memkernels.ops._checks import check_feedback_project, scalar_type_name
-from memkernels.triton.activations import _runs_on
+from memkernels.triton.activations import _check_runs_on
 
 BLOCK_N = 64
 BLOCK_M = 64
@@ -75,9 +75,7 @@ def feedback_project(e: torch.Tensor, seed: int, layer: int, out_features: int, 
     torch._check(e.dtype in _DTYPES,
                  lambda: f"e must be float32, bfloat16 or float16 for the Triton kernel, got "
                          f"{scalar_type_name(e.dtype)}")
-    torch._check(_runs_on(e.device),
-                 lambda: f"e must be a CUDA tensor (CPU tensors run this Triton kernel only under "
-                         f"TRITON_INTERPRET=1), got {e.device}")
+    _check_runs_on(e, "e")
     n, k = e.shape
     if derivative is not None:
         derivative = derivative.contiguous()
