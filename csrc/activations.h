@@ -103,7 +103,8 @@ MK_HOST_DEVICE T softplus(T x) {
 template <Activation A, typename M, typename T>
 MK_HOST_DEVICE T activation_value_of(T x, T p0, T p1) {
   if constexpr (A == Activation::RELU) {
-    return M::where(M::le(x, T(0)), T(0), x);  // NaN is not <= 0: it passes through
+    // x < 0, not x <= 0: -0.0 and NaN (not < 0) pass through as torch's relu passes them.
+    return M::where(M::lt(x, T(0)), T(0), x);
   } else if constexpr (A == Activation::LEAKY_RELU) {
     return M::where(M::gt(x, T(0)), x, x * p0);
   } else if constexpr (A == Activation::GELU) {
@@ -119,11 +120,14 @@ MK_HOST_DEVICE T activation_value_of(T x, T p0, T p1) {
     T bx = x * p0;
     return M::where(M::gt(bx, p1), x, M::log1p(M::exp(bx)) / p0);
   } else if constexpr (A == Activation::ELU) {
-    return M::where(M::gt(x, T(0)), x, p0 * M::expm1(x));
+    // The ELUs take x itself at +-0.0, not alpha * expm1(+-0.0): torch's signed zero whatever alpha
+    // is (negative or NaN too) and whether or not M's expm1 keeps the sign of zero (expm1_inline
+    // does not, and keeping it would cost instructions that this select does not).
+    return M::where(M::lt(x, T(0)), p0 * M::expm1(x), x);
   } else if constexpr (A == Activation::SELU) {
-    return T(kSeluScaleD) * M::where(M::gt(x, T(0)), x, T(kSeluAlphaD) * M::expm1(x));
+    return T(kSeluScaleD) * M::where(M::lt(x, T(0)), T(kSeluAlphaD) * M::expm1(x), x);
   } else if constexpr (A == Activation::CELU) {
-    return M::where(M::gt(x, T(0)), x, p0 * M::expm1(x / p0));
+    return M::where(M::lt(x, T(0)), p0 * M::expm1(x / p0), x);
   } else if constexpr (A == Activation::SIGMOID) {
     return math::sigmoid<M>(x);
   } else if constexpr (A == Activation::TANH) {

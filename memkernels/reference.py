@@ -31,8 +31,10 @@ def _compute_value(x: torch.Tensor, act: int, p0: float = 0.0, p1: float = 0.0) 
     """f(x), computed in float32 (float64 for float64) and returned in that compute dtype."""
     act = Activation(act)
     x = x.to(_compute_dtype(x))
+    # Where f(+-0.0) is zero, it is x itself (ReLU and the ELUs select x but where x < 0), so the
+    # sign of zero is torch's; NaN is not < 0 either, and passes through.
     if act == Activation.RELU:
-        return torch.where(x > 0, x, torch.where(torch.isnan(x), x, torch.zeros_like(x)))
+        return torch.where(x < 0, torch.zeros_like(x), x)
     if act == Activation.LEAKY_RELU:
         return torch.where(x > 0, x, x * p0)
     if act == Activation.GELU:
@@ -48,11 +50,11 @@ def _compute_value(x: torch.Tensor, act: int, p0: float = 0.0, p1: float = 0.0) 
         bx = x * p0
         return torch.where(bx > p1, x, torch.log1p(torch.exp(bx)) / p0)
     if act == Activation.ELU:
-        return torch.where(x > 0, x, p0 * torch.expm1(x))
+        return torch.where(x < 0, p0 * torch.expm1(x), x)
     if act == Activation.SELU:
-        return SELU_SCALE * torch.where(x > 0, x, SELU_ALPHA * torch.expm1(x))
+        return SELU_SCALE * torch.where(x < 0, SELU_ALPHA * torch.expm1(x), x)
     if act == Activation.CELU:
-        return torch.where(x > 0, x, p0 * torch.expm1(x / p0))
+        return torch.where(x < 0, p0 * torch.expm1(x / p0), x)
     if act == Activation.SIGMOID:
         return torch.sigmoid(x)
     if act == Activation.TANH:

@@ -4,11 +4,12 @@ import torch
 
 import memkernels as mk
 from memkernels import ops, reference
-from memkernels.activations.autograd import TORCH_BACKWARD, keeps_input
+from memkernels.activations.autograd import TORCH_BACKWARD, device_table, effective_bits, keeps_input
 from memkernels.activations.spec import TWO_VALUED, packed_nbytes
 from memkernels.activations.tables import get_table
 
 from _cases import CASES, IDS, LOSSES, kept_beyond, loss_grad
+from _triton_modules import DEVICE as TRITON_DEVICE, triton_modules
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1,), (7,), (1023,), (4097,), (3, 5, 7)]
@@ -428,3 +429,80 @@ def test_exact_keeps_what_torch_keeps(act, dtype, device):
     second = [torch.autograd.grad(torch.autograd.grad(f(x).sum(), x, create_graph=True)[0].sum(), x)[0]
               for f in (fn, torch_fn)]
     torch.testing.assert_close(second[0], second[1])
+
+
+def signed_zeros(dtype, device):
+    """+0.0 and -0.0 alternating over full vectors and a partial tail of the kernels (37 elements:
+    2 float vectors of 16 and 5 more on AVX512, 4 of 8 doubles and 5), and a NaN."""
+    x = torch.zeros(37, dtype=dtype)
+    x[1::2] = -0.0
+    x[20] = float("nan")
+    return x.to(device)
+
+
+def assert_signed_zeros_match(y, want, what):
+    """y has torch's sign of zero (torch.signbit) wherever torch's value is not NaN, and NaN
+    where it is."""
+    y, want = y.cpu(), want.cpu()
+    nan = want.isnan()
+    assert torch.equal(y.isnan(), nan), f"{what}: NaN at {y.isnan().nonzero().flatten().tolist()}"
+    differs = (torch.signbit(y) != torch.signbit(want)) & ~nan
+    assert not differs.any(), (f"{what}: signbit differs from torch's at {differs.nonzero().flatten().tolist()}: "
+                               f"{y[differs].tolist()} vs torch's {want[differs].tolist()}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_signed_zero_matches_torch(case, dtype, device):
+    """f(+-0.0) has the sign of torch's zero (ReLU, the ELUs, LeakyReLU, Tanh, GELU, SiLU, Mish and
+    Hardswish give -0.0 at -0.0, as torch does) in every mode: exact (f'(x), x or y kept, and the
+    op that writes f and f' together), coded (bits=3) and values alone (no_grad); NaN stays NaN.
+    The exact gradient at +-0.0 is torch's."""
+    _, mfn, tfn, kwargs, act, p0, p1 = case
+    x = signed_zeros(dtype, device)
+    want = tfn(x.cpu(), **kwargs)
+    _, torch_grad_ = torch_grad(tfn, kwargs, x.cpu(), torch.ones_like(x.cpu()))
+    for bits in (None, 3):
+        xg = x.clone().requires_grad_()
+        y = mfn(xg, **kwargs, bits=bits)
+        assert_signed_zeros_match(y.detach(), want, f"bits={bits}")
+        if bits is None:
+            y.backward(torch.ones_like(y))
+            finite = ~x.isnan()
+            assert torch.equal(xg.grad[finite].cpu(), torch_grad_[finite.cpu()])
+    with torch.no_grad():
+        assert_signed_zeros_match(mfn(x, **kwargs), want, "no_grad")
+    assert_signed_zeros_match(ops.activation_forward(x, int(act), p0, p1, 0, None)[0], want, "activation_forward")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, on the interpreter's unused NaN branches
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_triton_signed_zero_matches_torch(case, dtype):
+    """The Triton kernels (on CPU tensors under TRITON_INTERPRET=1 without a GPU) give torch's sign
+    of zero too: exact (f and f' written together, f alone) and coded (bits=3)."""
+    _, tk = triton_modules("pack", "activations")
+    _, _, tfn, kwargs, act, p0, p1 = case
+    x = signed_zeros(dtype, TRITON_DEVICE)
+    want = tfn(x.cpu(), **kwargs)
+    bits = effective_bits(act, 3)
+    borders = device_table(act, bits, p0, p1, x.device)[0]
+    assert_signed_zeros_match(tk.activation_forward(x, int(act), p0, p1, 0, None)[0], want, "exact")
+    assert_signed_zeros_match(tk.activation_value(x, int(act), p0, p1), want, "activation_value")
+    assert_signed_zeros_match(tk.activation_forward(x, int(act), p0, p1, bits, borders)[0], want, "bits=3")
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_gated_signed_zero_matches_torch(dtype, device):
+    """swiglu and geglu at a = +-0.0 (b = +-1): torch's sign of zero of silu(a) * b, gelu(a) * b."""
+    a = signed_zeros(dtype, device)
+    b = torch.ones_like(a)
+    b[::3] = -1.0
+    gates = [(mk.functional.swiglu, torch.nn.functional.silu, {}),
+             (mk.functional.geglu, torch.nn.functional.gelu, {}),
+             (mk.functional.geglu, torch.nn.functional.gelu, {"approximate": "tanh"})]
+    for mfn, tfn, kwargs in gates:
+        want = tfn(a.cpu(), **kwargs) * b.cpu()
+        for bits in (None, 3):
+            y = mfn(a.clone().requires_grad_(), b, **kwargs, bits=bits)
+            assert_signed_zeros_match(y.detach(), want, f"{tfn.__name__} {kwargs} bits={bits}")

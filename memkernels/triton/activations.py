@@ -90,10 +90,11 @@ def _sigmoid(x):
 
 @triton.jit
 def _tanh(x):
-    # tanh|x| = -expm1(-2|x|) / (2 + expm1(-2|x|)): no overflow, no cancellation near 0.
-    e = _expm1(-2.0 * tl.abs(x))
-    t = -e / (2.0 + e)
-    return tl.where(x < 0, -t, t)
+    # tanh(-|x|) = expm1(-2|x|) / (2 + expm1(-2|x|)): no overflow, no cancellation near 0. -|x|
+    # is x itself at +-0.0 (a select, not -abs), and _expm1 keeps it: tanh(+-0.0) = +-0.0, as torch's.
+    e = _expm1(2.0 * tl.where(x > 0, -x, x))
+    t = e / (2.0 + e)
+    return tl.where(x > 0, -t, t)
 
 
 @triton.jit
@@ -126,7 +127,7 @@ def _value_and_derivative(x, p0, p1, ACT: tl.constexpr):
     zero = tl.full(x.shape, 0, x.dtype)
     one = zero + 1.0
     if ACT == RELU:
-        value = tl.where(x <= 0, zero, x)  # NaN compares false: stays NaN
+        value = tl.where(x < 0, zero, x)  # -0.0 and NaN (not < 0) pass through, as torch's
         deriv = tl.where(x > 0, one, zero)
     elif ACT == LEAKY_RELU:
         value = tl.where(x > 0, x, x * p0)
@@ -157,13 +158,13 @@ def _value_and_derivative(x, p0, p1, ACT: tl.constexpr):
         value = _softplus(x, p0, p1)
         deriv = tl.where(x * p0 > p1, one, _sigmoid(x * p0))
     elif ACT == ELU:
-        value = tl.where(x > 0, x, p0 * _expm1(x))
+        value = tl.where(x < 0, p0 * _expm1(x), x)  # x at +-0.0: torch's signed zero
         deriv = tl.where(x > 0, one, p0 * tl.exp(x))
     elif ACT == SELU:
-        value = tl.where(x > 0, x, _expm1(x) * SELU_ALPHA) * SELU_SCALE
+        value = tl.where(x < 0, _expm1(x) * SELU_ALPHA, x) * SELU_SCALE
         deriv = tl.where(x > 0, one, tl.exp(x) * SELU_ALPHA) * SELU_SCALE
     elif ACT == CELU:
-        value = tl.where(x > 0, x, p0 * _expm1(x / p0))
+        value = tl.where(x < 0, p0 * _expm1(x / p0), x)
         deriv = tl.where(x > 0, one, tl.exp(x / p0))
     elif ACT == SIGMOID:
         value = _sigmoid(x)
