@@ -1,6 +1,7 @@
 """Checkpoint plans on real small models on CPU: the measured peak of a forward+backward stays
 within the budget and does not rise as the budget falls, the predicted peak is close to it, and
 the planned model's gradients equal the unplanned model's bit for bit, dropout included."""
+import collections
 import copy
 import io
 import sys
@@ -596,3 +597,127 @@ def test_a_planned_model_saved_whole_loads_and_trains_identically(name):
     assert torch.equal(out, loaded_out)
     for g, h in zip(grads, loaded_grads, strict=True):
         assert torch.equal(g, h)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_trace_names_what_it_cannot_trace():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"^trace: the nn.Sequential is empty$"):
+        ck.trace(nn.Sequential(), x)
+    with pytest.raises(ValueError, match=r"torch.fx could not trace DataDependent \(.*control flow.*\); "
+                                         "wrap it in nn.Sequential or make it fx-traceable") as error:
+        ck.trace(DataDependent(), x)
+    assert isinstance(error.value.__cause__, torch.fx.proxy.TraceError)
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        ck.trace(nn.Sequential(nn.Linear(8, 8)), x, repeats=0)
+
+
+class TupleOutputs(nn.Module):
+    Pair = collections.namedtuple("Pair", "hidden logits")
+
+    def __init__(self, named: bool):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 4)
+        self.named = named
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.Pair(h, self.b(h)) if self.named else (h, self.b(h))
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_tuple_and_namedtuple_outputs_keep_their_type(named):
+    model, x = TupleOutputs(named), torch.randn(8, 16)
+    out = ck.apply(model, ck.plan(model, x, None, "all", verify=False))(x)
+    want = model(x)
+    assert type(out) is type(want) and len(out) == 2
+    assert all(torch.equal(a, b) for a, b in zip(out, want))
+    if named:
+        assert torch.equal(out.logits, want.logits)
+
+
+class StarArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, *xs):
+        return self.a(xs[0]) + xs[1]
+
+
+class OneStarArg(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, *xs):
+        return self.a(xs[0])
+
+
+class FirstThenStarArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x, *rest, scale=2.0, **options):
+        return (self.a(x) + rest[0]) * scale * options.get("factor", 3.0)
+
+
+class StarArgsKeywordOnly(nn.Module):
+    def forward(self, *xs, scale):
+        return xs[0] * scale
+
+
+def test_forward_with_star_args_and_kwargs_runs_its_inputs():
+    """fx traces *args as one placeholder (the tuple) and **kwargs as another: the plan gives them
+    the inputs past the named ones and no keywords, keyword-only arguments their defaults. (Each
+    placeholder used to take one input: xs[0] was the first row of the first input.)"""
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    one = OneStarArg()
+    out = ck.apply(one, ck.plan(one, x, None, "all", verify=False))(x)
+    assert out.shape == (4, 8) and torch.equal(out, one(x))
+    for model in (StarArgs(), FirstThenStarArgs()):
+        applied = ck.apply(model, ck.plan(model, (x, y), None, "all", verify=False))
+        out = applied(x, y)
+        assert out.shape == (4, 8) and torch.equal(out, model(x, y))
+        with pytest.raises(TypeError, match=r"planned with positional inputs only; got keyword arguments \['factor'\]"):
+            applied(x, y, factor=1.0)
+        with pytest.raises(TypeError, match=r"planned with 2 positional input\(s\), got 1; re-plan"):
+            applied(x)
+    with pytest.raises(ValueError, match="keyword-only argument 'scale' has no default"):
+        ck.trace(StarArgsKeywordOnly(), x)
+
+
+def test_a_sequential_plan_takes_its_inputs_positionally_and_as_many():
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU()), torch.randn(4, 8)
+    applied = ck.apply(model, ck.plan(model, x, None, "all", verify=False))
+    assert torch.equal(applied(x), model(x))
+    with pytest.raises(TypeError, match=r"^Sequential.forward was planned with positional inputs only; "
+                                        r"got keyword arguments \['input'\]$"):
+        applied(input=x)
+    with pytest.raises(TypeError, match=r"planned with 1 positional input\(s\), got 2"):
+        applied(x, x)  # used to ignore the second input, where the model itself refuses it
+
+
+def test_a_model_whose_modules_changed_since_planning_is_refused():
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU()), torch.randn(4, 8)
+    applied = ck.apply(model, ck.plan(model, x, None, "all", verify=False))
+    model.append(nn.Tanh())
+    with pytest.raises(RuntimeError, match="the model's modules changed since the plan was traced; re-plan it"):
+        applied(x)
+
+
+def test_plan_names_the_kept_and_recomputed_nodes():
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh()), torch.randn(4, 8)
+    plan = ck.plan(model, x, None, "sqrt", verify=False)  # two runs of two nodes, the first recomputed
+    assert plan.recomputed == ["0", "1"] and plan.kept == ["2", "3"]
+    assert plan.solution.kept == frozenset({2, 3})

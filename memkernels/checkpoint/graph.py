@@ -237,6 +237,7 @@ class _Program:
     training: tuple[bool, ...]
     signature: inspect.Signature | None = None  # of the model's forward; None: inputs positional only
     specialized: dict[str, Any] = field(default_factory=dict)
+    num_inputs: int | None = None  # the positional inputs traced with (checked where signature is None)
     refs: list[list[int]] = field(init=False)  # refs[v]: nodes step v reads
 
     def __post_init__(self):
@@ -274,6 +275,9 @@ class _Program:
             if kwargs:
                 raise TypeError(f"{type(model).__name__}.forward was planned with positional inputs only; "
                                 f"got keyword arguments {sorted(kwargs)}")
+            if self.num_inputs is not None and len(inputs) != self.num_inputs:
+                raise TypeError(f"{type(model).__name__}.forward was planned with {self.num_inputs} positional "
+                                f"input(s), got {len(inputs)}; re-plan it with these inputs")
             return inputs
         try:
             bound = self.signature.bind(*inputs, **kwargs)
@@ -357,28 +361,17 @@ def _forward_signature(model: nn.Module, num_inputs: int) -> tuple[inspect.Signa
     return signature, specialized
 
 
-def _drop_specialization_guards(graph: torch.fx.Graph, num_inputs: int) -> dict[torch.fx.Node, Any]:
-    """Removes from `graph` the checks fx adds where it specializes an argument to a constant
-    (``_assert_is_none(arg)``, ``torch._assert(arg == value)``): our steps get the constant itself.
-    Returns the specialized placeholders that something still reads, mapped to their values."""
-    placeholders = [node for node in graph.nodes if node.op == "placeholder"][num_inputs:]
-    constants = {}
-    for placeholder in placeholders:
-        value = placeholder.args[0] if placeholder.args else None
+def _drop_specialization_guards(graph: torch.fx.Graph, num_inputs: int) -> None:
+    """Removes from `graph` the placeholders of the specialized arguments and the checks fx adds on
+    them (``_assert_is_none(arg)``, ``torch._assert(arg == value)``), their only readers: fx traced
+    the steps with the constants themselves."""
+    for placeholder in [node for node in graph.nodes if node.op == "placeholder"][num_inputs:]:
         for user in list(placeholder.users):
-            if user.op != "call_function":
-                continue
-            if user.target is torch.fx._symbolic_trace._assert_is_none:
-                graph.erase_node(user)
-            elif user.target is operator.eq and all(u.target is torch._assert for u in user.users):
+            if user.target is operator.eq:
                 for check in list(user.users):
                     graph.erase_node(check)
-                graph.erase_node(user)
-        if placeholder.users:
-            constants[placeholder] = value
-        else:
-            graph.erase_node(placeholder)
-    return constants
+            graph.erase_node(user)
+        graph.erase_node(placeholder)
 
 
 def _program(model: nn.Module, num_inputs: int) -> _Program:
@@ -398,17 +391,31 @@ def _program(model: nn.Module, num_inputs: int) -> _Program:
         except Exception as error:  # fx fails on data-dependent control flow; say which model
             raise ValueError(f"trace: torch.fx could not trace {type(model).__name__} ({error}); "
                              "wrap it in nn.Sequential or make it fx-traceable") from error
-        constants = _drop_specialization_guards(graph, num_inputs)
-        index: dict[torch.fx.Node, Any] = dict(constants)
+        # Traced without concrete_args where forward takes *args or **kwargs: no guards to drop, and
+        # its keyword-only arguments are placeholders, which run at their defaults (bind takes no keywords).
+        if signature is not None:
+            _drop_specialization_guards(graph, num_inputs)
+        keyword_only = {} if signature is not None else {
+            p.name: p.default for p in inspect.signature(model.forward).parameters.values() if p.kind is p.KEYWORD_ONLY}
+        index: dict[torch.fx.Node, Any] = {}
         steps = []
         placeholders = 0
         output = None
         for node in graph.nodes:
-            if node in index:
-                continue
             if node.op == "placeholder":
-                index[node] = _Input(placeholders)
-                placeholders += 1
+                if node.target.startswith("**"):  # forward's **kwargs: a plan's call takes none (bind)
+                    index[node] = {}
+                elif node.target.startswith("*"):  # forward's *args: the inputs past the named ones
+                    index[node] = tuple(_Input(k) for k in range(placeholders, num_inputs))
+                    placeholders = max(placeholders, num_inputs)
+                elif node.target in keyword_only:
+                    if keyword_only[node.target] is inspect.Parameter.empty:
+                        raise ValueError(f"trace: {type(model).__name__}.forward's keyword-only argument "
+                                         f"{node.target!r} has no default; a plan runs it without keywords")
+                    index[node] = keyword_only[node.target]
+                else:
+                    index[node] = _Input(placeholders)
+                    placeholders += 1
                 continue
             if node.op == "get_attr":
                 index[node] = _Attr(node.target)
@@ -435,8 +442,9 @@ def _program(model: nn.Module, num_inputs: int) -> _Program:
         if not steps:
             raise ValueError(f"trace: {type(model).__name__}.forward runs no operation (it returns its "
                              "inputs or attributes): there is nothing to plan")
-        return _Program(steps, _plain(output), tuple(m.training for m in model.modules()), signature, specialized)
-    return _Program(steps, _plain(output), tuple(m.training for m in model.modules()))
+        return _Program(steps, _plain(output), tuple(m.training for m in model.modules()), signature, specialized,
+                        num_inputs)
+    return _Program(steps, _plain(output), tuple(m.training for m in model.modules()), num_inputs=num_inputs)
 
 
 # A step's call(model, *args, **kwargs), by fx node kind: partials of these module-level functions,
