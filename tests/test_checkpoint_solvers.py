@@ -234,3 +234,65 @@ def test_native_methods_without_the_extension_say_so(monkeypatch, method):
                        r".*Python: none, all, sqrt, chen-greedy, log"):
         ck.solve(graph, None, method)
     assert ck.solve(graph, None, "sqrt").predicted_peak > 0  # the Python methods still plan
+
+
+def test_graph_checks_its_nodes_and_says_its_size():
+    assert repr(ck.Graph.chain([1.0] * 3, [8] * 3, [8] * 3)) == "Graph(3 nodes, 2 edges)"
+    with pytest.raises(ValueError, match="checkpoint_bytes must be >= 0, got -8"):
+        ck.Graph.chain([1.0], [8], [8], checkpoint_bytes=-8)
+    for view_of in (1, 2, -1):
+        with pytest.raises(ValueError, match=rf"node 1 \(b\): view_of must be an earlier node, got {view_of}"):
+            ck.Graph([ck.Node("a", 1.0, 8), ck.Node("b", 1.0, 0, view_of=view_of)], [(0, 1)])
+
+
+def test_evaluate_names_what_is_wrong_with_a_schedule():
+    graph = ck.Graph.chain([1.0] * 3, [8] * 3, [8] * 3)
+    with pytest.raises(ValueError, match="a segment is empty"):
+        evaluate(graph, [((), True), ((0, 1, 2), False)])
+    for segments in ([((0, 1), True), ((1, 2), False)], [((0, 1, 2, 3), False)], [((0, 1, -1, 2), False)]):
+        with pytest.raises(ValueError, match="out of range or in two segments"):
+            evaluate(graph, segments)
+    with pytest.raises(ValueError, match="covers 2 of 3 nodes"):
+        evaluate(graph, [((0, 1), False)])
+    with pytest.raises(ValueError, match=r"the inner schedule of segment \[0, 1\] covers other nodes"):
+        evaluate(graph, [((0, 1), True), ((2,), False)], nested={(0, 1): [((0,), True), ((2,), False)]})
+    assert evaluate(graph, [((0, 1), True), ((2,), False)], nested={(0, 1): [((0,), True), ((1,), False)]})[1] == 3.0
+
+
+@pytest.mark.parametrize("method", ["dp", "dp-approx", "chain"])
+def test_reference_and_native_solvers_agree_at_the_least_budget_and_with_few_buckets(method):
+    """None just below the least budget, the same schedule at it; with 3 buckets the rounded kept
+    bytes run past the last bucket (seed 0's chain at the higher of its all-kept and
+    all-recomputed peaks)."""
+    for seed in range(4):
+        graph = random_graph(random.Random(seed), 5 + seed % 2, seed % 2 == 0)
+        arrays = graph.arrays()
+        for buckets in (3, 8):
+            least = ck.least_budget(graph, method, buckets=buckets)
+            for budget in (least - 1, least, all_peaks(graph)[1]):
+                expected = reference.solve(method, arrays, budget, buckets)
+                native = ck.solvers._dp_native(method, arrays, budget, buckets, 10**6)
+                assert (expected is None) == (native is None) == (budget < least), (seed, buckets, budget)
+                if expected is not None:
+                    assert native == [(tuple(s), r) for s, r in expected[1]], (seed, buckets, budget)
+    with pytest.raises(ValueError, match="method must be 'dp', 'dp-approx' or 'chain', got 'sqrt'"):
+        reference.solve("sqrt", arrays, 100, 8)
+
+
+@pytest.mark.parametrize("method", ["dp-approx", "chain"])
+def test_least_budget_with_one_bucket_ends(method):
+    """buckets=1 rounds every held byte count up to the whole budget: no schedule of this graph fits
+    any budget (its outputs take bytes, every segment holds some), and least_budget used to double
+    its bound forever (solve, naming the least budget, hung with it)."""
+    graph = random_graph(random.Random(0), 5, False)
+    with pytest.raises(ValueError, match=rf"method {method!r} finds no schedule under any budget .* buckets=1"):
+        ck.least_budget(graph, method, buckets=1)
+    with pytest.raises(ValueError, match="use more buckets"):
+        ck.solve(graph, None, method, buckets=1)
+    # Where the keep-all peak does not fit the rounding, the bound doubles until a budget does.
+    graph = random_graph(random.Random(4), 3, False)
+    arrays = graph.arrays()
+    keep_all = evaluate(graph, [(tuple(range(len(graph))), False)], arrays)[0]
+    assert ck.solvers._schedule(graph, arrays, keep_all, method, 2, 10**6) is None
+    least = ck.least_budget(graph, method, buckets=2)
+    assert least > keep_all and ck.solve(graph, least, method, buckets=2).predicted_peak <= least

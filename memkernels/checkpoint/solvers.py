@@ -400,7 +400,11 @@ def least_budget(graph: Graph, method: str = "dp-approx", *, buckets: int = DEFA
         return evaluate(graph, segments, arrays, nested)[0]
     high = max(1, evaluate(graph, [(tuple(range(len(graph))), False)], arrays)[0])
     while _schedule(graph, arrays, high, method, buckets, max_lower_sets) is None:
-        high *= 2
+        if high >= UNLIMITED:  # buckets=1 rounds every held byte count up to the whole budget
+            raise ValueError(f"method {method!r} finds no schedule under any budget the solvers take "
+                             f"(2**62 bytes) with buckets={buckets}, which rounds kept bytes up to "
+                             "budget / buckets; use more buckets")
+        high = min(2 * high, UNLIMITED)
     low = 0  # infeasible (or every peak is 0)
     while high - low > max(1, high // 500):
         mid = (low + high) // 2
