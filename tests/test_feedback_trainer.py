@@ -90,6 +90,32 @@ def test_fa_conv2d_takes_an_unbatched_input():
         torch.testing.assert_close(got, expected)
 
 
+def test_fa_layers_take_an_explicit_scale_and_show_it():
+    torch.manual_seed(0)
+    layer = mk.nn.FALinear(7, 5, seed=3, layer=2, scale=0.5)
+    assert repr(layer) == "FALinear(in_features=7, out_features=5, bias=True, seed=3, layer=2, scale=0.5)"
+    x, g = torch.randn(4, 7, requires_grad=True), torch.randn(4, 5)
+    layer(x).backward(g)
+    torch.testing.assert_close(x.grad, g @ ref.feedback_matrix(3, 2, 5, 7, 0.5))
+    whole = mk.nn.FALinear(7, 5, scale=2)
+    assert type(whole.scale) is float and whole.scale == 2.0
+    conv = mk.nn.FAConv2d(4, 6, 3, seed=1, layer=5)
+    assert repr(conv) == "FAConv2d(4, 6, kernel_size=(3, 3), stride=(1, 1), seed=1, layer=5, scale=None)"
+
+
+def test_fa_conv2d_valid_padding_is_no_padding():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(3, 2, 3, 3, requires_grad=True), torch.randn(3)
+    x = torch.randn(2, 2, 6, 6, requires_grad=True)
+    grads = []
+    for padding in ("valid", 0):
+        y = mk.feedback.fa_conv2d(x, weight, bias, 4, 1, padding=padding)
+        assert y.shape == (2, 3, 4, 4)
+        grads.append(torch.autograd.grad(y.square().sum(), (x, weight)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("make, shape", [(lambda: mk.nn.FALinear(5, 3), (4, 5)),
                                          (lambda: mk.nn.FAConv2d(2, 3, 3), (2, 2, 6, 6))], ids=["linear", "conv2d"])
 def test_fa_layers_under_autocast_as_torchs(make, shape):
@@ -120,9 +146,14 @@ def test_fa_layers_reject_what_they_do_not_support():
         mk.nn.FALinear(2, 2, seed=1.5)
     with pytest.raises(TypeError, match="layer"):
         mk.nn.FAConv2d(2, 2, 3, layer="1")
-    for scale in ("x", -1.0, 0, float("nan"), True):
+    for scale in ("x", -1.0, 0, float("nan"), True, float("inf")):
         with pytest.raises(ValueError, match="scale"):
             mk.nn.FALinear(2, 2, scale=scale)
+    # Past float32's range: refused here, not at the first backward (nor as float()'s OverflowError).
+    for scale in (1e39, 10**39, 10**400):
+        with pytest.raises(ValueError, match=r"scale must be None or a positive finite number \(in float32\)"):
+            mk.nn.FALinear(2, 2, scale=scale)
+    assert mk.nn.FALinear(2, 2, scale=3.4028235e38).scale == 3.4028235e38  # rounds to float32's largest
     with pytest.raises(ValueError, match="scale"):
         mk.feedback.fa_linear(torch.ones(1, 2), torch.ones(2, 2), None, 0, 0, scale=-2.0)
 
@@ -276,11 +307,14 @@ def test_dfa_update_is_the_projected_output_error():
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
 
 
-def test_fused_path_equals_autograd_through_the_activation():
-    """In MEM-DFA a lone Tanh takes the fused kernel; Tanh + Identity goes through autograd."""
+@pytest.mark.parametrize("act", [nn.Tanh, nn.GELU, lambda: nn.GELU(approximate="tanh")],
+                         ids=["tanh", "gelu", "gelu_tanh"])
+def test_fused_path_equals_autograd_through_the_activation(act):
+    """In MEM-DFA a lone activation takes the fused kernel; activation + Identity goes through autograd."""
     torch.manual_seed(0)
-    fused = mlp(2)
-    unfused = nn.Sequential(*[nn.Sequential(m, nn.Identity()) if isinstance(m, nn.Tanh) else m for m in fused])
+    fused = mlp(2, act=act)
+    kind = type(fused[1])
+    unfused = nn.Sequential(*[nn.Sequential(m, nn.Identity()) if isinstance(m, kind) else m for m in fused])
     x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
     for g1, g2 in zip(grads_of_step(fused, "memdfa", x, y), grads_of_step(unfused, "memdfa", x, y)):
         torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)

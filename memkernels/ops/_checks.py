@@ -257,11 +257,9 @@ def check_weight_grad_from_codes(grad_out: torch.Tensor, codes: torch.Tensor, st
 
 
 def _float32(value: float) -> float:
-    """value rounded to the nearest float32, inf past its range: C++'s static_cast<float>."""
-    try:
-        return struct.unpack("f", struct.pack("f", value))[0]
-    except OverflowError:  # struct refuses what rounds to inf
-        return math.copysign(math.inf, value)
+    """value rounded to the nearest float32, inf past its range: C++'s static_cast<float>, which
+    struct's native "f" format is (the standard "<f" would refuse what rounds to inf)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def check_feedback_project(e: torch.Tensor, seed: int, layer: int, out_features: int, scale: float,
