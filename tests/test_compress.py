@@ -493,6 +493,7 @@ def test_linear_state_dict_and_repr():
     assert list(layer.state_dict()) == list(torch_layer.state_dict())
     assert "save='int2', group_size=64" in repr(layer)
     assert isinstance(layer, torch.nn.Linear)
+    assert repr(mk.nn.Linear(8, 3)) == "Linear(in_features=8, out_features=3, bias=True, save=None)"
 
 
 def test_linear_save_none_is_torch():

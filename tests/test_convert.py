@@ -1,6 +1,7 @@
 """mk.convert: which modules it swaps, what the replacements take over, what it reports, and the
 bytes kept and gradients of a converted model."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -207,6 +208,21 @@ def test_convert_reads_the_mlp_forward():
         assert type(model[0]).__name__ == "FakeMLP" and type(model[0].act_fn).__module__ == "memkernels.nn"
 
 
+def test_convert_leaves_a_gated_mlp_whose_projections_are_not_modules():
+    """GatedMLP holds three modules: a forward that reads the gated product from plain functions
+    is left as it is, and only its act_fn is swapped."""
+    mlp = _mlp_class(gated_forward, nn.SiLU())()
+    weights = {name: getattr(mlp, name).weight for name in ("gate_proj", "up_proj", "down_proj")}
+    for name, weight in weights.items():
+        delattr(mlp, name)
+        setattr(mlp, name, functools.partial(nn.functional.linear, weight=weight))
+    x = torch.randn(3, 8)
+    want = mlp(x)
+    model = mk.convert(nn.Sequential(mlp))
+    assert type(model[0]).__name__ == "FakeMLP" and isinstance(model[0].act_fn, mk.nn.SiLU)
+    torch.testing.assert_close(model(x), want)
+
+
 def test_gated_mlp_arguments():
     linear = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="activation must be"):
@@ -246,6 +262,19 @@ def test_replacement_keeps_mode_and_hooks():
         handle.remove()
     model(torch.randn(2, 8))
     assert calls == ["linear", "gelu"]
+
+
+def test_replacement_keeps_full_backward_hooks():
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU())
+    grads = []
+    handle = model[1].register_full_backward_hook(lambda module, grad_in, grad_out: grads.append(grad_out[0]))
+    mk.convert(model, bits=None)
+    assert isinstance(model[1], mk.nn.GELU)
+    model(torch.randn(2, 8)).sum().backward()
+    assert len(grads) == 1 and torch.equal(grads[0], torch.ones(2, 16))  # the full hook's grad_output
+    handle.remove()
+    model(torch.randn(2, 8)).sum().backward()
+    assert len(grads) == 1
 
 
 def test_module_held_twice_gets_one_replacement():

@@ -92,6 +92,16 @@ def test_module_splits_concatenated_input(bits, device):
     torch.testing.assert_close(mk.nn.GeGLU(dim=0)(x), TF.gelu(x[:2]) * x[2:])
 
 
+@pytest.mark.parametrize("module, gate", [(mk.nn.SwiGLU, GATES[0]), (mk.nn.GeGLU, GATES[1])], ids=["swiglu", "geglu"])
+def test_module_takes_the_two_halves(module, gate):
+    a, b, _ = halves((3, 5), torch.float32, "cpu")
+    m = module(dim=0, bits=3)  # dim splits one tensor only: two are a and b as given
+    torch.testing.assert_close(m(a, b), gate[2](a, b))
+    (ga, gb) = torch.autograd.grad(m(a, b).sum(), (a, b))
+    (wa, wb) = torch.autograd.grad(gate[1](a, b, bits=3).sum(), (a, b))
+    assert torch.equal(ga, wa) and torch.equal(gb, wb)
+
+
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("bits", [None, 1, 3])
 @pytest.mark.parametrize("gate", GATES, ids=IDS)

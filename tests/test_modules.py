@@ -146,3 +146,9 @@ def test_elementwise_second_derivative_raises_and_no_grad_keeps_nothing():
     assert mk.profile.saved_bytes(f, x.detach()) == 0
     with torch.no_grad():
         assert torch.equal(f(x), swish_beta(x))
+
+
+def test_elementwise_repr_names_fn_and_bits():
+    assert repr(mk.elementwise(torch.tanh, bits=3)) == "Elementwise(fn='tanh', bits=3)"
+    assert repr(mk.elementwise(swish_beta)) == "Elementwise(fn='swish_beta', bits=None)"
+    assert "fn=PReLU(num_parameters=1), bits=None" in repr(mk.elementwise(nn.PReLU()))
