@@ -17,6 +17,7 @@ import torch
 
 from memkernels.activations.autograd import activation, gated
 from memkernels.activations.spec import Activation as A
+from memkernels.activations.spec import check_param
 
 __all__ = ["gelu", "silu", "mish", "softplus", "elu", "selu", "celu", "leaky_relu", "relu",
            "sigmoid", "tanh", "hardswish", "hardsigmoid", "swiglu", "geglu"]
@@ -44,6 +45,8 @@ def mish(input: torch.Tensor, inplace: bool = False, bits: int | None = None) ->
 
 def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0,
              bits: int | None = None) -> torch.Tensor:
+    check_param("beta", beta)
+    check_param("threshold", threshold)
     if beta == 0:
         raise ValueError("beta must be non-zero")
     return activation(input, A.SOFTPLUS, beta, threshold, bits=bits)
@@ -51,6 +54,7 @@ def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0,
 
 def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False,
         bits: int | None = None) -> torch.Tensor:
+    check_param("alpha", alpha)
     return activation(input, A.ELU, alpha, bits=bits)
 
 
@@ -60,6 +64,7 @@ def selu(input: torch.Tensor, inplace: bool = False, bits: int | None = None) ->
 
 def celu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False,
          bits: int | None = None) -> torch.Tensor:
+    check_param("alpha", alpha)
     if alpha == 0:
         raise ValueError("alpha must be non-zero for celu (it divides by alpha)")
     return activation(input, A.CELU, alpha, bits=bits)
@@ -67,6 +72,7 @@ def celu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False,
 
 def leaky_relu(input: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False,
                bits: int | None = None) -> torch.Tensor:
+    check_param("negative_slope", negative_slope)
     return activation(input, A.LEAKY_RELU, negative_slope, bits=bits)
 
 

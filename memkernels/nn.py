@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from memkernels import functional as F
-from memkernels.activations.spec import check_bits
+from memkernels.activations.spec import check_bits, check_param
 from memkernels.compress import coded_input
 
 __all__ = ["GELU", "SiLU", "Mish", "Softplus", "ELU", "SELU", "CELU", "LeakyReLU", "ReLU",
@@ -105,6 +105,8 @@ class Softplus(_FusedActivation):
 
     def __init__(self, beta: float = 1.0, threshold: float = 20.0, bits: int | None = None):
         super().__init__(bits)
+        check_param("beta", beta)
+        check_param("threshold", threshold)
         self.beta, self.threshold = beta, threshold
 
     def forward(self, input):
@@ -116,6 +118,7 @@ class ELU(_InplaceActivation):
 
     def __init__(self, alpha: float = 1.0, inplace: bool = False, bits: int | None = None):
         super().__init__(inplace, bits)
+        check_param("alpha", alpha)
         self.alpha = alpha
 
     def forward(self, input):
@@ -132,6 +135,7 @@ class LeakyReLU(_InplaceActivation):
 
     def __init__(self, negative_slope: float = 0.01, inplace: bool = False, bits: int | None = None):
         super().__init__(inplace, bits)
+        check_param("negative_slope", negative_slope)
         self.negative_slope = negative_slope
 
     def forward(self, input):
@@ -147,6 +151,8 @@ class _GLU(_FusedActivation):
 
     def __init__(self, dim: int = -1, bits: int | None = None):
         super().__init__(bits)
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim must be an int, got {type(dim).__name__} {dim!r}")
         self.dim = dim
 
     def _halves(self, a, b):
@@ -213,6 +219,8 @@ class GatedMLP(nn.Module):
 class _CodedInput:
     """``save`` and its arguments, shared by Linear and Conv2d (see memkernels.compress)."""
 
+    _from_type, _from_name = nn.Module, "nn.Module"  # what from_torch takes
+
     def _set_save(self, save, eps, nonnegative, group_size):
         coded_input.check_save(save, eps, nonnegative, group_size)
         self.save, self.eps, self.nonnegative, self.group_size = save, eps, nonnegative, group_size
@@ -231,6 +239,8 @@ class _CodedInput:
     def from_torch(cls, module: nn.Module, save: str | None, **kwargs):
         """A twin of torch layer ``module`` holding the same Parameter objects (so an optimizer
         built on ``module`` keeps updating them), with ``save``."""
+        if not isinstance(module, cls._from_type):
+            raise TypeError(f"{cls.__name__}.from_torch: module must be an {cls._from_name}, got {type(module).__name__}")
         new = cls._empty_like(module, save, **kwargs)
         new.weight, new.bias = module.weight, module.bias
         return new
@@ -243,6 +253,8 @@ class Linear(_CodedInput, nn.Linear):
     with one reduction a call; give it to skip that) apply to "asa", group_size (a multiple of 8)
     to "intk". Input (..., in_features).
     """
+
+    _from_type, _from_name = nn.Linear, "nn.Linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  save: str | None = None, eps: float = 0.01, nonnegative: bool | None = None,
@@ -299,6 +311,8 @@ class Conv2d(_CodedInput, nn.Conv2d):
     torch.nn.Conv2d's plus those of :class:`Linear`. The input is coded as [N, C * H * W] after
     any padding other than the convolution's own zeros has been applied to it: padding_mode
     reflect / replicate / circular."""
+
+    _from_type, _from_name = nn.Conv2d, "nn.Conv2d"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,

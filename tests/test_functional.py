@@ -506,3 +506,16 @@ def test_gated_signed_zero_matches_torch(dtype, device):
         for bits in (None, 3):
             y = mfn(a.clone().requires_grad_(), b, **kwargs, bits=bits)
             assert_signed_zeros_match(y.detach(), want, f"{tfn.__name__} {kwargs} bits={bits}")
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda x: mk.functional.softplus(x, beta="a"), "beta"),
+    (lambda x: mk.functional.softplus(x, threshold=None), "threshold"),
+    (lambda x: mk.functional.elu(x, alpha=None), "alpha"),
+    (lambda x: mk.functional.celu(x, alpha="1"), "alpha"),
+    (lambda x: mk.functional.leaky_relu(x, negative_slope="a"), "negative_slope"),
+    (lambda x: mk.functional.leaky_relu(x, negative_slope=True), "negative_slope"),
+])
+def test_activation_parameters_of_the_wrong_type_are_named(call, name):
+    with pytest.raises(TypeError, match=f"^{name} must be a real number, got "):
+        call(torch.randn(4, requires_grad=True))

@@ -152,3 +152,68 @@ def test_elementwise_repr_names_fn_and_bits():
     assert repr(mk.elementwise(torch.tanh, bits=3)) == "Elementwise(fn='tanh', bits=3)"
     assert repr(mk.elementwise(swish_beta)) == "Elementwise(fn='swish_beta', bits=None)"
     assert "fn=PReLU(num_parameters=1), bits=None" in repr(mk.elementwise(nn.PReLU()))
+
+
+@pytest.mark.parametrize("dim", ["a", 1.0, True])
+def test_glu_dim_must_be_an_int(dim):
+    for cls in (mk.nn.SwiGLU, mk.nn.GeGLU):
+        with pytest.raises(TypeError, match=r"^dim must be an int, got "):
+            cls(dim=dim)
+
+
+def test_activation_module_parameters_are_checked_at_construction():
+    with pytest.raises(TypeError, match=r"^alpha must be a real number, got str '1'"):
+        mk.nn.ELU(alpha="1")
+    with pytest.raises(TypeError, match=r"^beta must be a real number, got NoneType"):
+        mk.nn.Softplus(beta=None)
+    with pytest.raises(TypeError, match=r"^negative_slope must be a real number, got str"):
+        mk.nn.LeakyReLU("0.1")
+
+
+@pytest.mark.parametrize("fn", [3, "sin", None, torch.ones(3)])
+def test_elementwise_needs_a_callable(fn):
+    if fn is None:  # mk.elementwise(None) is the decorator form; the class itself refuses it
+        with pytest.raises(TypeError, match=r"^fn must be callable .*got NoneType"):
+            mk.Elementwise(None)
+        return
+    with pytest.raises(TypeError, match=rf"^fn must be callable .*got {type(fn).__name__}"):
+        mk.elementwise(fn)
+
+
+def test_elementwise_decorator_checks_bits_at_once():
+    with pytest.raises(ValueError, match=r"^bits must be None or one of \(1, 2, 3, 4, 8\), got 5"):
+        mk.elementwise(bits=5)
+
+
+@pytest.mark.parametrize("fn, got", [(lambda t: (t, t), "tuple"), (lambda t: (t > 0).long(), "torch.int64"),
+                                     (lambda t: t * 1j, "torch.complex64")])
+def test_elementwise_fn_must_return_a_floating_tensor(fn, got):
+    x = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(TypeError, match=rf"fn must return a floating-point tensor, got {got}"):
+        mk.elementwise(fn)(x)
+    with torch.no_grad(), pytest.raises(TypeError, match=rf"fn must return a floating-point tensor, got {got}"):
+        mk.elementwise(fn)(x)
+
+
+@pytest.mark.parametrize("bits", [None, 3])
+def test_elementwise_on_meta_tensors(bits):
+    f = mk.elementwise(torch.sin, bits=bits)
+    y = f(torch.randn(4, 8, device="meta", requires_grad=True))
+    assert y.shape == (4, 8) and y.device.type == "meta"
+    assert not f._checked  # the element-wise check waits for real values
+
+
+def test_from_torch_needs_its_torch_layer():
+    with pytest.raises(TypeError, match=r"^Linear.from_torch: module must be an nn.Linear, got Conv2d"):
+        mk.nn.Linear.from_torch(nn.Conv2d(3, 3, 3), save="int4")
+    with pytest.raises(TypeError, match=r"^Conv2d.from_torch: module must be an nn.Conv2d, got str"):
+        mk.nn.Conv2d.from_torch("conv", save="int4")
+
+
+@pytest.mark.parametrize("save", ["asa", "int4"])
+def test_coded_layers_run_on_meta(save):
+    assert mk.nn.Linear(8, 4, save=save, device="meta")(torch.randn(2, 8, device="meta")).shape == (2, 4)
+    y = mk.nn.Conv2d(3, 4, 3, save=save, device="meta")(torch.randn(1, 3, 8, 8, device="meta"))
+    assert y.shape == (1, 4, 6, 6)
+    with pytest.raises(ValueError, match=r"^weight must be on the device of input \(meta\), got cpu"):
+        mk.nn.Linear(8, 4, save=save)(torch.randn(2, 8, device="meta"))

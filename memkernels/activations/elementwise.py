@@ -35,6 +35,9 @@ def _no_other_grads(fn, *outputs) -> None:
 
 
 def _same_shape(fn, x, y) -> None:
+    if not isinstance(y, torch.Tensor) or not y.is_floating_point():
+        got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
+        raise TypeError(f"mk.elementwise({_name(fn)}): fn must return a floating-point tensor, got {got}")
     if y.shape != x.shape:
         raise ValueError(f"mk.elementwise({_name(fn)}): fn must be element-wise, but it maps an input "
                          f"of shape {tuple(x.shape)} to {tuple(y.shape)}")
@@ -133,6 +136,8 @@ class Elementwise(torch.nn.Module):
 
     def __init__(self, fn, bits: int | None = None):
         super().__init__()
+        if not callable(fn):
+            raise TypeError(f"fn must be callable (an element-wise function of a tensor), got {type(fn).__name__}")
         self.fn = fn
         self.bits = check_bits(bits) or None
         self._checked = False
@@ -165,7 +170,8 @@ class Elementwise(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_floating_input("input", x)
-        if not self._checked and x.numel() > 0 and not torch.compiler.is_compiling():
+        # (A meta tensor has no values to compare: the check waits for a call with real ones.)
+        if not self._checked and x.numel() > 0 and x.device.type != "meta" and not torch.compiler.is_compiling():
             self._checked = check_elementwise(self.fn, x)
         if not needs_grad(x):
             y = self.fn(x)
@@ -213,5 +219,6 @@ def elementwise(fn=None, *, bits: int | None = None):
     Usable as ``mk.elementwise(fn, bits=3)`` or as a decorator ``@mk.elementwise(bits=3)``.
     """
     if fn is None:
+        check_bits(bits)  # at the decorator's call, not when it is applied
         return lambda f: Elementwise(f, bits)
     return Elementwise(fn, bits)

@@ -7,6 +7,9 @@ parameters ``p0, p1``; their meaning per activation is listed in ``PARAMS``.
 from __future__ import annotations
 
 import enum
+import numbers
+
+import torch
 
 VALID_BITS = (1, 2, 3, 4, 8)
 
@@ -63,6 +66,14 @@ def check_bits(bits) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
         raise ValueError(f"bits must be None or one of {VALID_BITS}, got {bits!r}")
     return bits
+
+
+def check_param(name: str, value) -> None:
+    """An activation's float parameter (alpha, beta, ...): a real number (a symbolic one under
+    torch.compile, or a one-element tensor, which the op reads as a float)."""
+    if isinstance(value, bool) or not (isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat))
+                                       or (isinstance(value, torch.Tensor) and value.numel() == 1)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
