@@ -10,7 +10,8 @@ def autocast_inputs(*tensors):
     autograd function given these runs forward and backward in that one dtype, wherever its
     backward runs."""
     device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    # meta (a deferred init, a shape check) has no autocast: is_autocast_enabled would raise there
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t

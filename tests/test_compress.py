@@ -667,3 +667,26 @@ def test_device_mix_is_named():
     layer = mk.nn.Linear(4, 2, save="int4", device="meta")
     with pytest.raises(ValueError, match="weight must be on the device of input"):
         layer(torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("args, error, message", [
+    (([1.0], torch.randn(4, 8), None), TypeError, r"^input must be a torch.Tensor, got list"),
+    ((torch.randn(2, 8), "w", None), TypeError, r"^weight must be a torch.Tensor, got str"),
+    ((torch.randn(2, 8), torch.randn(4, 8), "b"), TypeError, r"^bias must be a torch.Tensor or None, got str"),
+    ((torch.randn(2, 8), torch.randn(2, 4, 8), None), ValueError,
+     r"^weight must be 2-D \(out_features, in_features\), got shape \(2, 4, 8\)"),
+    ((torch.randn(2, 8), torch.randn(8), None), ValueError, r"^weight must be 2-D .*got shape \(8,\)"),
+    ((torch.randn(2, 8), torch.randn(4, 8), torch.randn(3)), ValueError,
+     r"^bias must have shape \(4,\) \(out_features of weight \(4, 8\)\), got \(3,\)"),
+    ((torch.randn(2, 8), torch.randn(4, 8), torch.randn(4, 4)), ValueError, r"^bias must have shape \(4,\)"),
+])
+@pytest.mark.parametrize("save", ["asa", "int4"])
+def test_linear_argument_errors(args, error, message, save):
+    with pytest.raises(error, match=message):
+        mk.compress.linear(*args, save=save)
+
+
+def test_conv2d_weight_must_be_4d():
+    with pytest.raises(ValueError, match=r"^weight must be 4-D \(out_channels, in_channels / groups, kh, kw\), "
+                                         r"got shape \(4, 3\)"):
+        mk.compress.conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3), save="int4")

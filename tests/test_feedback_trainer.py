@@ -478,3 +478,45 @@ def test_accuracy_on_digits_dfa_and_memdfa_within_two_points_of_bp():
         for rule in ("dfa", "memdfa"):
             assert accuracy[hidden, rule] >= accuracy[hidden, "bp"] - 0.02, accuracy
         assert accuracy[hidden, "memdfa"] == pytest.approx(accuracy[hidden, "dfa"], abs=0.005), accuracy
+
+
+def test_seed_and_layer_refuse_bools():
+    with pytest.raises(TypeError, match=r"^seed must be an int, got bool True"):
+        mk.feedback.Trainer(nn.Sequential(nn.Linear(4, 2)), rule="dfa", loss=F.cross_entropy,
+                            optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), seed=True)
+    with pytest.raises(TypeError, match=r"^layer must be an int, got bool False"):
+        mk.nn.FALinear(4, 2, layer=False)
+
+
+@pytest.mark.parametrize("rule", ["bp", "fa", "dfa", "memdfa"])
+def test_loss_must_return_a_scalar_tensor(rule):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(2, 8), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match=r"^loss\(output, y\) must return a scalar tensor, got float"):
+        mk.feedback.Trainer(model, rule=rule, loss=lambda o, t: 1.0, optimizer=opt).step(x, y)
+    with pytest.raises(ValueError, match=r"^loss\(output, y\) must return a scalar tensor, got shape \(2, 4\)"):
+        mk.feedback.Trainer(model, rule=rule, loss=lambda o, t: o, optimizer=opt).step(x, y)
+
+
+@pytest.mark.parametrize("args, error, message", [
+    ((torch.randn(4, 8), torch.randn(4, 8, device="meta"), None), ValueError,
+     r"^weight must be on the device of input \(cpu\), got meta"),
+    ((torch.randn(4, 8), torch.randn(8), None), ValueError, r"^weight must be 2-D \(out_features, in_features\)"),
+    ((torch.randn(4, 8), "w", None), TypeError, r"^weight must be a torch.Tensor, got str"),
+    ((torch.randn(4, 8), torch.randn(4, 8), torch.randn(3)), ValueError, r"^bias must have shape \(4,\)"),
+    ((torch.ones(4, 8, dtype=torch.long), torch.randn(4, 8), None), TypeError,
+     r"^input must be a floating-point tensor, got torch.int64"),
+    ((torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float64), None), TypeError,
+     r"^weight must have the dtype of input \(torch.float32\), got torch.float64"),
+])
+def test_fa_linear_argument_errors(args, error, message):
+    with pytest.raises(error, match=message):
+        mk.feedback.fa_linear(*args, seed=0, layer=0)
+
+
+def test_fa_conv2d_argument_errors():
+    with pytest.raises(TypeError, match=r"^input must be a floating-point tensor, got torch.int64"):
+        mk.feedback.fa_conv2d(torch.ones(1, 3, 8, 8, dtype=torch.long), torch.randn(4, 3, 3, 3), None, 0, 0)
+    with pytest.raises(ValueError, match=r"^weight must be 4-D"):
+        mk.feedback.fa_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3), None, 0, 0)

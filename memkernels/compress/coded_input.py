@@ -55,7 +55,7 @@ def _encode(x: torch.Tensor, save: str, eps: float, nonnegative, group_size: int
     if save == "asa":
         if nonnegative is None:  # one reduction; give nonnegative to skip it
             nonnegative = (x >= 0).all()
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or x.device.type == "meta":  # meta: no value to read either
                 return _traced_sign_code(x, eps, nonnegative, group_size, keep)
             nonnegative = bool(nonnegative)
         x_aux, signs = ops.auxiliary_sign_forward(x, float(eps), nonnegative)
@@ -86,7 +86,21 @@ def _traced_sign_code(x: torch.Tensor, eps: float, nonnegative: torch.Tensor, gr
     return x_aux, signs, stats, _CodeFormat(x.shape[1], 1, group_size)
 
 
-def _check_layer_inputs(input: torch.Tensor, weight: torch.Tensor, bias) -> None:
+def check_layer_args(input, weight, bias, weight_dims: int, what: str) -> None:
+    """Before autocast: input, weight (``weight_dims``-D, ``what`` names its layout) and bias
+    (None or (out_features,)) are tensors of those shapes."""
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
+            raise TypeError(f"{name} must be a torch.Tensor{' or None' if name == 'bias' else ''}, "
+                            f"got {type(t).__name__}")
+    if weight.dim() != weight_dims:
+        raise ValueError(f"weight must be {weight_dims}-D {what}, got shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) (out_features of weight "
+                         f"{tuple(weight.shape)}), got {tuple(bias.shape)}")
+
+
+def check_layer_inputs(input: torch.Tensor, weight: torch.Tensor, bias) -> None:
     if not input.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
     for name, t in (("weight", weight), ("bias", bias)):
@@ -237,8 +251,9 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     check_save(save, eps, nonnegative, group_size)
     if save is None:
         return F.linear(input, weight, bias)
+    check_layer_args(input, weight, bias, 2, "(out_features, in_features)")
     input, weight, bias = autocast_inputs(input, weight, bias)
-    _check_layer_inputs(input, weight, bias)
+    check_layer_inputs(input, weight, bias)
     if input.dim() == 0 or input.shape[-1] != weight.shape[-1]:
         raise ValueError(f"input must be (..., {weight.shape[-1]}) for weight {tuple(weight.shape)}, "
                          f"got {tuple(input.shape)}")
@@ -258,8 +273,9 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if isinstance(padding, str):
         raise ValueError("conv2d with save needs integer padding; mk.nn.Conv2d turns 'same' / 'valid' "
                          "into explicit padding")
+    check_layer_args(input, weight, bias, 4, "(out_channels, in_channels / groups, kh, kw)")
     input, weight, bias = autocast_inputs(input, weight, bias)
-    _check_layer_inputs(input, weight, bias)
+    check_layer_inputs(input, weight, bias)
     if input.dim() not in (3, 4):
         raise ValueError(f"input must be (N, C, H, W) or (C, H, W), got shape {tuple(input.shape)}")
     pair = torch.nn.modules.utils._pair

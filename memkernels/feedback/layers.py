@@ -17,13 +17,14 @@ from torch import nn
 
 from memkernels import ops
 from memkernels._autocast import autocast_inputs
+from memkernels.compress.coded_input import check_layer_args, check_layer_inputs
 from memkernels.reference import check_feedback_key
 
 
 def check_key(seed, layer) -> tuple[int, int]:
     """(seed, layer) as ints: integers (numpy's too) in the ranges check_feedback_key sets."""
     for name, value in (("seed", seed), ("layer", layer)):
-        if not isinstance(value, numbers.Integral):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     check_feedback_key(int(seed), int(layer))
     return int(seed), int(layer)
@@ -113,8 +114,11 @@ def fa_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     Keeps x for backward, as F.linear does, but not W."""
     seed, layer = check_key(seed, layer)
     scale = check_scale(scale)
+    check_layer_args(x, weight, bias, 2, "(out_features, in_features)")
     scale = default_scale(weight) if scale is None else scale
-    return _FALinearFunction.apply(*autocast_inputs(x, weight, bias), seed, layer, scale)
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    check_layer_inputs(x, weight, bias)
+    return _FALinearFunction.apply(x, weight, bias, seed, layer, scale)
 
 
 def _conv_padding(padding) -> tuple[int, int]:
@@ -130,12 +134,15 @@ def fa_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     """F.conv2d whose backward sends the transposed convolution of grad_out with B (weight's shape,
     regenerated in backward) to x, (N, C, H, W) or unbatched (C, H, W). Padding: ints or 'valid'."""
     seed, layer = check_key(seed, layer)
+    check_layer_args(x, weight, bias, 4, "(out_channels, in_channels / groups, kh, kw)")
     if x.dim() == 3:  # unbatched, as F.conv2d takes it; the backward's conv2d_input wants 4-D
         return fa_conv2d(x[None], weight, bias, seed, layer, scale, stride, padding, dilation, groups)[0]
     pair = torch.nn.modules.utils._pair
     scale = check_scale(scale)
     scale = default_scale(weight) if scale is None else scale
-    return _FAConv2dFunction.apply(*autocast_inputs(x, weight, bias), seed, layer, scale, pair(stride),
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    check_layer_inputs(x, weight, bias)
+    return _FAConv2dFunction.apply(x, weight, bias, seed, layer, scale, pair(stride),
                                    _conv_padding(padding), pair(dilation), groups)
 
 

@@ -205,7 +205,7 @@ class Trainer:
 
     def _step_bp(self, x, y):
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self(x), y)
+        loss = self._loss(self(x), y)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -215,7 +215,7 @@ class Trainer:
         h = self.prefix(x)
         for layer, block in enumerate(self.blocks):
             h = block.post(block.linear_part(h, "fa", self.seed, layer))
-        loss = self.loss(h, y)
+        loss = self._loss(h, y)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -257,6 +257,14 @@ class Trainer:
         return loss
 
     # ---- pieces ----
+
+    def _loss(self, output: torch.Tensor, y) -> torch.Tensor:
+        loss = self.loss(output, y)
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss(output, y) must return a scalar tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"loss(output, y) must return a scalar tensor, got shape {tuple(loss.shape)}")
+        return loss
 
     def _forward_hidden(self, x):
         """The input of the last block, without grad."""
@@ -303,7 +311,7 @@ class Trainer:
                 a.retain_grad()
             else:  # pass 1, or a frozen weight layer: e is needed all the same
                 a.requires_grad_()
-            loss = self.loss(block.post(a), y)
+            loss = self._loss(block.post(a), y)
             if update:
                 loss.backward()
                 e = a.grad
