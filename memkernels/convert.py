@@ -177,10 +177,11 @@ def _patterns(name: str, patterns):
         return None
     if isinstance(patterns, (str, type)):
         return (patterns,)
-    patterns = tuple(patterns) if hasattr(patterns, "__iter__") else (patterns,)
+    given = patterns
+    patterns = tuple(patterns) if hasattr(patterns, "__iter__") and not isinstance(patterns, bytes) else (patterns,)
     if any(not isinstance(p, (str, type)) for p in patterns):
         raise TypeError(f"{name} must be a name pattern (str), a module class, or an iterable of those, "
-                        f"got {patterns!r}")
+                        f"got {given!r}")
     return patterns
 
 
@@ -223,6 +224,8 @@ def convert(model: nn.Module, bits: int | None = None, include=None, exclude=Non
     skipped and reported. The state_dict keys do not change: the activations hold no parameters or
     buffers, and the layers keep theirs under the same names.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_bits(bits)
     for name, save in (("linear", linear), ("conv2d", conv2d)):
         if save is not None and save not in MODES:

@@ -27,10 +27,17 @@ def _parameter_storages(fn, args) -> set:
     return {p.untyped_storage().data_ptr() for p in params}
 
 
+def _check_fn(fn) -> None:
+    if not callable(fn):
+        raise TypeError(f"fn must be callable (a function or module, called as fn(*args, **kwargs)), "
+                        f"got {type(fn).__name__}")
+
+
 def saved_bytes(fn, *args, **kwargs) -> int:
     """Bytes of the distinct storages autograd keeps for backward when ``fn(*args, **kwargs)``
     runs (inputs saved by an op count; parameters of ``fn`` if it is a Module, and Parameter
     arguments, do not). Views of one storage count once, at the storage's full size."""
+    _check_fn(fn)
     skip = _parameter_storages(fn, args)
     seen: dict[int, int] = {}
 
@@ -65,6 +72,7 @@ def peak_memory(fn, *args, backward: bool = True, device: torch.device | str | N
     CUDA: ``torch.cuda.max_memory_allocated``. CPU: the profiler's allocation events, summed in
     time order. The device is the first tensor argument's unless given.
     """
+    _check_fn(fn)
     if device is None:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         device = tensors[0].device if tensors else torch.device("cpu")
@@ -129,6 +137,7 @@ def peak_saved_bytes(fn, *args, **kwargs) -> int:
     saved_bytes. saved_bytes sums everything saved over the call; this is the high-water mark, which
     is what falls when a method frees one part of the graph before building the next.
     """
+    _check_fn(fn)
     skip = _parameter_storages(fn, args)
     live: dict[int, list[int]] = {}  # storage pointer -> [saved tensors holding it, bytes]
     level = peak = 0

@@ -721,3 +721,14 @@ def test_plan_names_the_kept_and_recomputed_nodes():
     plan = ck.plan(model, x, None, "sqrt", verify=False)  # two runs of two nodes, the first recomputed
     assert plan.recomputed == ["0", "1"] and plan.kept == ["2", "3"]
     assert plan.solution.kept == frozenset({2, 3})
+
+
+def test_model_must_be_a_module():
+    net, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU()), torch.randn(2, 8)
+    plan = ck.plan(net, x, None, method="all", verify=False)
+    with pytest.raises(TypeError, match=r"^apply: model must be an nn.Module, got str"):
+        ck.apply("net", plan)
+    with pytest.raises(TypeError, match=r"^plan: model must be an nn.Module, got str"):
+        ck.plan("net", x, None)
+    with pytest.raises(TypeError, match=r"^measure_peak: model must be an nn.Module, got str"):
+        ck.measure_peak("net", x)

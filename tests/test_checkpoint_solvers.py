@@ -296,3 +296,24 @@ def test_least_budget_with_one_bucket_ends(method):
     assert ck.solvers._schedule(graph, arrays, keep_all, method, 2, 10**6) is None
     least = ck.least_budget(graph, method, buckets=2)
     assert least > keep_all and ck.solve(graph, least, method, buckets=2).predicted_peak <= least
+
+
+def test_argument_errors_name_what_was_expected():
+    g = ck.Graph.chain([1.0, 1.0, 1.0], [100, 100, 100], [100, 100, 100])
+    with pytest.raises(TypeError, match=r"^least_budget: graph must be a memkernels.checkpoint.Graph, got str"):
+        ck.least_budget("g")
+    with pytest.raises(TypeError, match=r"^evaluate: graph must be a memkernels.checkpoint.Graph, got str"):
+        ck.evaluate("g", [])
+    with pytest.raises(TypeError, match=r"^schedule: segments must be a list of \(nodes, recomputed\) pairs, got str"):
+        ck.evaluate(g, "x")
+    with pytest.raises(TypeError, match=r"^schedule: each segment must be a \(nodes, recomputed\) pair"):
+        ck.evaluate(g, [(0, 1, 2)])
+    with pytest.raises(ValueError, match=r"^buckets must be a positive int, got True"):
+        ck.solve(g, 10**6, method="chain", buckets=True)
+    with pytest.raises(ValueError, match=r"^checkpoint_bytes must be >= 0, got nan"):
+        ck.Graph.chain([1.0], [1], [1], checkpoint_bytes=math.nan)
+    nodes = [ck.Node("a", 1.0, 1, 1), ck.Node("b", 1.0, 1, 1)]
+    with pytest.raises(ValueError, match=r"^Graph: each edge must be a pair \(u, v\) of node numbers, got \(0, 1, 2\)"):
+        ck.Graph(nodes, [(0, 1, 2)])
+    with pytest.raises(TypeError, match=r"^Graph: nodes must be memkernels.checkpoint.Node, got str at 0"):
+        ck.Graph("ab", [])

@@ -1,6 +1,7 @@
 """mk.convert: which modules it swaps, what the replacements take over, what it reports, and the
 bytes kept and gradients of a converted model."""
 import copy
+import re
 import functools
 
 import pytest
@@ -365,3 +366,16 @@ def test_convert_swaps_layers_and_keeps_parameters():
     assert len(report.swapped) == 3
     model(torch.randn(2, 1, 8, 8)).sum().backward()
     assert all(p.grad is not None for p in params)
+
+
+@pytest.mark.parametrize("model", ["model", None, lambda t: t, [nn.GELU()]])
+def test_convert_needs_a_module(model):
+    with pytest.raises(TypeError, match=rf"^model must be an nn.Module, got {type(model).__name__}"):
+        mk.convert(model)
+
+
+@pytest.mark.parametrize("patterns", [3, [3], b"x", nn.GELU()])
+def test_convert_patterns_error_shows_what_was_given(patterns):
+    with pytest.raises(TypeError, match=r"^exclude must be a name pattern \(str\), a module class, or an iterable "
+                                        rf"of those, got {re.escape(repr(patterns))}$"):
+        mk.convert(nn.Sequential(nn.GELU()), exclude=patterns)

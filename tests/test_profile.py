@@ -52,3 +52,10 @@ def test_peak_memory_drops_only_the_profilers_log_lines(capfd):
     assert mk.profile.peak_memory(fn, torch.ones(256, requires_grad=True)) > 0
     err = capfd.readouterr().err
     assert "the user's line" in err and "profiler_start" not in err and "USDT" not in err
+
+
+@pytest.mark.parametrize("measure", [mk.profile.saved_bytes, mk.profile.peak_memory, mk.profile.peak_saved_bytes])
+@pytest.mark.parametrize("fn", [3, None, "gelu"])
+def test_profile_needs_a_callable(measure, fn):
+    with pytest.raises(TypeError, match=rf"^fn must be callable .*got {type(fn).__name__}$"):
+        measure(fn, torch.randn(4, requires_grad=True))

@@ -83,12 +83,18 @@ class Graph:
         n = len(nodes)
         if n == 0:
             raise ValueError("Graph: no nodes, nothing to plan")
-        if checkpoint_bytes < 0:
+        if not checkpoint_bytes >= 0:  # NaN too
             raise ValueError(f"checkpoint_bytes must be >= 0, got {checkpoint_bytes}")
         self.checkpoint_bytes = checkpoint_bytes
         self.preds: list[list[int]] = [[] for _ in range(n)]
         self.succs: list[list[int]] = [[] for _ in range(n)]
-        for u, v in edges:
+        for v, node in enumerate(nodes):
+            if not isinstance(node, Node):
+                raise TypeError(f"Graph: nodes must be memkernels.checkpoint.Node, got {type(node).__name__} at {v}")
+        for edge in edges:
+            if not (isinstance(edge, (tuple, list)) and len(edge) == 2):
+                raise ValueError(f"Graph: each edge must be a pair (u, v) of node numbers, got {edge!r}")
+            u, v = edge
             if not (0 <= u < v < n):
                 raise ValueError(f"edge ({u}, {v}): edges must go from a lower to a higher node "
                                  f"number in 0..{n - 1} (nodes in a topological order)")

@@ -142,8 +142,20 @@ def format_bytes(n: float) -> str:
 # -------------------------------------------------------------------------------- the cost model
 
 
+def _check_graph(graph, caller: str) -> None:
+    if not isinstance(graph, Graph):
+        raise TypeError(f"{caller}: graph must be a memkernels.checkpoint.Graph, got {type(graph).__name__}")
+
+
 def _members_check(graph: Graph, segments: Segments) -> None:
     seen: set[int] = set()
+    if isinstance(segments, (str, bytes)) or not hasattr(segments, "__iter__"):
+        raise TypeError(f"schedule: segments must be a list of (nodes, recomputed) pairs, got {type(segments).__name__}")
+    segments = list(segments)
+    for segment in segments:
+        if not (isinstance(segment, (tuple, list)) and len(segment) == 2 and hasattr(segment[0], "__iter__")):
+            raise TypeError(f"schedule: each segment must be a (nodes, recomputed) pair, a tuple of node "
+                            f"numbers and a bool, got {segment!r}")
     for nodes, _ in segments:
         if not nodes:
             raise ValueError("schedule: a segment is empty")
@@ -240,6 +252,7 @@ def evaluate(graph: Graph, segments: Segments, arrays: dict | None = None,
              nested: dict[tuple[int, ...], Segments] | None = None) -> tuple[int, float]:
     """(predicted peak bytes, extra time) of a schedule under the cost model. `nested` maps a
     recomputed segment's nodes to the inner schedule its recomputation runs ("log")."""
+    _check_graph(graph, "evaluate")
     _members_check(graph, segments)
     arrays = graph.arrays() if arrays is None else arrays
     return _evaluate(arrays, segments, nested or {}, frozenset(), 0, False)
@@ -394,6 +407,7 @@ def least_budget(graph: Graph, method: str = "dp-approx", *, buckets: int = DEFA
                  max_lower_sets: int = DEFAULT_MAX_LOWER_SETS) -> int:
     """The least budget (bytes, to 0.2%) under which `method` finds a schedule."""
     _check_options(method, buckets, max_lower_sets)
+    _check_graph(graph, "least_budget")
     arrays = graph.arrays()
     if method in BUDGET_BLIND:
         segments, nested = _schedule(graph, arrays, UNLIMITED, method, buckets, max_lower_sets)
@@ -418,9 +432,9 @@ def least_budget(graph: Graph, method: str = "dp-approx", *, buckets: int = DEFA
 def _check_options(method: str, buckets: int, max_lower_sets: int) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
-    if not isinstance(buckets, int) or buckets < 1:
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
         raise ValueError(f"buckets must be a positive int, got {buckets!r}")
-    if not isinstance(max_lower_sets, int) or max_lower_sets < 1:
+    if isinstance(max_lower_sets, bool) or not isinstance(max_lower_sets, int) or max_lower_sets < 1:
         raise ValueError(f"max_lower_sets must be a positive int, got {max_lower_sets!r}")
 
 
@@ -432,8 +446,7 @@ def solve(graph: Graph, budget: int | float | str | None, method: str = "dp-appr
     from memkernels.checkpoint.budget import parse_budget
 
     _check_options(method, buckets, max_lower_sets)
-    if not isinstance(graph, Graph):
-        raise TypeError(f"solve: graph must be a memkernels.checkpoint.Graph, got {type(graph).__name__}")
+    _check_graph(graph, "solve")
     limit = UNLIMITED if budget is None else parse_budget(budget)
     arrays = graph.arrays()
     schedule = _schedule(graph, arrays, limit, method, buckets, max_lower_sets)
