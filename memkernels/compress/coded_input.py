@@ -86,9 +86,10 @@ def _traced_sign_code(x: torch.Tensor, eps: float, nonnegative: torch.Tensor, gr
     return x_aux, signs, stats, _CodeFormat(x.shape[1], 1, group_size)
 
 
-def check_layer_args(input, weight, bias, weight_dims: int, what: str) -> None:
-    """Before autocast: input, weight (``weight_dims``-D, ``what`` names its layout) and bias
-    (None or (out_features,)) are tensors of those shapes."""
+def layer_inputs(input, weight, bias, weight_dims: int, what: str):
+    """(input, weight, bias) of a layer function, checked and under autocast: tensors (bias may be
+    None), weight ``weight_dims``-D (``what`` names its layout), bias (out_features,); then, in the
+    autocast dtype, a floating input with weight and bias on its device and of its dtype."""
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
         if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
             raise TypeError(f"{name} must be a torch.Tensor{' or None' if name == 'bias' else ''}, "
@@ -98,9 +99,7 @@ def check_layer_args(input, weight, bias, weight_dims: int, what: str) -> None:
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},) (out_features of weight "
                          f"{tuple(weight.shape)}), got {tuple(bias.shape)}")
-
-
-def check_layer_inputs(input: torch.Tensor, weight: torch.Tensor, bias) -> None:
+    input, weight, bias = autocast_inputs(input, weight, bias)
     if not input.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
     for name, t in (("weight", weight), ("bias", bias)):
@@ -110,6 +109,7 @@ def check_layer_inputs(input: torch.Tensor, weight: torch.Tensor, bias) -> None:
             raise ValueError(f"{name} must be on the device of input ({input.device}), got {t.device}")
         if t.dtype != input.dtype:
             raise TypeError(f"{name} must have the dtype of input ({input.dtype}), got {t.dtype}")
+    return input, weight, bias
 
 
 SECOND_DERIVATIVE_ERROR = (
@@ -251,9 +251,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     check_save(save, eps, nonnegative, group_size)
     if save is None:
         return F.linear(input, weight, bias)
-    check_layer_args(input, weight, bias, 2, "(out_features, in_features)")
-    input, weight, bias = autocast_inputs(input, weight, bias)
-    check_layer_inputs(input, weight, bias)
+    input, weight, bias = layer_inputs(input, weight, bias, 2, "(out_features, in_features)")
     if input.dim() == 0 or input.shape[-1] != weight.shape[-1]:
         raise ValueError(f"input must be (..., {weight.shape[-1]}) for weight {tuple(weight.shape)}, "
                          f"got {tuple(input.shape)}")
@@ -273,9 +271,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if isinstance(padding, str):
         raise ValueError("conv2d with save needs integer padding; mk.nn.Conv2d turns 'same' / 'valid' "
                          "into explicit padding")
-    check_layer_args(input, weight, bias, 4, "(out_channels, in_channels / groups, kh, kw)")
-    input, weight, bias = autocast_inputs(input, weight, bias)
-    check_layer_inputs(input, weight, bias)
+    input, weight, bias = layer_inputs(input, weight, bias, 4, "(out_channels, in_channels / groups, kh, kw)")
     if input.dim() not in (3, 4):
         raise ValueError(f"input must be (N, C, H, W) or (C, H, W), got shape {tuple(input.shape)}")
     pair = torch.nn.modules.utils._pair

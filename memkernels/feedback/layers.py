@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memkernels import ops
-from memkernels._autocast import autocast_inputs
-from memkernels.compress.coded_input import check_layer_args, check_layer_inputs
+from memkernels.compress.coded_input import layer_inputs
 from memkernels.reference import check_feedback_key
 
 
@@ -114,10 +113,8 @@ def fa_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     Keeps x for backward, as F.linear does, but not W."""
     seed, layer = check_key(seed, layer)
     scale = check_scale(scale)
-    check_layer_args(x, weight, bias, 2, "(out_features, in_features)")
+    x, weight, bias = layer_inputs(x, weight, bias, 2, "(out_features, in_features)")
     scale = default_scale(weight) if scale is None else scale
-    x, weight, bias = autocast_inputs(x, weight, bias)
-    check_layer_inputs(x, weight, bias)
     return _FALinearFunction.apply(x, weight, bias, seed, layer, scale)
 
 
@@ -134,14 +131,12 @@ def fa_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     """F.conv2d whose backward sends the transposed convolution of grad_out with B (weight's shape,
     regenerated in backward) to x, (N, C, H, W) or unbatched (C, H, W). Padding: ints or 'valid'."""
     seed, layer = check_key(seed, layer)
-    check_layer_args(x, weight, bias, 4, "(out_channels, in_channels / groups, kh, kw)")
+    x, weight, bias = layer_inputs(x, weight, bias, 4, "(out_channels, in_channels / groups, kh, kw)")
     if x.dim() == 3:  # unbatched, as F.conv2d takes it; the backward's conv2d_input wants 4-D
         return fa_conv2d(x[None], weight, bias, seed, layer, scale, stride, padding, dilation, groups)[0]
     pair = torch.nn.modules.utils._pair
     scale = check_scale(scale)
     scale = default_scale(weight) if scale is None else scale
-    x, weight, bias = autocast_inputs(x, weight, bias)
-    check_layer_inputs(x, weight, bias)
     return _FAConv2dFunction.apply(x, weight, bias, seed, layer, scale, pair(stride),
                                    _conv_padding(padding), pair(dilation), groups)
 
