@@ -219,8 +219,6 @@ class GatedMLP(nn.Module):
 class _CodedInput:
     """``save`` and its arguments, shared by Linear and Conv2d (see memkernels.compress)."""
 
-    _from_type, _from_name = nn.Module, "nn.Module"  # what from_torch takes
-
     def _set_save(self, save, eps, nonnegative, group_size):
         coded_input.check_save(save, eps, nonnegative, group_size)
         self.save, self.eps, self.nonnegative, self.group_size = save, eps, nonnegative, group_size
@@ -239,8 +237,9 @@ class _CodedInput:
     def from_torch(cls, module: nn.Module, save: str | None, **kwargs):
         """A twin of torch layer ``module`` holding the same Parameter objects (so an optimizer
         built on ``module`` keeps updating them), with ``save``."""
-        if not isinstance(module, cls._from_type):
-            raise TypeError(f"{cls.__name__}.from_torch: module must be an {cls._from_name}, got {type(module).__name__}")
+        if not isinstance(module, cls._torch_class):
+            raise TypeError(f"{cls.__name__}.from_torch: module must be an nn.{cls._torch_class.__name__}, "
+                            f"got {type(module).__name__}")
         new = cls._empty_like(module, save, **kwargs)
         new.weight, new.bias = module.weight, module.bias
         return new
@@ -254,7 +253,7 @@ class Linear(_CodedInput, nn.Linear):
     to "intk". Input (..., in_features).
     """
 
-    _from_type, _from_name = nn.Linear, "nn.Linear"
+    _torch_class = nn.Linear  # what from_torch takes
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  save: str | None = None, eps: float = 0.01, nonnegative: bool | None = None,
@@ -312,7 +311,7 @@ class Conv2d(_CodedInput, nn.Conv2d):
     any padding other than the convolution's own zeros has been applied to it: padding_mode
     reflect / replicate / circular."""
 
-    _from_type, _from_name = nn.Conv2d, "nn.Conv2d"
+    _torch_class = nn.Conv2d
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
