@@ -280,6 +280,8 @@ class TransposedLinear(_CodedInput, nn.Module):
     each Conv1D. Input (..., in_features); initialised as Conv1D (weight N(0, 0.02^2), bias 0).
     """
 
+    _torch_class = nn.Module  # transformers' Conv1D (transformers is optional: not imported here)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  save: str | None = None, eps: float = 0.01, nonnegative: bool | None = None,
                  group_size: int = 256):
