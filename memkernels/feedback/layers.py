@@ -17,6 +17,7 @@ from torch import nn
 
 from memkernels import ops
 from memkernels.compress.coded_input import layer_inputs
+from memkernels.ops._checks import FLOAT32_OVERFLOW  # the kernels compute B in float32
 from memkernels.reference import check_feedback_key
 
 
@@ -29,15 +30,11 @@ def check_key(seed, layer) -> tuple[int, int]:
     return int(seed), int(layer)
 
 
-# The least number float32 rounds to inf: the kernels compute B in float32 (ops.feedback_project).
-_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
-
-
 def check_scale(scale) -> float | None:
     """scale as a float: None (the default) or a positive number, finite in float32."""
     if scale is None:
         return None
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < _FLOAT32_OVERFLOW:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < FLOAT32_OVERFLOW:
         raise ValueError(f"scale must be None or a positive finite number (in float32), got {scale!r}")
     return float(scale)
 

@@ -12,9 +12,6 @@ floats as %g): the messages are the CPU kernels' to the character.
 """
 from __future__ import annotations
 
-import math
-import struct
-
 import torch
 
 from memkernels.activations.spec import GATES, Activation, packed_nbytes
@@ -256,10 +253,9 @@ def check_weight_grad_from_codes(grad_out: torch.Tensor, codes: torch.Tensor, st
 # ---- feedback_project (csrc/cpu/feedback.cpp) ----
 
 
-def _float32(value: float) -> float:
-    """value rounded to the nearest float32, inf past its range: C++'s static_cast<float>, which
-    struct's native "f" format is (the standard "<f" would refuse what rounds to inf)."""
-    return struct.unpack("f", struct.pack("f", value))[0]
+# The least magnitude that rounds to inf in float32 (static_cast<float>: halfway past its largest
+# finite value, 2**128 - 2**104, a tie that rounds to even, which is inf).
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 
 def check_feedback_project(e: torch.Tensor, seed: int, layer: int, out_features: int, scale: float,
@@ -270,7 +266,7 @@ def check_feedback_project(e: torch.Tensor, seed: int, layer: int, out_features:
     torch._check(0 <= layer < 2**31, lambda: f"layer must be in [0, 2**31), got {layer}")
     torch._check(out_features >= 0, lambda: f"out_features must be >= 0, got {out_features}")
     # The kernels compute in float32: a scale past its range would make B's entries inf.
-    torch._check(math.isfinite(_float32(scale)), lambda: f"scale must be a finite float32, got {scale:g}")
+    torch._check(abs(scale) < FLOAT32_OVERFLOW, lambda: f"scale must be a finite float32, got {scale:g}")
     if derivative is None:
         return
     torch._check(derivative.device == e.device, lambda: f"derivative must be on {e.device}, got {derivative.device}")
