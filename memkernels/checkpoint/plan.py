@@ -293,9 +293,13 @@ def _add_model_prefix(module, state_dict, prefix, local_metadata, strict, missin
         state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
 
 
-def _check_not_planned(model: nn.Module, caller: str) -> None:
+def _check_module(model: nn.Module, caller: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: model must be an nn.Module, got {type(model).__name__}")
+
+
+def _check_not_planned(model: nn.Module, caller: str) -> None:
+    _check_module(model, caller)
     if isinstance(model, PlannedModule):
         raise TypeError(f"{caller}: the model is already a PlannedModule; pass its unplanned .model")
 
@@ -317,8 +321,7 @@ def measure_peak(model: nn.Module, example_inputs) -> int:
     """Measured peak bytes of one forward and backward (of the outputs' sum) of `model`, above what
     exists before: parameter gradients are allocated (zeros) first so that they are not counted,
     and left as they were found; the inputs' gradients go to copies of them."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"measure_peak: model must be an nn.Module, got {type(model).__name__}")
+    _check_module(model, "measure_peak")
     inputs = _leaf_copy(as_inputs(example_inputs))
     params = [p for p in model.parameters() if p.requires_grad]
     previous = [p.grad for p in params]
