@@ -5,13 +5,14 @@
 // f'(x) (bits == 0) or the packed code of x, counted and packed tile by tile with no code tensor in
 // between. Backward reads grad_out and the saved tensor once (or x, f' then computed from it; a
 // grad_out that is one value broadcast, the gradient of y.sum(), through a tile of it: GradTiles);
-// codes are unpacked a group at a time and looked up in the (at most 256-entry) level table on the
-// stack.
+// codes are looked up a vector at a time as grad_out is multiplied (CodedLevels), in registers for
+// float vectors.
 #pragma once
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <optional>
+#include <utility>
 
 #include "activations.h"
 #include "cpu/activation_kernels.h"
@@ -175,7 +176,7 @@ struct GradTiles {
   const scalar_t* tile(int64_t begin) const { return broadcast ? repeated : grad_out + begin; }
 };
 
-// table[code] for the codes of one tile: unpacks its groups, then looks each code up.
+// A levels tensor (float32) in the compute type T, for CodedLevels.
 template <typename T>
 struct LevelTable {
   alignas(64) T values[256] = {};  // zeros past 2**bits: vector lookups load 16 at once
@@ -186,10 +187,45 @@ struct LevelTable {
       values[i] = static_cast<T>(src[i]);
     }
   }
-  // out[i] = values[code of element begin + i] for the tile [begin, begin + n).
-  void lookup(const uint8_t* packed, int64_t bits, int64_t begin, int64_t n, T* out) const {
-    dispatch_bits(bits, [&](auto k) { lookup_codes<k.value>(packed + begin / 8 * k.value, n, values, out); });
+};
+
+// table[code] for coded elements, a vector at a time: codes(tile_codes, i, count) reads the codes of
+// the vector [i, i + count) of a tile whose codes start at tile_codes, lookup() gives their levels
+// (one codes() serves several tables). Float vectors look codes up in registers (VectorLevels);
+// double ones unpack the vector's group and index the table.
+template <typename T, int64_t kBits>
+struct CodedLevels;
+
+template <int64_t kBits>
+struct CodedLevels<float, kBits> {
+  explicit CodedLevels(const float* table) : levels(table) {}
+  auto codes(const uint8_t* tile_codes, int64_t i, int64_t count, bool followed) const {
+    return VectorLevels<kBits>::codes(tile_codes + i / 8 * kBits, count, followed);
   }
+  template <typename Codes>
+  Vectorized<float> lookup(const Codes& codes) const {
+    return levels.lookup(codes);
+  }
+  VectorLevels<kBits> levels;
+};
+
+template <int64_t kBits>
+struct CodedLevels<double, kBits> {
+  using V = Vectorized<double>;
+  explicit CodedLevels(const double* table_) : table(table_) {}
+  // The codes of the vector (at most one group, from its first code on) as one word.
+  uint64_t codes(const uint8_t* tile_codes, int64_t i, int64_t count, bool /*followed*/) const {
+    return load_bytes<kBits>(tile_codes + i / 8 * kBits) >> (i % 8 * kBits);
+  }
+  V lookup(uint64_t codes) const {
+    constexpr uint64_t mask = (uint64_t{1} << kBits) - 1;
+    alignas(64) double out[V::size()];
+    for (int64_t k = 0; k < V::size(); ++k) {  // lanes past the vector's count read code 0
+      out[k] = table[(codes >> (k * kBits)) & mask];
+    }
+    return V::loadu(out);
+  }
+  const double* table;
 };
 
 // grad_in = grad_out * d, d = saved (bits == 0) or levels[code].
@@ -197,25 +233,27 @@ template <typename scalar_t>
 void activation_backward_kernel(const GradTiles<scalar_t>& grad, const scalar_t* saved, const uint8_t* codes,
                                 int64_t bits, const at::Tensor& levels, scalar_t* grad_in, int64_t numel) {
   using T = opmath_t<scalar_t>;
-  const std::optional<LevelTable<T>> table =
-      bits == 0 ? std::nullopt : std::make_optional<LevelTable<T>>(levels);
   const bool stream = stream_stores(grad_in, numel);
-  for_each_tile(numel, [&](int64_t begin, int64_t n) {
-    const scalar_t* gs = grad.tile(begin);
-    scalar_t* outs = grad_in + begin;
-    // ds: the tile's f'(x), kept (scalar_t) or looked up (T).
-    const auto multiply = [&](const auto* ds) {
+  // d(begin, i, count): f'(x) of the vector [i, i + count) of the tile at begin.
+  const auto multiply = [&](const auto& d) {
+    for_each_tile(numel, [&](int64_t begin, int64_t n) {
+      const scalar_t* gs = grad.tile(begin);
+      scalar_t* outs = grad_in + begin;
       for_each_vec<T>(n, [&](int64_t i, int64_t count) {
-        store_vec(load_vec<T>(gs + i, count) * load_vec<T>(ds + i, count), outs + i, count, stream);
+        store_vec(load_vec<T>(gs + i, count) * d(begin, i, count), outs + i, count, stream);
       });
-    };
-    if (table) {
-      alignas(64) T d_buf[kTile];
-      table->lookup(codes, bits, begin, n, d_buf);
-      multiply(d_buf);
-    } else {
-      multiply(saved + begin);
-    }
+    });
+  };
+  if (bits == 0) {
+    multiply([&](int64_t begin, int64_t i, int64_t count) { return load_vec<T>(saved + begin + i, count); });
+    return;
+  }
+  const LevelTable<T> table(levels);
+  dispatch_bits(bits, [&](auto k) {
+    const CodedLevels<T, k.value> d(table.values);
+    multiply([&](int64_t begin, int64_t i, int64_t count) {
+      return d.lookup(d.codes(codes + begin / 8 * k.value, i, count, begin + i + count < numel));
+    });
   });
 }
 
@@ -269,36 +307,38 @@ void gated_backward_kernel(const GradTiles<scalar_t>& grad, const scalar_t* a, c
   using T = opmath_t<scalar_t>;
   using V = Vectorized<T>;
   using M = MathFor<scalar_t>;
-  const bool exact = bits == 0;
-  const std::optional<LevelTable<T>> d_table = exact ? std::nullopt : std::make_optional<LevelTable<T>>(levels);
-  const std::optional<LevelTable<T>> v_table =
-      exact ? std::nullopt : std::make_optional<LevelTable<T>>(value_levels);
-  const V zero(T(0));
   const bool stream_a = stream_stores(grad_a, numel), stream_b = stream_stores(grad_b, numel);
-  for_each_tile(numel, [&](int64_t begin, int64_t n) {
-    const scalar_t* gs = grad.tile(begin);
-    const scalar_t* bs = b + begin;
-    scalar_t* gas = grad_a + begin;
-    scalar_t* gbs = grad_b + begin;
-    if (exact) {
-      const scalar_t* as = a + begin;
+  // d_and_f(begin, i, count): f'(a) and f(a) of the vector [i, i + count) of the tile at begin.
+  const auto for_each_vector = [&](const auto& d_and_f) {
+    for_each_tile(numel, [&](int64_t begin, int64_t n) {
+      const scalar_t* gs = grad.tile(begin);
+      const scalar_t* bs = b + begin;
+      scalar_t* gas = grad_a + begin;
+      scalar_t* gbs = grad_b + begin;
       for_each_vec<T>(n, [&](int64_t i, int64_t count) {
-        const V av = load_vec<T>(as + i, count), g = load_vec<T>(gs + i, count);
-        const V d = activation_derivative_of<A, M>(av, zero, zero);
-        const V f = activation_value_of<A, M>(av, zero, zero);  // before the stores, as in forward
+        const auto [d, f] = d_and_f(begin, i, count);
+        const V g = load_vec<T>(gs + i, count);
         store_vec(g * load_vec<T>(bs + i, count) * d, gas + i, count, stream_a);
         store_vec(g * f, gbs + i, count, stream_b);
       });
-    } else {
-      alignas(64) T d_buf[kTile], v_buf[kTile];
-      d_table->lookup(codes, bits, begin, n, d_buf);
-      v_table->lookup(codes, bits, begin, n, v_buf);
-      for_each_vec<T>(n, [&](int64_t i, int64_t count) {
-        const V g = load_vec<T>(gs + i, count);
-        store_vec(g * load_vec<T>(bs + i, count) * load_vec<T>(d_buf + i, count), gas + i, count, stream_a);
-        store_vec(g * load_vec<T>(v_buf + i, count), gbs + i, count, stream_b);
-      });
-    }
+    });
+  };
+  if (bits == 0) {
+    const V zero(T(0));
+    for_each_vector([&](int64_t begin, int64_t i, int64_t count) {
+      const V av = load_vec<T>(a + begin + i, count);
+      // f' and f both before the stores, as in forward.
+      return std::pair{activation_derivative_of<A, M>(av, zero, zero), activation_value_of<A, M>(av, zero, zero)};
+    });
+    return;
+  }
+  const LevelTable<T> d_table(levels), f_table(value_levels);
+  dispatch_bits(bits, [&](auto k) {
+    const CodedLevels<T, k.value> d_levels(d_table.values), f_levels(f_table.values);
+    for_each_vector([&](int64_t begin, int64_t i, int64_t count) {
+      const auto tile_codes = d_levels.codes(codes + begin / 8 * k.value, i, count, begin + i + count < numel);
+      return std::pair{d_levels.lookup(tile_codes), f_levels.lookup(tile_codes)};
+    });
   });
 }
 

@@ -70,7 +70,7 @@ inline void unpack_groups(const uint8_t* in, int64_t groups, code_t* codes) {
 // 16 codes are packed at once, into 2 kBits bytes. On AVX512 up to 4 bits the search's comparison
 // masks are deposited at their bits (BroadcastTree::code_words); otherwise the codes go through one
 // 128-bit register as bytes, group g in bytes [8g, 8g + 8), and multiply-adds gather a group's 8
-// fields into its low kBits bytes (swar_words). LevelVectors spreads them back with a shift per lane.
+// fields into its low kBits bytes (swar_words). VectorLevels spreads them back with a shift per lane.
 constexpr int64_t kSwarCodes = 16;
 
 // The 2**kBits - 1 sorted borders as an implicit search tree stored level by level: level l holds
@@ -266,68 +266,130 @@ inline uint64_t swar_words(__m128i b) {
          (static_cast<uint64_t>(_mm_extract_epi64(b, 1)) << (8 * kBits));
 }
 
-// The little-endian integer of the kBytes (2, 4, 6 or 8) bytes at p, in loads of whole integers (a
-// memcpy into a zeroed word would store and reload it: a store-forwarding stall every group pair).
+// The little-endian integer of the kBytes (1, 2, 3, 4, 6 or 8) bytes at p, in loads of whole
+// integers (a memcpy into a zeroed word would store and reload it: a store-forwarding stall every
+// vector).
 template <int64_t kBytes>
 inline uint64_t load_bytes(const uint8_t* p) {
-  if constexpr (kBytes == 6) {
-    uint32_t low;
-    uint16_t high;
-    std::memcpy(&low, p, 4);
-    std::memcpy(&high, p + 4, 2);
-    return low | static_cast<uint64_t>(high) << 32;
+  if constexpr (kBytes == 3 || kBytes == 6) {
+    constexpr int64_t kLow = kBytes / 3 * 2;  // 2 + 1 or 4 + 2 bytes
+    return load_bytes<kLow>(p) | load_bytes<kBytes - kLow>(p + kLow) << (8 * kLow);
   } else {
-    std::conditional_t<kBytes == 2, uint16_t, std::conditional_t<kBytes == 4, uint32_t, uint64_t>> word;
-    static_assert(sizeof(word) == kBytes, "2, 4, 6 or 8 bytes");
+    std::conditional_t<kBytes == 1, uint8_t,
+                       std::conditional_t<kBytes == 2, uint16_t, std::conditional_t<kBytes == 4, uint32_t, uint64_t>>>
+        word;
+    static_assert(sizeof(word) == kBytes, "1, 2, 3, 4, 6 or 8 bytes");
     std::memcpy(&word, p, kBytes);
     return word;
   }
 }
 
-// A table of up to 16 float levels in registers, looked up by permutes rather than gathers.
-struct LevelVectors {
-  // out[0, 16) = levels[code i] for the 16 codes of two packed groups (kBits <= 4), unpacked in
-  // registers: each lane shifts its group's little-endian word right by its slot's offset.
-  template <int64_t kBits>
-  void lookup_words(uint64_t words, float* out) const {
-    constexpr uint64_t group_mask = (uint64_t{1} << (8 * kBits)) - 1;
-    constexpr int code_mask = (1 << kBits) - 1;
-    const int group0 = static_cast<int>(words & group_mask);
-    const int group1 = static_cast<int>((words >> (8 * kBits)) & group_mask);
+// table[code] for the codes of one float vector's worth of elements (16 on AVX512, 8 on AVX2: whole
+// groups), looked up in registers as the vector is computed, with no pass over a buffer. Up to 4
+// bits the table is one or two registers of 16 levels, replicated so that lane j holds
+// table[j mod 2**kBits]: a lane's code need not be masked, as a permute reads only the low bits of
+// its index and the bits above the code (the next codes') then pick a copy of the same level.
+// 8 bits: a gather from the table in memory.
+template <int64_t kBits>
+struct VectorLevels {
+  static constexpr int64_t kWidth = at::vec::Vectorized<float>::size();
+  static constexpr int64_t kBytes = kWidth / 8 * kBits;  // the packed codes of a vector
+
+  // The codes of the vector whose first group is at `packed`: all of its groups (count ==
+  // kWidth) or the (count + 7) / 8 groups of its first `count` elements, the rest 0. followed: at
+  // least a group of codes follows the vector's, which a load of whole words may then read into.
+  static auto codes(const uint8_t* packed, int64_t count, bool followed) {
+    if constexpr (kBits == 8) {
+      __m128i bytes = _mm_setzero_si128();
+      if (count == kWidth) {
+        std::memcpy(&bytes, packed, kBytes);
+      } else {
+        std::memcpy(&bytes, packed, (count + 7) / 8 * kBits);
+      }
 #if defined(CPU_CAPABILITY_AVX512)
-    __m512i codes;
-    if constexpr (kBits == 1) {
-      codes = _mm512_maskz_set1_epi32(static_cast<__mmask16>(words), 1);  // the 16 bits are the codes
-    } else {
-      constexpr int k = static_cast<int>(kBits);
-      const __m512i slot_shifts = _mm512_setr_epi32(0, k, 2 * k, 3 * k, 4 * k, 5 * k, 6 * k, 7 * k,  //
-                                                    0, k, 2 * k, 3 * k, 4 * k, 5 * k, 6 * k, 7 * k);
-      const __m512i group = _mm512_mask_set1_epi32(_mm512_set1_epi32(group0), 0xff00, group1);
-      codes = _mm512_and_si512(_mm512_srlv_epi32(group, slot_shifts), _mm512_set1_epi32(code_mask));
-    }
-    _mm512_storeu_ps(out, _mm512_permutexvar_ps(codes, levels));
+      return _mm512_cvtepu8_epi32(bytes);
 #else
-    constexpr int k = static_cast<int>(kBits);
-    const __m256i slot_shifts = _mm256_setr_epi32(0, k, 2 * k, 3 * k, 4 * k, 5 * k, 6 * k, 7 * k);
-    for (const auto& [group, dst] : {std::pair{group0, out}, std::pair{group1, out + 8}}) {
-      const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(group), slot_shifts),
-                                             _mm256_set1_epi32(code_mask));
-      _mm256_storeu_ps(dst, lookup8(codes));
-    }
+      return _mm256_cvtepu8_epi32(bytes);
 #endif
+    } else {
+      // Whole words where they may be read: 2 to 4 bits, each group's codes loaded as 32 bits
+      // straight into its lanes (a broadcasting load, no move from a general register), reading up
+      // to 2 bytes past them.
+      const bool word_loads = kBits >= 2 && count == kWidth && (followed || kBits == 4);
+      uint64_t words = 0;
+      if (!word_loads && count == kWidth) {
+        words = load_bytes<kBytes>(packed);
+      } else if (!word_loads) {
+        std::memcpy(&words, packed, (count + 7) / 8 * kBits);
+      }
+      // Each lane shifts its group's word right by its slot's offset.
+      constexpr int k = static_cast<int>(kBits);
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (kBits == 1) {
+        return static_cast<__mmask16>(words);  // the 16 bits are the codes
+      } else {
+        const __m512i slot_shifts = _mm512_setr_epi32(0, k, 2 * k, 3 * k, 4 * k, 5 * k, 6 * k, 7 * k,  //
+                                                      0, k, 2 * k, 3 * k, 4 * k, 5 * k, 6 * k, 7 * k);
+        const uint32_t group0 = word_loads ? load_bytes<4>(packed) : static_cast<uint32_t>(words & kGroupMask);
+        const uint32_t group1 = word_loads ? load_bytes<4>(packed + kBits) : static_cast<uint32_t>(words >> (8 * kBits));
+        return _mm512_srlv_epi32(
+            _mm512_mask_set1_epi32(_mm512_set1_epi32(static_cast<int>(group0)), 0xff00, static_cast<int>(group1)),
+            slot_shifts);
+      }
+#else
+      const __m256i slot_shifts = _mm256_setr_epi32(0, k, 2 * k, 3 * k, 4 * k, 5 * k, 6 * k, 7 * k);
+      const uint32_t group = word_loads ? load_bytes<4>(packed) : static_cast<uint32_t>(words);
+      return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(group)), slot_shifts);
+#endif
+    }
   }
 
+  template <typename Codes>
+  at::vec::Vectorized<float> lookup(const Codes& codes) const {
+    if constexpr (kBits == 8) {
+#if defined(CPU_CAPABILITY_AVX512)
+      return _mm512_i32gather_ps(codes, table, sizeof(float));
+#else
+      return _mm256_i32gather_ps(table, codes, sizeof(float));
+#endif
+    } else {
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (kBits == 1) {
+        return _mm512_permutexvar_ps(_mm512_maskz_set1_epi32(codes, 1), levels);
+      } else {
+        return _mm512_permutexvar_ps(codes, levels);
+      }
+#else
+      // Bit 3 of the index, moved to the sign bit, picks the high half.
+      return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, codes), _mm256_permutevar8x32_ps(high, codes),
+                              _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
+#endif
+    }
+  }
+
+  // table: 2**kBits levels.
+  explicit VectorLevels(const float* table_) : table(table_) {
+    if constexpr (kBits <= 4) {
+      alignas(64) float replicated[16];
+      for (int j = 0; j < 16; ++j) {
+        replicated[j] = table[j % (1 << kBits)];
+      }
+#if defined(CPU_CAPABILITY_AVX512)
+      levels = _mm512_load_ps(replicated);
+#else
+      low = _mm256_load_ps(replicated);
+      high = _mm256_load_ps(replicated + 8);
+#endif
+    }
+  }
+
+ private:
+  static constexpr uint64_t kGroupMask = (uint64_t{1} << (8 * kBits)) - 1;
+  const float* table;
 #if defined(CPU_CAPABILITY_AVX512)
   __m512 levels;
-  explicit LevelVectors(const float* table) : levels(_mm512_loadu_ps(table)) {}
 #else
   __m256 low, high;  // levels [0, 8) and [8, 16)
-  explicit LevelVectors(const float* table) : low(_mm256_loadu_ps(table)), high(_mm256_loadu_ps(table + 8)) {}
-  __m256 lookup8(__m256i codes) const {
-    // Bit 3 of the code, moved to the sign bit, picks the high half.
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, codes), _mm256_permutevar8x32_ps(high, codes),
-                            _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
-  }
 #endif
 };
 
@@ -385,61 +447,6 @@ inline void pack_codes(const float* x, int64_t n, const BorderTree& tree, uint8_
 #else
   search_and_pack_codes<kBits>(x, n, tree, out);
 #endif
-}
-
-// out[0, 16) = table[code byte i].
-inline void gather_levels(const float* table, __m128i code_bytes, float* out) {
-#if defined(CPU_CAPABILITY_AVX512)
-  _mm512_storeu_ps(out, _mm512_i32gather_ps(_mm512_cvtepu8_epi32(code_bytes), table, sizeof(float)));
-#else
-  _mm256_storeu_ps(out, _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(code_bytes), sizeof(float)));
-  _mm256_storeu_ps(out + 8, _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(code_bytes, code_bytes)),
-                                                sizeof(float)));
-#endif
-}
-
-// out[i] = table[code i] for the n codes packed at `packed` (whole groups; n may end mid-group).
-// table holds 2**kBits values (float: at least 16, the rest never read).
-template <int64_t kBits, typename T>
-inline void lookup_codes(const uint8_t* packed, int64_t n, const T* table, T* out) {
-  if constexpr (kBits <= 4 && std::is_same_v<T, float>) {
-    const LevelVectors levels(table);
-    for (int64_t i = 0; i < n; i += kSwarCodes, packed += 2 * kBits) {
-      const int64_t count = std::min(kSwarCodes, n - i);
-      const auto lookup = [&](uint64_t words, float* dst) { levels.template lookup_words<kBits>(words, dst); };
-      if (count == kSwarCodes) {
-        lookup(load_bytes<2 * kBits>(packed), out + i);
-      } else {
-        uint64_t words = 0;
-        std::memcpy(&words, packed, (count + 7) / 8 * kBits);
-        alignas(64) float tail[kSwarCodes];
-        lookup(words, tail);
-        std::copy(tail, tail + count, out + i);
-      }
-    }
-  } else if constexpr (kBits == 8 && std::is_same_v<T, float>) {
-    // A code is a byte, and 256 levels do not fit in registers: a gather per vector.
-    for (int64_t i = 0; i < n; i += kSwarCodes, packed += kSwarCodes) {
-      const int64_t count = std::min(kSwarCodes, n - i);
-      if (count == kSwarCodes) {
-        gather_levels(table, _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed)), out + i);
-      } else {
-        __m128i bytes = _mm_setzero_si128();
-        std::memcpy(&bytes, packed, (count + 7) / 8 * 8);
-        alignas(64) float tail[kSwarCodes];
-        gather_levels(table, bytes, tail);
-        std::copy(tail, tail + count, out + i);
-      }
-    }
-  } else {
-    alignas(64) int32_t codes[8];
-    for (int64_t i = 0; i < n; i += 8) {
-      unpack_groups<kBits>(packed + i / 8 * kBits, 1, codes);
-      for (int64_t k = 0; k < std::min<int64_t>(8, n - i); ++k) {
-        out[i + k] = table[codes[k]];
-      }
-    }
-  }
 }
 
 }  // namespace memkernels::cpu::CPU_CAPABILITY
