@@ -38,7 +38,7 @@ __attribute__((always_inline)) inline void for_each_vec_packing_codes(const scal
       dispatch_bits(bits, [&](auto k) {
         if constexpr (k.value <= 4) {
           const BroadcastTree<k.value> borders(tree);
-          for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+          for_each_vec<T>(n, [&](int64_t i, int64_t count) __attribute__((always_inline)) {
             const Vectorized<T> xv = load_vec<T>(xs + i, count);
             fn(i, count, xv);
             pack_vector_codes(borders, code_input_of<A>(xv), count, codes + i / 8 * k.value, i + count < n);
@@ -50,7 +50,7 @@ __attribute__((always_inline)) inline void for_each_vec_packing_codes(const scal
   }
 #endif
   alignas(64) float f_buf[kTile];  // the code inputs as float (borders are float32)
-  for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+  for_each_vec<T>(n, [&](int64_t i, int64_t count) __attribute__((always_inline)) {
     const Vectorized<T> xv = load_vec<T>(xs + i, count);
     fn(i, count, xv);
     if constexpr (kConvertsToFloat<scalar_t>) {
@@ -76,12 +76,12 @@ void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint
   const std::optional<BorderTree> tree =
       codes != nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
   const bool stream_y = stream_stores(y, numel), stream_d = stream_stores(d, numel);
-  for_each_tile(numel, [&](int64_t begin, int64_t n) {
+  for_each_tile(numel, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
     const scalar_t* xs = x + begin;
     scalar_t* ys = y + begin;
     if (d != nullptr) {
       scalar_t* ds = d + begin;
-      for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+      for_each_vec<T>(n, [&](int64_t i, int64_t count) __attribute__((always_inline)) {
         // f and f' both before either store: a store in between keeps GCC from computing what
         // they share (an exp, a division) once.
         const V xv = load_vec<T>(xs + i, count);
@@ -92,11 +92,11 @@ void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint
       });
     } else if (codes != nullptr) {
       for_each_vec_packing_codes<T, A>(xs, n, bits, *tree, codes + begin / 8 * bits,
-                                    [&](int64_t i, int64_t count, const V& xv) {
+                                    [&](int64_t i, int64_t count, const V& xv) __attribute__((always_inline)) {
                                       store_vec(activation_value_of<A, M>(xv, p0, p1), ys + i, count, stream_y);
                                     });
     } else {
-      for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+      for_each_vec<T>(n, [&](int64_t i, int64_t count) __attribute__((always_inline)) {
         store_vec(activation_value_of<A, M>(load_vec<T>(xs + i, count), p0, p1), ys + i, count, stream_y);
       });
     }
@@ -127,7 +127,7 @@ void gated_forward_kernel(const scalar_t* a, const scalar_t* b, scalar_t* y, uin
   const std::optional<BorderTree> tree =
       codes != nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
   const bool stream_y = stream_stores(y, numel);
-  for_each_tile(numel, [&](int64_t begin, int64_t n) {
+  for_each_tile(numel, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
     const scalar_t* as = a + begin;
     const scalar_t* bs = b + begin;
     scalar_t* ys = y + begin;
@@ -137,7 +137,7 @@ void gated_forward_kernel(const scalar_t* a, const scalar_t* b, scalar_t* y, uin
     if (codes != nullptr) {
       for_each_vec_packing_codes<T, A>(as, n, bits, *tree, codes + begin / 8 * bits, value);
     } else {
-      for_each_vec<T>(n, [&](int64_t i, int64_t count) { value(i, count, load_vec<T>(as + i, count)); });
+      for_each_vec<T>(n, [&](int64_t i, int64_t count) __attribute__((always_inline)) { value(i, count, load_vec<T>(as + i, count)); });
     }
   });
 }
@@ -236,22 +236,22 @@ void activation_backward_kernel(const GradTiles<scalar_t>& grad, const scalar_t*
   const bool stream = stream_stores(grad_in, numel);
   // d(begin, i, count): f'(x) of the vector [i, i + count) of the tile at begin.
   const auto multiply = [&](const auto& d) {
-    for_each_tile(numel, [&](int64_t begin, int64_t n) {
+    for_each_tile(numel, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
       const scalar_t* gs = grad.tile(begin);
       scalar_t* outs = grad_in + begin;
-      for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+      for_each_vec<T>(n, [&](int64_t i, int64_t count) __attribute__((always_inline)) {
         store_vec(load_vec<T>(gs + i, count) * d(begin, i, count), outs + i, count, stream);
       });
     });
   };
   if (bits == 0) {
-    multiply([&](int64_t begin, int64_t i, int64_t count) { return load_vec<T>(saved + begin + i, count); });
+    multiply([&](int64_t begin, int64_t i, int64_t count) __attribute__((always_inline)) { return load_vec<T>(saved + begin + i, count); });
     return;
   }
   const LevelTable<T> table(levels);
   dispatch_bits(bits, [&](auto k) {
     const CodedLevels<T, k.value> d(table.values);
-    multiply([&](int64_t begin, int64_t i, int64_t count) {
+    multiply([&](int64_t begin, int64_t i, int64_t count) __attribute__((always_inline)) {
       return d.lookup(d.codes(codes + begin / 8 * k.value, i, count, begin + i + count < numel));
     });
   });
@@ -276,11 +276,11 @@ void activation_backward_from_input_kernel(const GradTiles<scalar_t>& grad, cons
   using M = MathFor<scalar_t>;
   const V p0(static_cast<T>(p0_)), p1(static_cast<T>(p1_));
   const bool stream = stream_stores(grad_in, numel);
-  for_each_tile(numel, [&](int64_t begin, int64_t n) {
+  for_each_tile(numel, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
     const scalar_t* gs = grad.tile(begin);
     const scalar_t* xs = x + begin;
     scalar_t* outs = grad_in + begin;
-    for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+    for_each_vec<T>(n, [&](int64_t i, int64_t count) __attribute__((always_inline)) {
       const V d = activation_derivative_of<A, M>(load_vec<T>(xs + i, count), p0, p1);
       store_vec(load_vec<T>(gs + i, count) * d, outs + i, count, stream);
     });
@@ -310,12 +310,12 @@ void gated_backward_kernel(const GradTiles<scalar_t>& grad, const scalar_t* a, c
   const bool stream_a = stream_stores(grad_a, numel), stream_b = stream_stores(grad_b, numel);
   // d_and_f(begin, i, count): f'(a) and f(a) of the vector [i, i + count) of the tile at begin.
   const auto for_each_vector = [&](const auto& d_and_f) {
-    for_each_tile(numel, [&](int64_t begin, int64_t n) {
+    for_each_tile(numel, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
       const scalar_t* gs = grad.tile(begin);
       const scalar_t* bs = b + begin;
       scalar_t* gas = grad_a + begin;
       scalar_t* gbs = grad_b + begin;
-      for_each_vec<T>(n, [&](int64_t i, int64_t count) {
+      for_each_vec<T>(n, [&](int64_t i, int64_t count) __attribute__((always_inline)) {
         const auto [d, f] = d_and_f(begin, i, count);
         const V g = load_vec<T>(gs + i, count);
         store_vec(g * load_vec<T>(bs + i, count) * d, gas + i, count, stream_a);
@@ -325,7 +325,7 @@ void gated_backward_kernel(const GradTiles<scalar_t>& grad, const scalar_t* a, c
   };
   if (bits == 0) {
     const V zero(T(0));
-    for_each_vector([&](int64_t begin, int64_t i, int64_t count) {
+    for_each_vector([&](int64_t begin, int64_t i, int64_t count) __attribute__((always_inline)) {
       const V av = load_vec<T>(a + begin + i, count);
       // f' and f both before the stores, as in forward.
       return std::pair{activation_derivative_of<A, M>(av, zero, zero), activation_value_of<A, M>(av, zero, zero)};
@@ -335,7 +335,7 @@ void gated_backward_kernel(const GradTiles<scalar_t>& grad, const scalar_t* a, c
   const LevelTable<T> d_table(levels), f_table(value_levels);
   dispatch_bits(bits, [&](auto k) {
     const CodedLevels<T, k.value> d_levels(d_table.values), f_levels(f_table.values);
-    for_each_vector([&](int64_t begin, int64_t i, int64_t count) {
+    for_each_vector([&](int64_t begin, int64_t i, int64_t count) __attribute__((always_inline)) {
       const auto tile_codes = d_levels.codes(codes + begin / 8 * k.value, i, count, begin + i + count < numel);
       return std::pair{d_levels.lookup(tile_codes), f_levels.lookup(tile_codes)};
     });

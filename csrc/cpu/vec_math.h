@@ -373,12 +373,20 @@ __attribute__((always_inline)) inline void store_vec(const Vectorized<T>& v, sca
 
 // Applies fn(i, count) to the vectors of a tile of n elements: i steps by the vector width.
 // Always inlined: as a call per tile, the loop reloads every pointer the kernel's lambdas captured
-// by reference on each vector, and cannot keep the kernel's constants in registers.
+// by reference on each vector, and cannot keep the kernel's constants in registers. The full
+// vectors take a loop of their own, where count is the constant width and every branch on it
+// (partial loads and stores, a code tail) folds away; then the last, partial vector. fn is so
+// called from two places, and GCC would then make a kernel's lambda (and the lambdas it calls) a
+// function of its own: they are declared __attribute__((always_inline)).
 template <typename T, typename F>
 __attribute__((always_inline)) inline void for_each_vec(int64_t n, const F& fn) {
   constexpr int64_t width = Vectorized<T>::size();
-  for (int64_t i = 0; i < n; i += width) {
-    fn(i, std::min(width, n - i));
+  int64_t i = 0;
+  for (; i + width <= n; i += width) {
+    fn(i, width);
+  }
+  if (i < n) {
+    fn(i, n - i);
   }
 }
 
@@ -408,7 +416,7 @@ const float* code_input_tile(const scalar_t* src, int64_t n, float* buf) {
     if constexpr (!kCodesNegatedMagnitude<A>) {
       return src;
     }
-    for_each_vec<float>(n, [&](int64_t i, int64_t count) {
+    for_each_vec<float>(n, [&](int64_t i, int64_t count) __attribute__((always_inline)) {
       code_input_of<A>(load_vec<float>(src + i, count)).store(buf + i, count);
     });
     return buf;
