@@ -3,6 +3,7 @@
 // CUDA kernels of the ops when MEMKERNELS_BACKEND (or the benchmark's default) picks them.
 #include <torch/extension.h>
 
+#include "cpu/activation_kernels.h"
 #include "planner/planner.h"
 
 #ifdef MEMKERNELS_WITH_CUDA
@@ -11,6 +12,8 @@
 
 PYBIND11_MODULE(_C, m) {
   memkernels::planner::bind(m);
+  m.def("cpu_kernels_isa", &memkernels::cpu::activation_kernels_isa,
+        "The instruction set of the CPU activation kernels in use: AVX2, AVX512 or AVX512_BF16.");
   m.attr("with_cuda") = py::bool_(
 #ifdef MEMKERNELS_WITH_CUDA
       true

@@ -9,14 +9,20 @@ PY=${PYTHON:-python3}
 
 $PY -m pytest -q "$@"
 
-# The CPU kernels exist in an AVX2 and an AVX512 build; on an AVX512 machine pytest runs only the
-# latter, so the kernel tests run again with ATen (and so memkernels) held to AVX2. The
-# torch.compile tests stay out of that pass: inductor's generated loops assume the machine's
-# AVX512 width while ATen's vectors are AVX2-wide there, and its own sums come out wrong.
-if [ "$($PY -c 'import torch; print(torch.backends.cpu.get_cpu_capability())')" = AVX512 ]; then
-  ATEN_CPU_CAPABILITY=avx2 $PY -m pytest -q -k "not compile" tests/test_cpu_kernels.py tests/test_functional.py \
+# The CPU kernels exist in an AVX2, an AVX512 and an AVX512-with-AVX512-BF16 build; pytest runs
+# the best this machine has, so the kernel tests run again with ATen (and so memkernels) held to
+# each lower one. The torch.compile tests stay out of those passes: held to AVX2, inductor's
+# generated loops assume the machine's AVX512 width while ATen's vectors are AVX2-wide, and its own
+# sums come out wrong.
+case "$($PY -c 'import memkernels._C as C; print(C.cpu_kernels_isa())')" in
+  AVX512_BF16) held="avx512 avx2" ;;
+  AVX512) held="avx2" ;;
+  *) held="" ;;
+esac
+for isa in $held; do
+  ATEN_CPU_CAPABILITY=$isa $PY -m pytest -q -k "not compile" tests/test_cpu_kernels.py tests/test_functional.py \
     tests/test_gated.py tests/test_ops.py tests/test_compress.py tests/test_feedback_ops.py
-fi
+done
 
 torch_prefix=$($PY -c "import torch; print(torch.utils.cmake_prefix_path)")
 cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$torch_prefix" -DCMAKE_BUILD_TYPE=Release >/dev/null

@@ -6,6 +6,9 @@ near 0), bfloat16/float16 one ulp of the output dtype (the reference computes in
 once, as the kernels do), float64 1e-12. Codes and packed bytes must be equal exactly.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -470,3 +473,29 @@ def _op_samples():
 def test_opcheck_schema():
     for op, args in _op_samples():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration"))
+
+
+def _kernels_isa_under(capability: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability is not None:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    command = [sys.executable, "-c", "import memkernels._C as C; print(C.cpu_kernels_isa())"]
+    return subprocess.run(command, env=env, check=True, capture_output=True, text=True,
+                          timeout=120).stdout.strip()
+
+
+def test_kernels_follow_aten_capability():
+    """The CPU kernels of ATen's instruction set run, AVX512 with AVX512-BF16 exactly where the CPU
+    has it; ATEN_CPU_CAPABILITY holds them where it holds ATen (scripts/test.sh's extra passes)."""
+    import memkernels._C as C
+
+    held = os.environ.get("ATEN_CPU_CAPABILITY")
+    isa = C.cpu_kernels_isa()
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        assert isa == "AVX2"
+        return
+    with open("/proc/cpuinfo") as cpuinfo:
+        has_bf16 = "avx512_bf16" in cpuinfo.read().split()
+    assert isa == ("AVX512_BF16" if has_bf16 and (held or "").lower() != "avx512" else "AVX512")
+    assert _kernels_isa_under("avx512") == "AVX512"
+    assert _kernels_isa_under("avx2") == "AVX2"

@@ -1,7 +1,8 @@
 // The CPU kernels behind the ops of activations.cpp, compiled once per instruction set: AVX2
-// (activation_kernels_avx2.cpp) and AVX512 (activation_kernels_avx512.cpp), each from
-// activation_kernels_impl.h; activation_kernels() picks one at run time, as ATen's DispatchStub
-// picks its own kernels (so ATEN_CPU_CAPABILITY=avx2 selects the AVX2 ones here too).
+// (activation_kernels_avx2.cpp), AVX512 (activation_kernels_avx512.cpp) and AVX512 with
+// AVX512-BF16 (activation_kernels_avx512_bf16.cpp), each from activation_kernels_impl.h;
+// activation_kernels() picks one at run time, as ATen's DispatchStub picks its own kernels (so
+// ATEN_CPU_CAPABILITY=avx2 selects the AVX2 ones here too, and =avx512 the plain AVX512 ones).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -39,8 +40,13 @@ extern const ActivationKernels kActivationKernels;
 namespace AVX512 {
 extern const ActivationKernels kActivationKernels;
 }
+namespace AVX512_BF16 {
+extern const ActivationKernels kActivationKernels;
+}
 
-// The kernels for this CPU (and ATEN_CPU_CAPABILITY).
+// The kernels for this CPU (and ATEN_CPU_CAPABILITY), and the name of their instruction set:
+// "AVX2", "AVX512" or "AVX512_BF16".
 const ActivationKernels& activation_kernels();
+const char* activation_kernels_isa();
 
 }  // namespace memkernels::cpu

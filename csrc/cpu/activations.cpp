@@ -7,7 +7,10 @@
 #include <sys/mman.h>
 #include <torch/library.h>
 
+#include <strings.h>
+
 #include <cstdint>
+#include <cstdlib>
 
 #include "activations.h"
 #include "grad_layout.h"
@@ -16,11 +19,34 @@
 
 namespace memkernels::cpu {
 
-const ActivationKernels& activation_kernels() {
-  static const ActivationKernels& kernels =
-      at::get_cpu_capability() == "AVX512" ? AVX512::kActivationKernels : AVX2::kActivationKernels;
-  return kernels;
+namespace {
+
+struct PickedKernels {
+  const char* isa;
+  const ActivationKernels* kernels;
+};
+
+// ATen's choice (AVX512 or AVX2), and within AVX512 the AVX512-BF16 build where the CPU has it,
+// unless ATEN_CPU_CAPABILITY holds ATen to plain avx512: then these kernels too.
+const PickedKernels& picked_kernels() {
+  static const PickedKernels picked = []() -> PickedKernels {
+    if (at::get_cpu_capability() != "AVX512") {
+      return {"AVX2", &AVX2::kActivationKernels};
+    }
+    const char* held = std::getenv("ATEN_CPU_CAPABILITY");
+    if (__builtin_cpu_supports("avx512bf16") && (held == nullptr || strcasecmp(held, "avx512") != 0)) {
+      return {"AVX512_BF16", &AVX512_BF16::kActivationKernels};
+    }
+    return {"AVX512", &AVX512::kActivationKernels};
+  }();
+  return picked;
 }
+
+}  // namespace
+
+const ActivationKernels& activation_kernels() { return *picked_kernels().kernels; }
+
+const char* activation_kernels_isa() { return picked_kernels().isa; }
 
 namespace {
 

@@ -315,7 +315,22 @@ constexpr bool kConvertsToFloat = std::is_same_v<scalar_t, at::BFloat16> || std:
 // cvtfp32_bf16, in fewer instructions on AVX512: a bit test and a masked add for the rounding, one
 // word permute for the narrowing).
 inline HalfLanes float_to_bf16(const Vectorized<float>& v) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(MEMKERNELS_AVX512_BF16)
+  // One instruction rounds to nearest even as c10 does, but it flushes subnormals to zero and
+  // keeps a NaN's sign and payload (c10 makes every NaN 0x7fc0): vectors holding either, rare,
+  // are rounded by c10 lane by lane, which ties up no vector registers in the loops around.
+  constexpr int kNaNOrSubnormal = 0x01 | 0x80 | 0x20;  // vfpclassps: quiet NaN, signalling NaN, denormal
+  if (__builtin_expect(_mm512_fpclass_ps_mask(v, kNaNOrSubnormal) == 0, 1)) {
+    return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  }
+  alignas(64) float lanes[16];
+  alignas(32) uint16_t rounded[16];
+  _mm512_store_ps(lanes, v);
+  for (int i = 0; i < 16; ++i) {
+    rounded[i] = c10::BFloat16(lanes[i]).x;
+  }
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(rounded));
+#elif defined(CPU_CAPABILITY_AVX512)
   const __m512i bits = _mm512_castps_si512(v);
   // + 0x7fff, + 1 more where the lowest kept bit (bit 16) is set: ties go to even.
   const __mmask16 odd = _mm512_test_epi32_mask(bits, _mm512_set1_epi32(0x10000));
