@@ -5,10 +5,15 @@
 // these only where ATen finds AVX512. A pragma rather than per-file flags, so that setup.py and
 // CMakeLists.txt build every source alike; GCC's pragma does not define the instruction sets'
 // macros, which ATen's and Sleef's headers test, so they are defined here to match it.
+// activation_kernels_avx512_bf16.cpp compiles this file again with MEMKERNELS_AVX512_BF16.
 #if !defined(__GNUC__) || defined(__clang__)
 #error "activation_kernels_avx512.cpp selects AVX512 with GCC's #pragma GCC target"
 #endif
+#if defined(MEMKERNELS_AVX512_BF16)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,bmi2,avx512bf16")
+#else
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,bmi2")
+#endif
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #define __AVX512BW__ 1
@@ -17,6 +22,10 @@
 #endif
 #undef CPU_CAPABILITY
 #undef CPU_CAPABILITY_AVX2
+#if defined(MEMKERNELS_AVX512_BF16)
+#define CPU_CAPABILITY AVX512_BF16
+#else
 #define CPU_CAPABILITY AVX512
+#endif
 #define CPU_CAPABILITY_AVX512
 #include "cpu/activation_kernels_impl.h"
