@@ -179,7 +179,7 @@ struct GradTiles {
 // A levels tensor (float32) in the compute type T, for CodedLevels.
 template <typename T>
 struct LevelTable {
-  alignas(64) T values[256] = {};  // zeros past 2**bits: vector lookups load 16 at once
+  alignas(64) T values[256] = {};  // 2**bits levels, bits <= 8
 
   explicit LevelTable(const at::Tensor& levels) {
     const float* src = levels.const_data_ptr<float>();
