@@ -8,6 +8,7 @@ DEBUG=1 builds without optimisation and with asserts; TORCH_CUDA_ARCH_LIST (defa
 """
 import glob
 import os
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -28,8 +29,11 @@ def want_cuda() -> bool:
 def extension():
     debug = os.environ.get("DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+    # -g0 undoes the -g of Python's own CFLAGS, which the host compiler gets first: the debug
+    # information of the kernels' many template instances would be most of a 160 MB library.
+    host_opt = opt if debug else opt + ["-g0"]
     # ATen's Vectorized picks its AVX2 implementation (with Sleef from libtorch) from this macro.
-    cxx = opt + ["-std=c++17", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2", "-fopenmp"]
+    cxx = host_opt + ["-std=c++17", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2", "-fopenmp"]
     sources = ["csrc/ops.cpp", "csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/planner/*.cpp"))
     kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
     if want_cuda():
@@ -44,6 +48,28 @@ def extension():
     return cpp_extension.CppExtension("memkernels._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
 
 
+def check_shared_libstdcxx(library: str) -> None:
+    """Fails the build where the compiler linked libstdc++ into the extension (a wrapper's
+    -static-libstdc++, as in some CUDA images): that second C++ runtime beside torch's crashes
+    the process on the first number written into an error message (its locale is not set up)."""
+    try:
+        dynamic = subprocess.run(["readelf", "-d", library], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return  # no readelf (binutils) to look with
+    if "libstdc++" not in dynamic:
+        raise RuntimeError(
+            f"{library} has libstdc++ linked into it by {os.environ.get('CXX', 'the C++ compiler')}, "
+            "not loaded as libstdc++.so.6: its error messages would crash the process. Build with a "
+            "compiler that links it dynamically, e.g. CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++")
+
+
+class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    def build_extensions(self):
+        super().build_extensions()
+        for ext in self.extensions:
+            check_shared_libstdcxx(self.get_ext_fullpath(ext.name))
+
+
 setup(
     name="memkernels",
     version="0.1.0",
@@ -52,7 +78,7 @@ setup(
     packages=find_packages(include=["memkernels", "memkernels.*"]),
     package_data={"memkernels.activations": ["tables.json"], "memkernels.ops": ["cuda_backends.json"]},
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
     install_requires=["numpy"],
 )

@@ -16,10 +16,15 @@ LOGS=${LOGS:-build/gpu-logs}
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 
+# The GPU image's CC/CXX (/opt/gcc) are a wrapper that links libstdc++ statically, which setup.py
+# refuses (see check_shared_libstdcxx): the system's GCC, where there is one, links it as torch does.
+if [ -x /usr/bin/g++ ]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+fi
 if ! ls memkernels/_C*.so >/dev/null 2>&1; then
   echo "== build (CUDA, sm ${TORCH_CUDA_ARCH_LIST:-9.0})"
   start=$SECONDS
-  MEMKERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc) \
+  MEMKERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc --all) \
     $PY setup.py build_ext --inplace >"$LOGS/build.log" 2>&1 || { tail -60 "$LOGS/build.log"; exit 1; }
   echo "built in $((SECONDS - start)) s"
 fi
@@ -28,18 +33,20 @@ gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
 print('torch', torch.__version__, 'triton', triton.__version__, gpu, 'CUDA C++:', C.with_cuda)"
 
 status=0
+# A stage's arguments run up to the next stage's name.
+is_stage() { [[ $1 == test || $1 == test-cuda-cpp || $1 == smoke || $1 == bench ]]; }
 stage_ok() { local rc=$1 name=$2; echo "== $name: exit $rc"; [ "$rc" = 0 ] || status=1; }
 while [ $# -gt 0 ]; do
   stage=$1; shift
   case $stage in
     test)
       args=()
-      while [ $# -gt 0 ] && [[ $1 == -* || $1 == tests* ]]; do args+=("$1"); shift; done
+      while [ $# -gt 0 ] && ! is_stage "$1"; do args+=("$1"); shift; done
       $PY -m pytest -q -rfE -p no:cacheprovider "${args[@]}" 2>&1 | tee "$LOGS/test.log" | tail -n 60
       stage_ok "${PIPESTATUS[0]}" test ;;
     test-cuda-cpp)
       args=()
-      while [ $# -gt 0 ] && [[ $1 == -* ]]; do args+=("$1"); shift; done
+      while [ $# -gt 0 ] && ! is_stage "$1"; do args+=("$1"); shift; done
       MEMKERNELS_BACKEND=cuda $PY -m pytest -q -rfE -p no:cacheprovider "${args[@]}" tests/test_ops.py \
         tests/test_functional.py tests/test_gated.py tests/test_compress.py \
         tests/test_feedback_ops.py 2>&1 | tee "$LOGS/test_cuda_cpp.log" | tail -n 40

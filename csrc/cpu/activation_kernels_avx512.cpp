@@ -9,6 +9,28 @@
 #if !defined(__GNUC__) || defined(__clang__)
 #error "activation_kernels_avx512.cpp selects AVX512 with GCC's #pragma GCC target"
 #endif
+// Every header without ISA-specific code comes before the pragma: GCC 13 and 14 give the implicit
+// members of std classes defined under it the default target and then refuse to inline the pragma's
+// always_inline std functions into them ("target specific option mismatch"; GCC 12 and 14.2 don't).
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/NumericUtils.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/native/Math.h>
+#include <c10/util/BFloat16-math.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <utility>
+
 #if defined(MEMKERNELS_AVX512_BF16)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,bmi2,avx512bf16")
 #else
