@@ -295,7 +295,7 @@ def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.
         y = ops.activation_value(x, int(act), p0, p1)
     elif kernel_bits == 0 and act in TORCH_BACKWARD:
         # The copy of a strided x outside the Function: autograd records it, for a second backward.
-        y = _TorchBackwardFunction.apply(x.contiguous(), Activation(act))
+        y = _TorchBackwardFunction.apply(x.contiguous(), int(act))
     elif kernel_bits == 0 and keeps_input(act, x):
         y = _InputKeptFunction.apply(x.contiguous(), (int(act), p0, p1))
     else:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
+import weakref
 
 import torch
 
@@ -142,10 +144,21 @@ class Elementwise(torch.nn.Module):
         self.bits = check_bits(bits) or None
         self._checked = False
         self._fitted = None  # (the state of fn's tensors it was fitted at, Table, {device: tensors})
+        self._register()
         if not isinstance(fn, torch.nn.Module):
             # __name__, __doc__ of a function; not for a module fn, whose __wrapped__ would be a
             # second registration of fn (state_dict keys __wrapped__.* beside fn.*).
             functools.update_wrapper(self, fn, updated=())
+
+    def _register(self):
+        # The number torch.compile passes to _device_table in place of the module (see there).
+        self._table_key = next(_TABLE_KEYS)
+        _TABLE_MODULES[self._table_key] = self
+
+    def __setstate__(self, state):
+        # A copy (deepcopy, pickle) gets a number of its own: its fn may change apart from ours.
+        super().__setstate__(state)
+        self._register()
 
     def extra_repr(self) -> str:
         return f"fn={getattr(self.fn, '__name__', self.fn)!r}, bits={self.bits}"
@@ -181,7 +194,7 @@ class Elementwise(torch.nn.Module):
             return y
         if self.bits is None:
             return _ExactFunction.apply(x, self.fn)
-        borders, levels = _device_table(self, x.device)
+        borders, levels = _device_table(self._table_key, x.device)
         return _CodedFunction.apply(x, self.fn, self.bits, borders, levels)
 
 
@@ -208,9 +221,15 @@ def _fit_table(fn, bits: int):
                 "Hold the tensors fn uses in a module passed as fn, or give bits=None.") from e
 
 
+# Every Elementwise by its _table_key: the arguments of an assume_constant_result function must be
+# constants to torch 2.11's compile, which a module is not.
+_TABLE_MODULES: weakref.WeakValueDictionary[int, Elementwise] = weakref.WeakValueDictionary()
+_TABLE_KEYS = itertools.count()
+
+
 @torch.compiler.assume_constant_result  # torch.compile takes the table as a constant, untraced
-def _device_table(module: Elementwise, device: torch.device):
-    return module.device_table(device)
+def _device_table(table_key: int, device: torch.device):
+    return _TABLE_MODULES[table_key].device_table(device)
 
 
 def elementwise(fn=None, *, bits: int | None = None):
