@@ -260,6 +260,9 @@ def test_gpu_backend_choice(monkeypatch):
     monkeypatch.delenv("MEMKERNELS_BACKEND", raising=False)
     assert _cuda.backend_for("activation_forward") == _cuda.DEFAULT_BACKEND["activation_forward"]
     assert _cuda.backend_for("pack_bits") == "triton"  # no CUDA C++ kernel
+    # values without a gradient are the recorded forward's: activation_value follows its backend
+    monkeypatch.setitem(_cuda.DEFAULT_BACKEND, "activation_forward", "cuda" if mk.ops._C.with_cuda else "triton")
+    assert _cuda.backend_for("activation_value") == _cuda.backend_for("activation_forward")
     monkeypatch.setenv("MEMKERNELS_BACKEND", "triton")
     assert _cuda.backend_for("gated_backward") == "triton"
     monkeypatch.setenv("MEMKERNELS_BACKEND", "cuda")

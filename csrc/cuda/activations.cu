@@ -474,6 +474,19 @@ std::tuple<at::Tensor, at::Tensor> activation_forward(const at::Tensor& x_in, in
   return {y, bits == 0 ? deriv : packed};
 }
 
+at::Tensor activation_value(const at::Tensor& x_in, int64_t activation, double p0, double p1) {
+  (void)p0;
+  (void)p1;
+  check_float_input(x_in, "x");
+  dispatch_activation(activation, "activation_value", [](auto) {});
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor no_deriv, no_packed;
+  launch_forward(x, at::Tensor(), y, no_deriv, no_packed, at::Tensor(), activation, 0,
+                 "activation_value");
+  return y;
+}
+
 at::Tensor activation_backward(const at::Tensor& grad_in_arg, const at::Tensor& saved_in,
                                int64_t bits, const std::optional<at::Tensor>& levels) {
   check_float_input(grad_in_arg, "grad_out");

@@ -14,6 +14,8 @@ void bind(pybind11::module_& m) {
         arg("p1"), arg("bits"), arg("borders"),
         "(f(x), saved): saved = f'(x) (bits == 0) or x's packed k-bit code. CUDA C++: GELU, "
         "GELU_TANH, SILU.");
+  m.def("activation_value", &activation_value, arg("x"), arg("activation"), arg("p0"), arg("p1"),
+        "f(x) alone, the values of activation_forward. CUDA C++: GELU, GELU_TANH, SILU.");
   m.def("activation_backward", &activation_backward, arg("grad_out"), arg("saved"), arg("bits"),
         arg("levels"), "grad_out * f'(x); f'(x) = saved (bits == 0) or levels[code].");
   m.def("gated_forward", &gated_forward, arg("a"), arg("b"), arg("activation"), arg("bits"),

@@ -1,7 +1,7 @@
 // CUDA C++ kernels of the fused activation ops (csrc/cuda/activations.cu), of the auxiliary sign
 // activation (csrc/cuda/compress.cu) and of feedback_project (csrc/cuda/feedback.cu), and their
-// Python bindings (csrc/cuda/bind.cpp). They cover GELU, GELU-tanh and SiLU in activation_forward,
-// every activation in activation_backward (which only multiplies by f'), every gate in the gated
+// Python bindings (csrc/cuda/bind.cpp). They cover GELU, GELU-tanh and SiLU in activation_forward and
+// activation_value, every activation in activation_backward (which only multiplies by f'), every gate in the gated
 // ops, auxiliary_sign_forward and feedback_project; signatures and results are those of the ops in
 // csrc/ops.cpp (memkernels/reference.py).
 #pragma once
@@ -21,6 +21,8 @@ namespace memkernels::cuda {
 std::tuple<at::Tensor, at::Tensor> activation_forward(const at::Tensor& x, int64_t activation,
                                                       double p0, double p1, int64_t bits,
                                                       const std::optional<at::Tensor>& borders);
+// f(x) alone, the values activation_forward writes.
+at::Tensor activation_value(const at::Tensor& x, int64_t activation, double p0, double p1);
 // grad_out * f'(x), f'(x) = saved (bits == 0) or levels[code].
 at::Tensor activation_backward(const at::Tensor& grad_out, const at::Tensor& saved, int64_t bits,
                                const std::optional<at::Tensor>& levels);

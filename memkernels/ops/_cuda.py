@@ -7,8 +7,9 @@ every op when there is no such file. That file is written only by
 time over the measured sizes of 16M elements and more, with the device, versions, command and the
 totals it was picked from. A file that is not such a record fails the import, naming the file.
 A build without the CUDA C++ kernels (``memkernels._C.with_cuda`` false) runs Triton where the
-file says "cuda". Ops the CUDA C++ kernels do not cover (other activations, activation_value,
-activation_backward_from_input, pack_bits) always run Triton, as do quantize_groups,
+file says "cuda". activation_value follows activation_forward's backend, so that a call no
+gradient can need gives the values a recorded one does. Ops the CUDA C++ kernels do not cover
+(other activations, activation_backward_from_input, pack_bits) always run Triton, as do quantize_groups,
 dequantize_groups and weight_grad_from_codes. feedback_project and auxiliary_sign_forward have
 both backends but no measured default yet: Triton unless forced.
 """
@@ -31,6 +32,9 @@ BACKENDS_FILE = Path(__file__).with_name("cuda_backends.json")
 
 # The CUDA C++ kernels cover these activations (activation_* ops) and every gate (gated_* ops).
 CUDA_CPP_ACTIVATIONS = frozenset(int(a) for a in GATES)
+# Ops that run on the backend another op was given: the values of activation_value must be
+# activation_forward's bit for bit.
+FOLLOWS = {"activation_value": "activation_forward"}
 # Ops with a CUDA C++ kernel that no benchmark has picked a default for: Triton unless forced.
 UNPICKED_OPS = ("feedback_project", "auxiliary_sign_forward")
 # The module of memkernels/triton that holds each op's Triton host function.
@@ -86,6 +90,7 @@ def backend_for(op: str) -> str:
     forced = os.environ.get("MEMKERNELS_BACKEND")
     if forced is not None and forced not in BACKENDS:
         raise ValueError(f"MEMKERNELS_BACKEND must be one of {BACKENDS}, got {forced!r}")
+    op = FOLLOWS.get(op, op)
     if op not in DEFAULT_BACKEND and op not in UNPICKED_OPS:
         return "triton"
     backend = forced or DEFAULT_BACKEND.get(op, "triton")
@@ -96,9 +101,9 @@ def backend_for(op: str) -> str:
 
 
 def _covered_by_cuda_cpp(op: str, args) -> bool:
-    # activation_forward(x, activation, ...) names the activation; backward ops learn it from
-    # their saved tensors and are covered for every activation their forward was.
-    if op == "activation_forward":
+    # activation_forward and activation_value (x, activation, ...) name the activation; backward
+    # ops learn it from their saved tensors and are covered for every activation their forward was.
+    if op in ("activation_forward", "activation_value"):
         return args[1] in CUDA_CPP_ACTIVATIONS
     return True
 
