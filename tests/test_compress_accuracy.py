@@ -22,4 +22,5 @@ def test_every_mode_within_two_points_of_torch(model):
     assert baseline > 90.0
     for save in ("asa", "int8", "int4", "int2"):
         accuracy = train_digits(builder(save), STEPS[model])
-        assert accuracy >= baseline - 2.0, (save, accuracy, baseline)
+        # 2 points may be a whole number of test samples: their percentages differ by 2 up to rounding
+        assert baseline - accuracy <= 2.0 + 1e-9, (save, accuracy, baseline)
