@@ -9,8 +9,8 @@ totals it was picked from. A file that is not such a record fails the import, na
 A build without the CUDA C++ kernels (``memkernels._C.with_cuda`` false) runs Triton where the
 file says "cuda". activation_value follows activation_forward's backend, so that a call no
 gradient can need gives the values a recorded one does. Ops the CUDA C++ kernels do not cover
-(other activations, activation_backward_from_input, pack_bits) always run Triton, as do quantize_groups,
-dequantize_groups and weight_grad_from_codes. feedback_project and auxiliary_sign_forward have
+(other activations, activation_backward_from_input, pack_bits) always run Triton, as do
+quantize_groups, dequantize_groups and weight_grad_from_codes. feedback_project and auxiliary_sign_forward have
 both backends but no measured default yet: Triton unless forced.
 """
 from __future__ import annotations
