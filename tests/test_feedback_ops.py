@@ -63,7 +63,7 @@ def kernels(device):
     # Triton where it runs: CUDA tensors with a GPU, CPU ones under the interpreter without
     found = [("triton", tk.feedback_project)] if device.type == DEVICE else []
     found.append(("op", ops.feedback_project))  # CPU C++ on CPU; the default CUDA backend on CUDA
-    if device == "cuda" and mk._C.with_cuda:
+    if device.type == "cuda" and mk._C.with_cuda:
         found.append(("cuda", mk._C.feedback_project))
     return found
 

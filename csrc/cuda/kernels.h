@@ -1,9 +1,9 @@
 // CUDA C++ kernels of the fused activation ops (csrc/cuda/activations.cu), of the auxiliary sign
 // activation (csrc/cuda/compress.cu) and of feedback_project (csrc/cuda/feedback.cu), and their
-// Python bindings (csrc/cuda/bind.cpp). They cover GELU, GELU-tanh and SiLU in activation_forward and
-// activation_value, every activation in activation_backward (which only multiplies by f'), every gate in the gated
-// ops, auxiliary_sign_forward and feedback_project; signatures and results are those of the ops in
-// csrc/ops.cpp (memkernels/reference.py).
+// Python bindings (csrc/cuda/bind.cpp). They cover GELU, GELU-tanh and SiLU in activation_forward
+// and activation_value, every activation in activation_backward (which only multiplies by f'),
+// every gate in the gated ops, auxiliary_sign_forward and feedback_project; signatures and results
+// are those of the ops in csrc/ops.cpp (memkernels/reference.py).
 #pragma once
 #include <ATen/core/Tensor.h>
 
