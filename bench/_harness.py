@@ -254,6 +254,56 @@ def backend_selected(backend: str):
     return environment_variable("MEMKERNELS_BACKEND", backend)
 
 
+def cuda_cpp_kernels_built() -> bool:
+    """Whether memkernels._C is built, with its CUDA C++ kernels."""
+    import memkernels.ops
+
+    return memkernels.ops.extension_loaded() and memkernels.ops._C.with_cuda
+
+
+def check_can_pick_backends(device: torch.device) -> None:
+    """Stop before measuring when --pick-backends has nothing to compare: it picks between the two
+    CUDA backends (Triton, CUDA C++) on a GPU."""
+    if device.type != "cuda":
+        raise SystemExit("--pick-backends picks between the CUDA backends (Triton, CUDA C++): run it with "
+                         "--device cuda on a GPU")
+    if not cuda_cpp_kernels_built():
+        raise SystemExit("--pick-backends: memkernels._C is not built with its CUDA C++ kernels, so there is "
+                         "nothing to compare Triton with; build it with a CUDA torch and nvcc on PATH")
+
+
+def faster_backend(totals: dict) -> str:
+    """"cuda" where totals["cuda_ms"] < totals["triton_ms"]; a tie goes to Triton, which covers every op."""
+    return "cuda" if totals["cuda_ms"] < totals["triton_ms"] else "triton"
+
+
+def record_backend_choice(evidence: dict[str, dict], *, rule: str, command: str,
+                          device: torch.device) -> dict[str, str]:
+    """Each op's default CUDA backend, the faster_backend of evidence[op] = {"triton_ms", "cuda_ms",
+    "cases"}, merged into memkernels/ops/cuda_backends.json (the other ops' entries stay), read back
+    through memkernels.ops._cuda (which raises, naming the file, on a record it would not load) and
+    made this process's default. Returns {op: backend} for the ops of `evidence`."""
+    import json
+
+    from memkernels.ops import _cuda
+
+    path = _cuda.BACKENDS_FILE
+    record = json.loads(path.read_text()) if path.exists() else {}
+    defaults, kept_evidence = record.get("defaults", {}), record.get("evidence", {})
+    picked = {op: faster_backend(totals) for op, totals in evidence.items()}
+    provenance = {"rule": rule, "picked_by": command, "device": device_name(device), "date": now_iso(),
+                  "torch": torch.__version__, "triton": triton_version()}
+    defaults.update(picked)
+    kept_evidence.update({op: {**totals, **provenance} for op, totals in evidence.items()})
+    path.write_text(json.dumps({"defaults": defaults, "evidence": kept_evidence}, indent=2) + "\n")
+    _cuda.reload_default_backends()
+    for op, backend in picked.items():
+        print(f"{op:>22}: {backend:<6} (total ms triton {evidence[op]['triton_ms']:.3f}, "
+              f"cuda {evidence[op]['cuda_ms']:.3f}, {evidence[op]['cases']} cases)")
+    print(f"wrote {path}")
+    return picked
+
+
 def memkernels_build_line() -> str:
     """Which memkernels kernels ran: the compiled extension, or the slow reference fallback."""
     import memkernels.ops

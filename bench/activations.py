@@ -29,7 +29,6 @@ import contextlib
 import datetime
 import functools
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -62,6 +61,9 @@ PICK_RULES = {
 CODED_ROWS_ONLY = ("activation_forward", "activation_backward")
 # Only sizes this large decide: there the kernels' memory traffic, not the launch, takes the time.
 PICK_MIN_NUMEL = 16 * 2**20
+PICK_RULE = (f"the backend with the smaller summed median time over the cases of {h.size_label(PICK_MIN_NUMEL)} "
+             "elements or more measured under both (coded rows only for the activation_* ops); a tie goes "
+             "to triton")
 CASE_KEY = ("activation", "dtype", "numel", "bits", "backend")  # what tells rows apart (--append)
 
 
@@ -237,13 +239,6 @@ def run_case(case, dtype_name, numel, bits_list, backends, compiled, device, war
     return rows
 
 
-def cuda_cpp_kernels_built() -> bool:
-    """Whether memkernels._C is built, with its CUDA C++ kernels."""
-    import memkernels.ops
-
-    return memkernels.ops.extension_loaded() and memkernels.ops._C.with_cuda
-
-
 def parse_activations(text: str) -> list[str]:
     """``"all"`` or a comma list of CASES names -> the names."""
     names = list(CASES) if text == "all" else [n.strip() for n in text.split(",")]
@@ -264,7 +259,7 @@ def run(args) -> list[dict]:
         h.steady_cpu_heap()
     names = parse_activations(args.activations)
     bits_list = parse_bits(args.bits)
-    with_cuda = device.type == "cuda" and cuda_cpp_kernels_built()
+    with_cuda = device.type == "cuda" and h.cuda_cpp_kernels_built()
     copy_gbps = h.copy_bandwidth_gbps(device) if device.type == "cuda" else None
     # dynamic=False compiles one graph per size; the cache is reset per (activation, dtype).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(sizes))
@@ -318,19 +313,14 @@ def pick_backends(rows: list[dict]) -> tuple[dict[str, str], dict[str, dict]]:
         if not paired:
             continue
         totals = {backend: round(sum(t[backend] for t in paired), 5) for backend in ("triton", "cuda")}
-        defaults[op] = "cuda" if totals["cuda"] < totals["triton"] else "triton"
         evidence[op] = {"triton_ms": totals["triton"], "cuda_ms": totals["cuda"], "cases": len(paired)}
+        defaults[op] = h.faster_backend(evidence[op])
     return defaults, evidence
 
 
 def check_can_pick(args) -> None:
     """Stop before measuring when --pick-backends could not pick every op from this run."""
-    if args.device != "cuda":
-        raise SystemExit("--pick-backends picks between the CUDA backends (Triton, CUDA C++): run it with "
-                         "--device cuda on a GPU")
-    if not cuda_cpp_kernels_built():
-        raise SystemExit("--pick-backends: memkernels._C is not built with its CUDA C++ kernels, so there is "
-                         "nothing to compare Triton with; build it with a CUDA torch and nvcc on PATH")
+    h.check_can_pick_backends(torch.device(args.device))
     if not any(n >= PICK_MIN_NUMEL for n in h.resolve_sizes(args)):
         raise SystemExit(f"--pick-backends decides from sizes of {h.size_label(PICK_MIN_NUMEL)} elements or "
                          "more; --sizes (or --quick) has none")
@@ -339,23 +329,6 @@ def check_can_pick(args) -> None:
     if undecidable and not args.append:
         raise SystemExit(f"--pick-backends: no activation measured decides {undecidable}; --activations must "
                          f"include one of each of {[list(a) for a, _ in PICK_RULES.values()]}")
-
-
-def write_backend_choice(path: Path, defaults: dict[str, str], evidence: dict[str, dict], *,
-                         command: str, device: str) -> None:
-    """The record memkernels.ops._cuda reads its DEFAULT_BACKEND from (JSON, see _cuda.py)."""
-    record = {
-        "picked_by": command,
-        "device": device,
-        "date": h.now_iso(),
-        "torch": torch.__version__,
-        "triton": h.triton_version(),
-        "rule": f"per op, the backend with the smaller summed median time over cases of "
-                f"{h.size_label(PICK_MIN_NUMEL)} elements or more measured under both; ties to triton",
-        "defaults": defaults,
-        "evidence": evidence,
-    }
-    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def format_progress(row: dict) -> str:
@@ -501,20 +474,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def record_backend_choice(rows: list[dict], command: str, device: torch.device) -> None:
-    """pick_backends(rows), written where memkernels.ops._cuda reads it, and read back from there."""
-    from memkernels.ops import _cuda
-
-    defaults, evidence = pick_backends(rows)
-    undecided = [op for op in PICK_RULES if op not in defaults]
+    """pick_backends(rows), recorded where memkernels.ops._cuda reads it (h.record_backend_choice)."""
+    _, evidence = pick_backends(rows)
+    undecided = [op for op in PICK_RULES if op not in evidence]
     if undecided:
         raise SystemExit(f"--pick-backends: no case of {h.size_label(PICK_MIN_NUMEL)} elements or more was "
-                         f"measured under both backends for {undecided}; {_cuda.BACKENDS_FILE} left as it was")
-    write_backend_choice(_cuda.BACKENDS_FILE, defaults, evidence, command=command, device=h.device_name(device))
-    _cuda.read_default_backends()  # raises, naming the file, if what was written would not load
-    for op, backend in defaults.items():
-        print(f"{op:>20}: {backend:<6} (total ms triton {evidence[op]['triton_ms']:.3f}, "
-              f"cuda {evidence[op]['cuda_ms']:.3f}, {evidence[op]['cases']} cases)")
-    print(f"wrote {_cuda.BACKENDS_FILE}")
+                         f"measured under both backends for {undecided}; cuda_backends.json left as it was")
+    h.record_backend_choice(evidence, rule=PICK_RULE, command=command, device=device)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 
     python bench/feedback.py                  # everything, default sizes
     python bench/feedback.py --quick          # smoke test
+    python bench/feedback.py --pick-backends   # on a GPU: also record feedback_project's default backend
     python bench/feedback.py --device cpu --threads 1
 
 Writes bench/results/feedback_<device tag>.{csv,md,png} (--out changes the folder).
@@ -121,7 +122,7 @@ def memory_rows(args, device) -> list[dict]:
 
 def speed_rows(args, device) -> list[dict]:
     warmup, repeats = h.resolve_repeats(args)
-    backends = ["cpu"] if device.type == "cpu" else ["triton"] + (["cuda"] if mk._C.with_cuda else [])
+    backends = ["cpu"] if device.type == "cpu" else ["triton"] + (["cuda"] if h.cuda_cpp_kernels_built() else [])
     rows = []
     for n, k, m in SPEED_SHAPES["quick" if args.quick else device.type]:
         e = torch.randn(n, k, device=device)
@@ -197,6 +198,19 @@ def write_results(rows: list[dict], device: torch.device, out, args) -> object:
     return base
 
 
+PICK_RULE = ("the backend with the smaller summed median time of feedback_project over the speed shapes "
+             "measured under both; a tie goes to triton")
+
+
+def pick_feedback_backend(rows: list[dict], command: str, device: torch.device) -> None:
+    """Record feedback_project's default backend from the speed rows (h.record_backend_choice)."""
+    totals = {b: sum(r["fused_ms"] for r in rows if r["backend"] == b) for b in ("triton", "cuda")}
+    cases = sum(r["backend"] == "cuda" for r in rows)
+    h.record_backend_choice({"feedback_project": {"triton_ms": round(totals["triton"], 5),
+                                                  "cuda_ms": round(totals["cuda"], 5), "cases": cases}},
+                            rule=PICK_RULE, command=command, device=device)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -208,13 +222,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: cpu 10, cuda 50, --quick 3)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--out", type=__import__("pathlib").Path, default=h.RESULTS_DIR)
+    parser.add_argument("--pick-backends", action="store_true",
+                        help="CUDA only: record the faster backend of feedback_project (from the speed rows) "
+                             "in memkernels/ops/cuda_backends.json")
     args = parser.parse_args(argv)
     args.command = h.command_line(None if argv is None else ["bench/feedback.py", *argv])
     args.epochs = args.epochs or (1 if args.quick else 20)
     args.depths = [int(d) for d in (args.depths or ("2,4,8" if args.quick else "2,4,8,16,32,64")).split(",")]
     h.apply_threads(args)
     device = torch.device(args.device)
-    rows = accuracy_rows(args, device) + memory_rows(args, device) + speed_rows(args, device)
+    if args.pick_backends:
+        h.check_can_pick_backends(device)
+    # Speed first: with --pick-backends, the training below runs on the backend picked.
+    speed = speed_rows(args, device)
+    if args.pick_backends:
+        pick_feedback_backend(speed, args.command, device)
+    rows = accuracy_rows(args, device) + memory_rows(args, device) + speed
     base = write_results(rows, device, args.out, args)
     print(f"wrote {base}.csv, .md, .png")
 

@@ -2,12 +2,16 @@
 
     python bench/linear.py                # CPU here (float32), or a GPU (bfloat16) when present
     python bench/linear.py --quick        # small shapes, short training, no files
+    python bench/linear.py --pick-backends  # on a GPU: also record auxiliary_sign_forward's default
 
 Part 1: one training step (forward + backward: input, weight and bias gradients) of a Linear at
 GPT-2 shapes (768 -> 3072 and 3072 -> 768, tokens 4096 to 16384), torch.nn.Linear against
 mk.nn.Linear in each save mode sharing its parameters, taking turns call by call; the ratio is
 memkernels' time over torch's. Bytes kept: what autograd keeps for backward of the layer's input
 (memkernels.profile.saved_bytes; parameters are not counted).
+On CUDA, before part 1, auxiliary_sign_forward (the op of save="asa") alone on the same inputs under
+each CUDA backend, Triton and CUDA C++ (where memkernels._C has it); ``--pick-backends`` records the
+faster as its default in memkernels/ops/cuda_backends.json, and part 1 runs on it.
 Part 2: a GPT-2 MLP block, Linear(768, 3072), GELU, Linear(3072, 768), against the same block with
 GELU(bits=3) and the second Linear save="int2": step time, and bits kept per hidden element
 (what the GELU and the second Linear keep of the [tokens, 3072] hidden tensor).
@@ -26,9 +30,12 @@ from torch import nn
 
 import _harness as H  # noqa: E402  (puts the repository root on sys.path)
 import memkernels as mk  # noqa: E402
+from memkernels.ops import _cuda  # noqa: E402
 from _digits import train_digits  # noqa: E402
 
 MODES = (None, "asa", "int8", "int4", "int2")
+SIGN_PICK_RULE = ("the backend with the smaller summed median time of auxiliary_sign_forward alone over "
+                  "the inputs of part 1 measured under both; a tie goes to triton")
 GPT2_LAYERS = ((768, 3072), (3072, 768))
 
 
@@ -112,6 +119,41 @@ def step_times(modules: dict, x, device, repeats: int) -> dict:
     return {name: t.median_ms for name, t in timings.items()}
 
 
+def sign_op_rows(device, dtype, token_counts, repeats: int) -> list[dict]:
+    """auxiliary_sign_forward alone on each input of part 1 under each CUDA backend, taking turns."""
+    backends = ("triton", "cuda") if H.cuda_cpp_kernels_built() else ("triton",)
+    rows = []
+    for fan_in, _ in GPT2_LAYERS:
+        for tokens in token_counts:
+            x = torch.randn(tokens, fan_in, device=device, dtype=dtype)
+
+            def sign(backend):
+                def run():
+                    with H.backend_selected(backend):
+                        return mk.ops.auxiliary_sign_forward(x, 0.01, False)  # eps: the Linear's default
+                return run
+            timings = H.time_ms_interleaved({b: sign(b) for b in backends}, device, warmup=3, repeats=repeats)
+            for backend, timing in timings.items():
+                ms = timing.median_ms
+                # It reads x and writes x + eps * s(x) and 1 bit an element.
+                moved = 2 * x.numel() * x.element_size() + x.numel() // 8
+                rows.append({"part": "sign op", "layer": f"{fan_in}->", "tokens": tokens,
+                             "dtype": str(dtype).removeprefix("torch."), "backend": backend, "op_ms": ms,
+                             "gbps": moved / ms / 1e6})
+                print(f"auxiliary_sign_forward [{tokens}, {fan_in}] {backend:6s} {ms:8.4f} ms "
+                      f"({moved / ms / 1e6:.0f} GB/s)", flush=True)
+    return rows
+
+
+def pick_sign_backend(rows: list[dict], command: str, device) -> None:
+    """Record auxiliary_sign_forward's default backend from the sign-op rows (H.record_backend_choice)."""
+    totals = {b: sum(r["op_ms"] for r in rows if r["backend"] == b) for b in ("triton", "cuda")}
+    cases = sum(r["backend"] == "cuda" for r in rows)
+    H.record_backend_choice({"auxiliary_sign_forward": {"triton_ms": round(totals["triton"], 5),
+                                                        "cuda_ms": round(totals["cuda"], 5), "cases": cases}},
+                            rule=SIGN_PICK_RULE, command=command, device=device)
+
+
 def layer_rows(device, dtype, token_counts, repeats: int) -> list[dict]:
     rows = []
     for fan_in, fan_out in GPT2_LAYERS:
@@ -125,13 +167,24 @@ def layer_rows(device, dtype, token_counts, repeats: int) -> list[dict]:
             for save, layer in layers.items():
                 ms, kept = times[save], mk.profile.saved_bytes(layer, x)
                 rows.append({"part": "layer", "layer": f"{fan_in}->{fan_out}", "tokens": tokens,
-                             "dtype": str(dtype).removeprefix("torch."), "mode": mode_name(save), "step_ms": ms,
+                             "dtype": str(dtype).removeprefix("torch."), "mode": mode_name(save),
+                             "backend": kernel_backend(save, device), "step_ms": ms,
                              "time_over_torch": ms / torch_ms, "kept_bytes": kept,
                              "kept_over_torch": kept / torch_bytes,
                              "bits_per_input_element": 8 * kept / x.numel()})
                 print(f"{fan_in}->{fan_out} tokens {tokens:6d} {mode_name(save):6s} {ms:9.2f} ms "
                       f"({ms / torch_ms:.3f}x)  kept {kept:,} B", flush=True)
     return rows
+
+
+def kernel_backend(save, device) -> str:
+    """The backend of the kernels that a Linear keeping `save` runs on `device`."""
+    if save is None:
+        return "torch"
+    if device.type == "cpu":
+        return "cpu"
+    # int modes run Triton's quantize_groups and weight_grad_from_codes (their only CUDA kernels).
+    return _cuda.backend_for("auxiliary_sign_forward") if save == "asa" else "triton"
 
 
 def mlp_block(fused: bool, device, dtype) -> nn.Sequential:
@@ -177,19 +230,31 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", default=None, help="comma-separated token counts (default 4096,8192,16384)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="training steps of part 3 (default 1000)")
+    parser.add_argument("--pick-backends", action="store_true",
+                        help="CUDA only: record the faster backend of auxiliary_sign_forward (from the sign-op "
+                             "rows) in memkernels/ops/cuda_backends.json before part 1")
     args = parser.parse_args(argv)
+    command = H.command_line(None if argv is None else ["bench/linear.py", *argv])
     device = torch.device(args.device)
+    if args.pick_backends:
+        H.check_can_pick_backends(device)
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else \
         ([256, 512] if args.quick else [4096, 8192, 16384])
     repeats = args.repeats or (2 if args.quick else (3 if device.type == "cpu" else 20))
     steps = args.steps or (60 if args.quick else 1000)
 
-    rows = layer_rows(device, dtype, tokens, repeats) + block_rows(device, dtype, tokens, repeats) + \
+    rows = sign_op_rows(device, dtype, tokens, repeats) if device.type == "cuda" else []
+    if args.pick_backends:
+        pick_sign_backend(rows, command, device)
+    rows += layer_rows(device, dtype, tokens, repeats) + block_rows(device, dtype, tokens, repeats) + \
         accuracy_rows(steps)
+    sign_table = H.markdown_table([r for r in rows if r["part"] == "sign op"], [
+        H.Column("layer", "input of"), H.Column("tokens", "tokens"), H.Column("dtype", "dtype"),
+        H.Column("backend", "backend"), H.Column("op_ms", "ms", "{:.4f}"), H.Column("gbps", "GB/s", "{:.0f}")])
     layer_table = H.markdown_table([r for r in rows if r["part"] == "layer"], [
         H.Column("layer", "layer"), H.Column("tokens", "tokens"), H.Column("dtype", "dtype"),
-        H.Column("mode", "save"), H.Column("step_ms", "step ms", "{:.2f}"),
+        H.Column("mode", "save"), H.Column("backend", "kernels"), H.Column("step_ms", "step ms", "{:.2f}"),
         H.Column("time_over_torch", "time / torch", "{:.3f}"), H.Column("kept_bytes", "kept B", "{:,}"),
         H.Column("bits_per_input_element", "bits / element", "{:.3f}")])
     block_table = H.markdown_table([r for r in rows if r["part"] == "block"], [
@@ -200,14 +265,17 @@ def main(argv=None) -> None:
     accuracy_table = H.markdown_table([r for r in rows if r["part"] == "accuracy"], [
         H.Column("model", "model"), H.Column("mode", "save"), H.Column("steps", "steps"),
         H.Column("accuracy", "test accuracy %", "{:.2f}"), H.Column("vs_torch", "vs torch (points)", "{:+.2f}")])
-    print(layer_table, block_table, accuracy_table, sep="\n\n")
+    print(*([sign_table] if device.type == "cuda" else []), layer_table, block_table, accuracy_table, sep="\n\n")
     if args.quick:
         return
     stem = H.RESULTS_DIR / f"linear_{H.device_tag(device)}"
     H.write_csv(rows, stem.with_suffix(".csv"))
     H.write_markdown(stem.with_suffix(".md"), "Compressed saved inputs of Linear",
-                     H.environment_lines(device, [H.command_line()]),
-                     ["## One Linear at GPT-2 shapes: step time and bytes kept of the input",
+                     H.environment_lines(device, [command]),
+                     [*(["## auxiliary_sign_forward alone (save=\"asa\"), per CUDA backend",
+                         "Medians of per-call times, the backends taking turns; GB/s counts x read, the "
+                         "result written and its sign bits.", sign_table] if device.type == "cuda" else []),
+                      "## One Linear at GPT-2 shapes: step time and bytes kept of the input",
                       "Step times are medians of per-call timings; torch.nn.Linear and the modes of a "
                       "shape take turns call by call, in orders where each follows every other equally "
                       "often. The MLP blocks below are timed the same way.", layer_table,

@@ -6,7 +6,7 @@
 #   test-cuda-cpp [args] the kernel tests again on cuda with MEMKERNELS_BACKEND=cuda: the CUDA C++
 #                        kernels where an op has them (Triton otherwise)
 #   smoke                every bench with --quick: a crash test of the bench scripts on cuda
-#   bench                bench/activations.py (with --pick-backends), linear.py, feedback.py,
+#   bench                bench/activations.py, linear.py and feedback.py (each with --pick-backends),
 #                        checkpoint.py: result files under bench/results, cuda_backends.json
 # Usage: bash scripts/gpu.sh test -n 16 ; bash scripts/gpu.sh smoke bench
 set -uo pipefail
@@ -62,7 +62,8 @@ while [ $# -gt 0 ]; do
       $PY bench/activations.py --no-compile --pick-backends 2>&1 | tee "$LOGS/bench_activations.log" | tail -n 30
       stage_ok "${PIPESTATUS[0]}" "bench activations"
       for bench in linear feedback checkpoint; do
-        $PY bench/$bench.py 2>&1 | tee "$LOGS/bench_$bench.log" | tail -n 30
+        pick=(); [[ $bench != checkpoint ]] && pick=(--pick-backends)
+        $PY bench/$bench.py "${pick[@]}" 2>&1 | tee "$LOGS/bench_$bench.log" | tail -n 30
         stage_ok "${PIPESTATUS[0]}" "bench $bench"
       done ;;
     *) echo "unknown stage $stage (test, test-cuda-cpp, smoke, bench)"; exit 2 ;;

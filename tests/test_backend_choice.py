@@ -1,5 +1,6 @@
-"""How the CUDA ops get their default backend: bench/activations.py --pick-backends picks it from
-measured rows and writes memkernels/ops/cuda_backends.json; memkernels.ops._cuda reads that file.
+"""How the CUDA ops get their default backend: the benches' --pick-backends (activations.py,
+linear.py, feedback.py) pick it from measured rows and record it in memkernels/ops/cuda_backends.json;
+memkernels.ops._cuda reads that file.
 
 No GPU needed: the picking runs on synthetic rows, the file on a temporary path.
 """
@@ -21,15 +22,30 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 M = 2**20
 
 
-@pytest.fixture
-def bench(monkeypatch):
-    """bench/activations.py, imported as the CLI runs it (its folder on sys.path for _harness)."""
+def import_bench(monkeypatch, name: str):
+    """bench/<name>.py, imported as the CLI runs it (its folder on sys.path for _harness)."""
     monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_activations", BENCH / "activations.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    return import_bench(monkeypatch, "activations")
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The evidence each h.record_backend_choice call of a bench got, instead of writing the file."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import _harness
+
+    calls = []
+    monkeypatch.setattr(_harness, "record_backend_choice", lambda evidence, **kw: calls.append(evidence))
+    return calls
 
 
 @pytest.fixture
@@ -43,10 +59,20 @@ def row(activation, backend, fwd, bwd, numel=16 * M, dtype="bf16", bits="none"):
             "mk_fwd_ms": fwd, "mk_bwd_ms": bwd}
 
 
-def test_pick_rules_cover_the_ops_that_have_two_backends(bench, cuda_module):
-    assert set(bench.PICK_RULES) == set(cuda_module.CHOSEN_OPS) == set(cuda_module.DEFAULT_BACKEND)
+def test_the_benches_pick_every_op_that_has_two_backends(bench, cuda_module, recorded, monkeypatch):
     decided_by = {a for activations, _ in bench.PICK_RULES.values() for a in activations}
     assert decided_by == set(bench.BACKEND_CASES)
+    linear, feedback = import_bench(monkeypatch, "linear"), import_bench(monkeypatch, "feedback")
+    cpu = __import__("torch").device("cpu")
+    sign_rows = [{"backend": "triton", "op_ms": 1.0}, {"backend": "cuda", "op_ms": 0.5},
+                 {"backend": "triton", "op_ms": 2.0}, {"backend": "cuda", "op_ms": 2.25}]
+    linear.pick_sign_backend(sign_rows, "python bench/linear.py --pick-backends", cpu)
+    speed_rows = [{"backend": "triton", "fused_ms": 0.25}, {"backend": "cuda", "fused_ms": 0.5}]
+    feedback.pick_feedback_backend(speed_rows, "python bench/feedback.py --pick-backends", cpu)
+    assert recorded == [{"auxiliary_sign_forward": {"triton_ms": 3.0, "cuda_ms": 2.75, "cases": 2}},
+                        {"feedback_project": {"triton_ms": 0.25, "cuda_ms": 0.5, "cases": 1}}]
+    picked = set(bench.PICK_RULES) | {op for evidence in recorded for op in evidence}
+    assert picked == set(cuda_module.CHOSEN_OPS) == set(cuda_module.DEFAULT_BACKEND)
 
 
 def test_pick_backends_sums_each_ops_rows_and_picks_the_smaller_total(bench):
@@ -111,28 +137,45 @@ def test_backend_is_set_only_while_measuring(bench, monkeypatch):
         assert os.environ["MEMKERNELS_BACKEND"] == "triton"
 
 
-def test_pick_backends_needs_a_gpu_run(bench, tmp_path):
+@pytest.mark.parametrize("name", ["activations", "linear", "feedback"])
+def test_pick_backends_needs_a_gpu_run(monkeypatch, tmp_path, capsys, name):
+    module = import_bench(monkeypatch, name)
+    out = [] if name == "linear" else ["--out", str(tmp_path)]
     with pytest.raises(SystemExit, match="--device cuda"):
-        bench.main(["--pick-backends", "--device", "cpu", "--quick", "--out", str(tmp_path)])
-    assert not any(tmp_path.iterdir())  # stopped before measuring anything
+        module.main(["--pick-backends", "--device", "cpu", "--quick", *out])
+    assert not any(tmp_path.iterdir()) and not capsys.readouterr().out  # stopped before measuring
 
 
-def test_written_choice_is_what_cuda_ops_default_to(bench, cuda_module, tmp_path, monkeypatch):
+def test_recorded_choice_is_what_cuda_ops_default_to(bench, cuda_module, tmp_path, monkeypatch):
     path = tmp_path / "cuda_backends.json"
     monkeypatch.setattr(cuda_module, "BACKENDS_FILE", path)
+    monkeypatch.setattr(cuda_module, "DEFAULT_BACKEND", dict.fromkeys(cuda_module.CHOSEN_OPS, "triton"))
     assert cuda_module.read_default_backends() == dict.fromkeys(cuda_module.CHOSEN_OPS, "triton")  # no file
+    cuda = "cuda" if mk.ops._C.with_cuda else "triton"  # what a build without CUDA C++ runs instead
 
-    defaults = {"activation_forward": "cuda", "activation_backward": "triton",
-                "gated_forward": "cuda", "gated_backward": "cuda"}
-    evidence = {op: {"triton_ms": 2.0, "cuda_ms": 1.0 if b == "cuda" else 3.0, "cases": 4} for op, b in defaults.items()}
-    bench.write_backend_choice(path, defaults, evidence, command="python bench/activations.py --pick-backends",
-                               device="NVIDIA H100 80GB HBM3")
+    evidence = {"activation_forward": {"triton_ms": 2.0, "cuda_ms": 1.0, "cases": 4},
+                "gated_backward": {"triton_ms": 2.0, "cuda_ms": 2.0, "cases": 4}}  # a tie: triton
+    picked = bench.h.record_backend_choice(evidence, rule="the smaller total", device=bench.torch.device("cpu"),
+                                           command="python bench/activations.py --pick-backends")
+    assert picked == {"activation_forward": "cuda", "gated_backward": "triton"}
     record = json.loads(path.read_text())
-    assert record["defaults"] == defaults and record["evidence"] == evidence
-    assert record["picked_by"] == "python bench/activations.py --pick-backends"
-    assert record["device"] == "NVIDIA H100 80GB HBM3"
-    assert record["torch"] == bench.torch.__version__ and record["triton"] and record["date"]
-    assert cuda_module.read_default_backends() == defaults
+    assert record["defaults"] == picked
+    entry = record["evidence"]["activation_forward"]
+    assert {k: entry[k] for k in evidence["activation_forward"]} == evidence["activation_forward"]
+    assert entry["picked_by"] == "python bench/activations.py --pick-backends" and entry["rule"] == "the smaller total"
+    assert entry["torch"] == bench.torch.__version__ and entry["triton"] and entry["date"] and entry["device"]
+    assert cuda_module.read_default_backends() == {**dict.fromkeys(cuda_module.CHOSEN_OPS, "triton"), **picked}
+    assert cuda_module.DEFAULT_BACKEND["activation_forward"] == cuda  # this process runs it from now on
+
+    # another bench's op joins the record; the ops it did not measure keep their entries
+    bench.h.record_backend_choice({"feedback_project": {"triton_ms": 5.0, "cuda_ms": 4.0, "cases": 4}},
+                                  rule="r", command="python bench/feedback.py --pick-backends",
+                                  device=bench.torch.device("cpu"))
+    record = json.loads(path.read_text())
+    assert record["defaults"] == {**picked, "feedback_project": "cuda"}
+    assert set(record["evidence"]) == {"activation_forward", "gated_backward", "feedback_project"}
+    assert record["evidence"]["activation_forward"]["picked_by"] == "python bench/activations.py --pick-backends"
+    assert cuda_module.DEFAULT_BACKEND["feedback_project"] == cuda
 
     # a record of some ops only: the others stay on Triton
     path.write_text(json.dumps({"defaults": {"gated_backward": "cuda"}}))

@@ -1,17 +1,17 @@
 """The CUDA kernels of the ops: Triton (memkernels/triton) or CUDA C++ (memkernels._C).
 
 ``MEMKERNELS_BACKEND=triton|cuda`` forces one for every op that has it. Unset, each op takes
-``DEFAULT_BACKEND[op]``: what ``cuda_backends.json`` beside this module says, or "triton" for
-every op when there is no such file. That file is written only by
-``python bench/activations.py --pick-backends`` on a GPU: per op, the backend with the smaller total
-time over the measured sizes of 16M elements and more, with the device, versions, command and the
-totals it was picked from. A file that is not such a record fails the import, naming the file.
+``DEFAULT_BACKEND[op]``: what ``cuda_backends.json`` beside this module says, or "triton" for an
+op it does not name. That file is written only by the benchmarks run with ``--pick-backends`` on a
+GPU, each for the ops it measures: bench/activations.py (activation_* and gated_* ops),
+bench/linear.py (auxiliary_sign_forward), bench/feedback.py (feedback_project). Per op it holds the
+backend with the smaller total time, the totals it was picked from, the rule, device, versions and
+command. A file that is not such a record fails the import, naming the file.
 A build without the CUDA C++ kernels (``memkernels._C.with_cuda`` false) runs Triton where the
 file says "cuda". activation_value follows activation_forward's backend, so that a call no
 gradient can need gives the values a recorded one does. Ops the CUDA C++ kernels do not cover
 (other activations, activation_backward_from_input, pack_bits) always run Triton, as do
-quantize_groups, dequantize_groups and weight_grad_from_codes. feedback_project and auxiliary_sign_forward have
-both backends but no measured default yet: Triton unless forced.
+quantize_groups, dequantize_groups and weight_grad_from_codes.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from memkernels.activations.spec import GATES
 
 BACKENDS = ("triton", "cuda")
 # The ops that have both backends; each takes its default from BACKENDS_FILE.
-CHOSEN_OPS = ("activation_forward", "activation_backward", "gated_forward", "gated_backward")
+CHOSEN_OPS = ("activation_forward", "activation_backward", "gated_forward", "gated_backward",
+              "auxiliary_sign_forward", "feedback_project")
 BACKENDS_FILE = Path(__file__).with_name("cuda_backends.json")
 
 # The CUDA C++ kernels cover these activations (activation_* ops) and every gate (gated_* ops).
@@ -35,8 +36,6 @@ CUDA_CPP_ACTIVATIONS = frozenset(int(a) for a in GATES)
 # Ops that run on the backend another op was given: the values of activation_value must be
 # activation_forward's bit for bit.
 FOLLOWS = {"activation_value": "activation_forward"}
-# Ops with a CUDA C++ kernel that no benchmark has picked a default for: Triton unless forced.
-UNPICKED_OPS = ("feedback_project", "auxiliary_sign_forward")
 # The module of memkernels/triton that holds each op's Triton host function.
 TRITON_MODULES = {
     **dict.fromkeys(("activation_forward", "activation_value", "activation_backward",
@@ -57,8 +56,8 @@ def read_default_backends() -> dict[str, str]:
         return defaults
 
     def malformed(why: str) -> RuntimeError:
-        return RuntimeError(f"{BACKENDS_FILE}: {why}. It should be what `python bench/activations.py "
-                            "--pick-backends` writes on a GPU; delete it to run Triton by default")
+        return RuntimeError(f"{BACKENDS_FILE}: {why}. It should be what the benchmarks write with "
+                            "--pick-backends on a GPU; delete it to run Triton by default")
 
     try:
         record = json.loads(BACKENDS_FILE.read_text())
@@ -85,15 +84,21 @@ def runnable_defaults(defaults: dict[str, str], with_cuda: bool) -> dict[str, st
 DEFAULT_BACKEND = runnable_defaults(read_default_backends(), _C.with_cuda)
 
 
+def reload_default_backends() -> None:
+    """DEFAULT_BACKEND read again from BACKENDS_FILE: a benchmark that rewrote the file runs its
+    later measurements on what it picked."""
+    DEFAULT_BACKEND.update(runnable_defaults(read_default_backends(), _C.with_cuda))
+
+
 def backend_for(op: str) -> str:
     """The backend that runs `op` on CUDA tensors: the environment's choice or the default."""
     forced = os.environ.get("MEMKERNELS_BACKEND")
     if forced is not None and forced not in BACKENDS:
         raise ValueError(f"MEMKERNELS_BACKEND must be one of {BACKENDS}, got {forced!r}")
     op = FOLLOWS.get(op, op)
-    if op not in DEFAULT_BACKEND and op not in UNPICKED_OPS:
+    if op not in DEFAULT_BACKEND:
         return "triton"
-    backend = forced or DEFAULT_BACKEND.get(op, "triton")
+    backend = forced or DEFAULT_BACKEND[op]
     if backend == "cuda" and not _C.with_cuda:
         raise RuntimeError("MEMKERNELS_BACKEND=cuda, but memkernels._C was built without CUDA "
                            "kernels; rebuild with a CUDA build of torch and nvcc on PATH")
