@@ -4,6 +4,7 @@ On a GPU they run on CUDA tensors; without one, on CPU tensors under TRITON_INTE
 shapes: the interpreter runs about a million elements a second).
 """
 import contextlib
+import math
 import re
 
 from _cases import LOSSES, loss_grad
@@ -501,3 +502,16 @@ def test_ops_on_a_device_that_is_not_current(monkeypatch, backend):
     assert_close(y, y_ref)
     assert torch.equal(packed, packed_ref)
     assert_close(grad, ref.activation_backward(x, packed_ref, 3, levels))
+
+
+def test_float_parameters_split_into_float32_parts_as_torch_rounds():
+    # The kernels take p as hi + lo, both float32, rounded on the host without a tensor.
+    values = [0.0, -0.0, 0.1, 1 / 3, 0.044715, 1e-46, 3.4028235e38, 3.5e38, -1e300, float("inf"),
+              float("nan"), *torch.randn(200, dtype=torch.float64).mul(1e3).tolist()]
+    for p in values:
+        expected_hi = torch.tensor(p, dtype=torch.float64).float()
+        expected_lo = (torch.tensor(p, dtype=torch.float64) - expected_hi.double()).float()
+        hi, lo = tk._split_float(p)
+        torch.testing.assert_close(torch.tensor([hi, lo], dtype=torch.float32),
+                                   torch.stack([expected_hi, expected_lo]), atol=0, rtol=0, equal_nan=True)
+        assert math.copysign(1, hi) == math.copysign(1, expected_hi.item())  # a zero's sign too

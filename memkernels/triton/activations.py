@@ -28,6 +28,9 @@ triton was imported before TRITON_INTERPRET was set, and tests reload this modul
 """
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -38,8 +41,8 @@ from memkernels.activations.spec import SELU_SCALE as _SELU_SCALE
 from memkernels.ops._checks import (check_activation_backward, check_activation_backward_from_input,
                                     check_activation_forward, check_activation_value, check_gated_backward,
                                     check_gated_forward, check_pack_bits, check_unpack_bits)
-from memkernels.triton.pack import (BLOCK_GROUPS, group_offsets, pack_bits_kernel, pack_groups,
-                                    unpack_bits_kernel, unpack_groups)
+from memkernels.triton.pack import (BLOCK_GROUPS, cdiv, group_offsets, pack_bits_kernel,
+                                    pack_groups, unpack_bits_kernel, unpack_groups)
 
 RELU = tl.constexpr(int(Activation.RELU))
 LEAKY_RELU = tl.constexpr(int(Activation.LEAKY_RELU))
@@ -322,14 +325,23 @@ def _packed_input(t):
     return t if t.data_ptr() % 8 == 0 else t.clone()
 
 
+def _to_float32(p: float) -> float:
+    """p rounded to the nearest float32 (inf beyond its range), as torch rounds it; by struct, a
+    twentieth of a torch.tensor's host time, which a small tensor's call pays four times."""
+    try:
+        return struct.unpack("f", struct.pack("f", p))[0]
+    except OverflowError:
+        return math.copysign(math.inf, p)
+
+
 def _split_float(p: float) -> tuple[float, float]:
     # p = hi + lo with hi, lo float32: exact enough for float64 math, exactly hi for float32.
-    hi = float(torch.tensor(p, dtype=torch.float32))
-    return hi, float(torch.tensor(p - hi, dtype=torch.float32))
+    hi = _to_float32(p)
+    return hi, _to_float32(p - hi)
 
 
 def _grid(numel: int) -> tuple[int]:
-    return (triton.cdiv(triton.cdiv(numel, 8), BLOCK_GROUPS),)
+    return (cdiv(cdiv(numel, 8), BLOCK_GROUPS),)
 
 
 def _forward(x, b, activation, p0, p1, bits, borders, gated, save=True):
@@ -345,7 +357,7 @@ def _forward(x, b, activation, p0, p1, bits, borders, gated, save=True):
         _forward_kernel[_grid(numel)](
             x, x if b is None else b, y, saved if bits == 0 and not gated else x,
             saved if bits else x, x if borders is None else borders.contiguous(),
-            numel, triton.cdiv(numel, 8), p0_hi, p0_lo, p1_hi, p1_lo, ACT=activation, BITS=bits,
+            numel, cdiv(numel, 8), p0_hi, p0_lo, p1_hi, p1_lo, ACT=activation, BITS=bits,
             GATED=gated, FP64=x.dtype == torch.float64, SAVE=save, BLOCK_GROUPS=BLOCK_GROUPS)
     return y, saved
 
@@ -375,7 +387,7 @@ def _backward(grad_out, saved, b, activation, bits, levels, value_levels, gated,
             grad_out, saved, grad_out if b is None else b,
             grad_out if levels is None else levels.contiguous(),
             grad_out if value_levels is None else value_levels.contiguous(),
-            grad_in, grad_out if grad_b is None else grad_b, numel, triton.cdiv(numel, 8),
+            grad_in, grad_out if grad_b is None else grad_b, numel, cdiv(numel, 8),
             p0_hi, p0_lo, p1_hi, p1_lo, ACT=activation, BITS=bits, GATED=gated, FROM_INPUT=from_input,
             FP64=grad_out.dtype == torch.float64, GRAD_BROADCAST=broadcast, BLOCK_GROUPS=BLOCK_GROUPS)
     return grad_in, grad_b
@@ -444,7 +456,7 @@ def pack_bits(codes, bits):
     numel = codes.numel()
     packed = torch.empty(packed_nbytes(numel, bits), dtype=torch.uint8, device=codes.device)
     if numel:
-        pack_bits_kernel[_grid(numel)](codes, packed, numel, triton.cdiv(numel, 8), BITS=bits,
+        pack_bits_kernel[_grid(numel)](codes, packed, numel, cdiv(numel, 8), BITS=bits,
                                        BLOCK_GROUPS=BLOCK_GROUPS)
     return packed
 
@@ -456,6 +468,6 @@ def unpack_bits(packed, bits, numel):
     codes = torch.empty(numel, dtype=torch.uint8, device=packed.device)
     if numel:
         unpack_bits_kernel[_grid(numel)](_packed_input(packed), codes, numel,
-                                         triton.cdiv(numel, 8), BITS=bits,
+                                         cdiv(numel, 8), BITS=bits,
                                          BLOCK_GROUPS=BLOCK_GROUPS)
     return codes

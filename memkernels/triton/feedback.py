@@ -18,6 +18,7 @@ import triton.language as tl
 
 from memkernels.ops._checks import check_feedback_project, scalar_type_name
 from memkernels.triton.activations import _check_runs_on
+from memkernels.triton.pack import cdiv
 
 BLOCK_N = 64
 BLOCK_M = 64
@@ -82,7 +83,7 @@ def feedback_project(e: torch.Tensor, seed: int, layer: int, out_features: int, 
     out = torch.empty((n, out_features), dtype=e.dtype, device=e.device)
     if out.numel() == 0:
         return out
-    grid = (triton.cdiv(out_features, BLOCK_M) * triton.cdiv(n, BLOCK_N),)
+    grid = (cdiv(out_features, BLOCK_M) * cdiv(n, BLOCK_N),)
     _feedback_project_kernel[grid](
         e, derivative if derivative is not None else out, out, n, k, out_features, e.stride(0), e.stride(1),
         (layer << 32) | seed, feedback_step(scale), HAS_DERIVATIVE=derivative is not None,

@@ -18,6 +18,12 @@ import triton.language as tl
 BLOCK_GROUPS = 128
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of Python ints, for the host code: triton.cdiv is a @triton.jit function, whose
+    call from Python costs microseconds that a small tensor's launch pays several times."""
+    return -(-a // b)
+
+
 @triton.jit
 def group_offsets(pid, BLOCK_GROUPS: tl.constexpr):
     """(groups [BLOCK_GROUPS] int64, elements [BLOCK_GROUPS, 8] int64) of program `pid`.
