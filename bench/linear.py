@@ -210,7 +210,8 @@ def block_rows(device, dtype, token_counts, repeats: int) -> list[dict]:
             # What the block keeps of its hidden tensor: the GELU's and the second Linear's saves,
             # also in bfloat16 (bytes only) when the bench runs in another dtype.
             kept = mk.profile.saved_bytes(block[1:], hidden)
-            hidden_bf16 = hidden.detach()[:64].bfloat16().requires_grad_()
+            # A copy: a view would count the whole hidden tensor's storage (saved_bytes counts storages).
+            hidden_bf16 = hidden.detach()[:64].to(torch.bfloat16, copy=True).requires_grad_()
             kept_bf16 = mk.profile.saved_bytes(copy.deepcopy(block[1:]).bfloat16(), hidden_bf16)
             rows.append({"part": "block", "block": name, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."),
                          "step_ms": ms, "time_over_torch": ms / torch_ms, "hidden_kept_bytes": kept,
