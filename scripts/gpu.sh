@@ -7,7 +7,8 @@
 #                        kernels where an op has them (Triton otherwise)
 #   smoke                every bench with --quick: a crash test of the bench scripts on cuda
 #   bench                bench/activations.py, linear.py and feedback.py (each with --pick-backends),
-#                        checkpoint.py: result files under bench/results, cuda_backends.json
+#                        host_overhead.py, checkpoint.py: result files under bench/results,
+#                        cuda_backends.json
 # Usage: bash scripts/gpu.sh test -n 16 ; bash scripts/gpu.sh smoke bench
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,8 +53,9 @@ while [ $# -gt 0 ]; do
         tests/test_feedback_ops.py 2>&1 | tee "$LOGS/test_cuda_cpp.log" | tail -n 40
       stage_ok "${PIPESTATUS[0]}" test-cuda-cpp ;;
     smoke)
-      # --quick: linear and checkpoint write no result files; the other two write theirs in $LOGS.
-      for bench in activations linear feedback checkpoint; do
+      # --quick: linear, host_overhead and checkpoint write no result files; the other two write
+      # theirs in $LOGS.
+      for bench in activations linear feedback host_overhead checkpoint; do
         out=(); [[ $bench == activations || $bench == feedback ]] && out=(--out "$LOGS/smoke")
         $PY bench/$bench.py --quick "${out[@]}" >"$LOGS/smoke_$bench.log" 2>&1
         rc=$?; tail -n 5 "$LOGS/smoke_$bench.log"; stage_ok $rc "smoke $bench"
@@ -61,8 +63,8 @@ while [ $# -gt 0 ]; do
     bench)
       $PY bench/activations.py --no-compile --pick-backends 2>&1 | tee "$LOGS/bench_activations.log" | tail -n 30
       stage_ok "${PIPESTATUS[0]}" "bench activations"
-      for bench in linear feedback checkpoint; do
-        pick=(); [[ $bench != checkpoint ]] && pick=(--pick-backends)
+      for bench in linear feedback host_overhead checkpoint; do
+        pick=(); [[ $bench == linear || $bench == feedback ]] && pick=(--pick-backends)
         $PY bench/$bench.py "${pick[@]}" 2>&1 | tee "$LOGS/bench_$bench.log" | tail -n 30
         stage_ok "${PIPESTATUS[0]}" "bench $bench"
       done ;;

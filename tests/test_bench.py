@@ -208,6 +208,25 @@ def test_feedback_quick_reports_every_section(tmp_path):
     assert csv_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_host_overhead_reports_every_call(tmp_path):
+    out = tmp_path / "results"
+    command = [sys.executable, "bench/host_overhead.py", "--device", "cpu", "--calls", "5", "--repeats", "2",
+               "--out", str(out)]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
+    (csv_path,) = out.glob("host_overhead_cpu_*.csv")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    expected = [(a, b, "cpu", c) for a in ("gelu", "silu", "swiglu") for b in ("none", "3")
+                for c in ("fwd no_grad", "fwd", "fwd+bwd")]
+    assert [(r["activation"], r["bits"], r["backend"], r["call"]) for r in rows] == expected
+    for r in rows:
+        mk, eager = float(r["mk_us"]), float(r["eager_us"])
+        assert mk > 0 and eager > 0 and math.isclose(float(r["mk_over_eager"]), mk / eager, rel_tol=1e-2)
+    markdown = csv_path.with_suffix(".md").read_text()
+    for header in ("- device: ", "- date: ", "- command: `python", "| mk / eager |"):
+        assert header in markdown, header
+
+
 def test_harness_runs_forward_and_backward_in_each_functions_context(bench_module):
     # The activations bench selects a CUDA backend per variant with MEMKERNELS_BACKEND; its backward
     # kernels must run under the same setting as its forward, inside the timed calls.
