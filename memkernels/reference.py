@@ -173,13 +173,15 @@ def activation_forward(x, act, p0, p1, bits, borders):
 
 
 def activation_backward(grad_out, saved, bits, levels):
-    """Reference of ``memkernels::activation_backward``: grad_out * f'(x) (or levels[code])."""
+    """Reference of ``memkernels::activation_backward``: grad_out * f'(x) (or levels[code]). A zero
+    level gives a zero gradient whatever grad_out holds (inf, NaN), as torch's backward of ReLU and
+    Hardsigmoid gives where their derivative is 0."""
     cd = _compute_dtype(grad_out)
     if bits == 0:
         return (grad_out.to(cd) * saved.to(cd)).to(grad_out.dtype)
     c = unpack_bits(saved, bits, grad_out.numel()).long()
     d = levels.to(grad_out.device, cd)[c].view(grad_out.shape)
-    return (grad_out.to(cd) * d).to(grad_out.dtype)
+    return torch.where(d == 0, 0.0, grad_out.to(cd) * d).to(grad_out.dtype)
 
 
 def activation_backward_from_input(grad_out, x, act, p0=0.0, p1=0.0):

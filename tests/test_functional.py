@@ -242,6 +242,28 @@ def test_nan_and_inf(case, device):
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("name, bits", [("relu", None), ("relu", 3), ("hardsigmoid", None), ("hardsigmoid", 3)])
+def test_non_finite_grad_where_the_derivative_is_zero(name, bits, device):
+    """torch's ReLU and Hardsigmoid backward give 0 where the derivative is 0, whatever grad_out
+    holds (inf, NaN); theirs (always 1 exact bit) are the same, bit for bit."""
+    x = torch.tensor([-5.0, -1.0, 0.0, 1.0, 4.0, -0.5, 2.0, -7.0], device=device, requires_grad=True)
+    grad = torch.tensor([float("inf"), float("nan"), -float("inf"), float("inf"), float("nan"), 3.0,
+                         float("nan"), -float("inf")], device=device)
+    (ours,) = torch.autograd.grad(getattr(mk.functional, name)(x, bits=bits), x, grad)
+    (theirs,) = torch.autograd.grad(getattr(torch.nn.functional, name)(x), x, grad)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.signbit(ours), torch.signbit(theirs))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_coded_hardswish_gradient_is_zero_below_minus_three(bits, device):
+    # Its tables hold a level of exactly 0 for x < -3, where torch's derivative is 0 too.
+    x = torch.tensor([-10.0, -4.0, -3.5], device=device, requires_grad=True)
+    grad = torch.tensor([float("inf"), float("nan"), -float("inf")], device=device)
+    (ours,) = torch.autograd.grad(mk.functional.hardswish(x, bits=bits), x, grad)
+    assert torch.equal(ours, torch.zeros_like(ours)) and not torch.signbit(ours).any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_subnormal_inputs_keep_their_codes(case, dtype, device):

@@ -111,6 +111,23 @@ def test_activation_codes(act, dtype, bits):
                  ref.activation_backward(grad, packed_ref, bits, levels))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zero_level_gives_zero_gradient(dtype):
+    # Where a code's level is 0 the gradient is 0 (+0), whatever grad_out holds, as in torch's
+    # ReLU backward; elsewhere non-finite grad_out multiplies as usual.
+    codes = torch.tensor([0, 1, 2, 3] * 4, dtype=torch.uint8)
+    levels = torch.tensor([0.0, 0.5, 0.0, -2.0])
+    grad = torch.tensor([float("inf"), float("inf"), float("nan"), -1.0, -float("inf"), float("nan"),
+                         -3.0, 2.0] * 2, dtype=dtype).to(DEVICE)
+    packed = ops.pack_bits(codes, 2).to(DEVICE)
+    got = tk.activation_backward(grad, packed, 2, levels.to(DEVICE))
+    expected = ref.activation_backward(grad, packed, 2, levels.to(DEVICE))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    zero = (levels[codes.long()] == 0).to(DEVICE)
+    assert torch.equal(got[zero], torch.zeros_like(got[zero])) and not torch.signbit(got[zero]).any()
+    assert torch.isinf(got[1]) and torch.isnan(got[5])
+
+
 @pytest.mark.parametrize("act", list(Activation), ids=lambda a: a.name)
 def test_activation_codes_every_activation(act):
     x = make_input((100,), torch.float32)

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <utility>
 
 #include "activations.h"
@@ -228,24 +229,32 @@ struct CodedLevels<double, kBits> {
   const double* table;
 };
 
-// grad_in = grad_out * d, d = saved (bits == 0) or levels[code].
+// grad_in = grad_out * d, d = saved (bits == 0) or levels[code]; a zero level gives 0 whatever
+// grad_out holds (inf, NaN), as torch's ReLU backward does where the derivative is 0.
 template <typename scalar_t>
 void activation_backward_kernel(const GradTiles<scalar_t>& grad, const scalar_t* saved, const uint8_t* codes,
                                 int64_t bits, const at::Tensor& levels, scalar_t* grad_in, int64_t numel) {
   using T = opmath_t<scalar_t>;
+  using V = Vectorized<T>;
   const bool stream = stream_stores(grad_in, numel);
   // d(begin, i, count): f'(x) of the vector [i, i + count) of the tile at begin.
-  const auto multiply = [&](const auto& d) {
+  const auto multiply = [&](const auto& d, auto zero_level_is_zero) {
     for_each_tile(numel, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
       const scalar_t* gs = grad.tile(begin);
       scalar_t* outs = grad_in + begin;
       for_each_vec<T>(n, [&](int64_t i, int64_t count) __attribute__((always_inline)) {
-        store_vec(load_vec<T>(gs + i, count) * d(begin, i, count), outs + i, count, stream);
+        const V dv = d(begin, i, count);
+        V product = load_vec<T>(gs + i, count) * dv;
+        if constexpr (decltype(zero_level_is_zero)::value) {
+          product = V::blendv(product, V(T(0)), dv == V(T(0)));
+        }
+        store_vec(product, outs + i, count, stream);
       });
     });
   };
   if (bits == 0) {
-    multiply([&](int64_t begin, int64_t i, int64_t count) __attribute__((always_inline)) { return load_vec<T>(saved + begin + i, count); });
+    multiply([&](int64_t begin, int64_t i, int64_t count) __attribute__((always_inline)) { return load_vec<T>(saved + begin + i, count); },
+             std::false_type{});
     return;
   }
   const LevelTable<T> table(levels);
@@ -253,7 +262,7 @@ void activation_backward_kernel(const GradTiles<scalar_t>& grad, const scalar_t*
     const CodedLevels<T, k.value> d(table.values);
     multiply([&](int64_t begin, int64_t i, int64_t count) __attribute__((always_inline)) {
       return d.lookup(d.codes(codes + begin / 8 * k.value, i, count, begin + i + count < numel));
-    });
+    }, std::true_type{});
   });
 }
 

@@ -262,7 +262,8 @@ def _backward_kernel(grad_ptr, saved_ptr, b_ptr, levels_ptr, value_levels_ptr, g
                      grad_b_ptr, numel, num_groups, p0_hi, p0_lo, p1_hi, p1_lo, ACT: tl.constexpr,
                      BITS: tl.constexpr, GATED: tl.constexpr, FROM_INPUT: tl.constexpr,
                      FP64: tl.constexpr, GRAD_BROADCAST: tl.constexpr, BLOCK_GROUPS: tl.constexpr):
-    """grad_in = g * f'(x) (GATED: grad_in = g * b * f'(a), grad_b = g * f(a)).
+    """grad_in = g * f'(x) (GATED: grad_in = g * b * f'(a), grad_b = g * f(a)); not gated with
+    BITS > 0, 0 where the level is 0.
 
     g is grad's elements, or with GRAD_BROADCAST its one element, the same for all (grad an
     expanded scalar: see _broadcasts_one_value). BITS == 0: saved is f'(x) itself, or x
@@ -296,7 +297,11 @@ def _backward_kernel(grad_ptr, saved_ptr, b_ptr, levels_ptr, value_levels_ptr, g
         tl.store(grad_in_ptr + elements, grad_in.to(grad_in_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_b_ptr + elements, (g * value).to(grad_b_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(grad_in_ptr + elements, (g * deriv).to(grad_in_ptr.dtype.element_ty), mask=mask)
+        grad_in = g * deriv
+        if BITS > 0:
+            # A zero level is a zero gradient, inf or NaN in g too (torch's ReLU backward).
+            grad_in = tl.where(deriv == 0.0, 0.0, grad_in)
+        tl.store(grad_in_ptr + elements, grad_in.to(grad_in_ptr.dtype.element_ty), mask=mask)
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
