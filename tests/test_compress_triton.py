@@ -193,6 +193,21 @@ def test_weight_grad_from_signs(cols):
     assert torch.allclose(want, grad.cpu().t() @ torch.where(x.cpu() > 0, 1.0, -1.0), atol=1e-4)
 
 
+@pytest.mark.parametrize("group_size", (64, 128, 256))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_weight_grad_groups_spanning_whole_tiles(dtype, group_size):
+    # Groups that are whole tiles of columns (64 or 128 wide) read one (min, scale) a row; the
+    # last tile is partial, one group holds NaN.
+    rows, out, cols = 45, 20, 300
+    codes, stats = random_codes(rows, cols, 4, group_size, with_nan=True)
+    grad = torch.randn(rows, out, device=DEVICE).to(dtype)
+    got = tc.weight_grad_from_codes(grad, codes, stats, cols, 4, group_size, 0.0, 0.0)
+    want = ref.weight_grad_from_codes(grad.cpu(), codes.cpu(), stats.cpu(), cols, 4, group_size, 0.0, 0.0)
+    nan = want.isnan()
+    assert nan.any() and torch.equal(got.isnan().cpu(), nan)
+    assert_weight_grad_close(got.cpu().masked_fill(nan, 0), want.masked_fill(nan, 0))
+
+
 def test_weight_grad_strided_grad_and_nan_group():
     rows, cols = 40, 100
     codes, stats = random_codes(rows, cols, 4, 32, with_nan=True)

@@ -319,7 +319,12 @@ def _weight_grad_kernel(grad_ptr, codes_ptr, stats_ptr, out_ptr, rows, out_featu
         packed = tl.load(codes_ptr + offs_row[:, None] * row_bytes + byte[None, :], mask=mask,
                          other=0)
         q = ((packed.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
-        if HAS_STATS:
+        if HAS_STATS and GROUP_SIZE % BLOCK_COLS == 0:
+            # The tile's columns lie in one group: a row's (min, scale) is one pair, loaded once.
+            at = offs_row * (num_groups * 2) + tile_cols.to(tl.int64) * BLOCK_COLS // GROUP_SIZE * 2
+            x_hat = _load_bfloat16(stats_ptr + at, row_mask)[:, None] + \
+                _load_bfloat16(stats_ptr + at + 1, row_mask)[:, None] * q
+        elif HAS_STATS:
             at = offs_row[:, None] * (num_groups * 2) + stat[None, :]
             x_hat = _load_bfloat16(stats_ptr + at, mask) + \
                 _load_bfloat16(stats_ptr + at + 1, mask) * q
