@@ -221,7 +221,7 @@ def test_host_overhead_reports_every_call(tmp_path):
     assert [(r["activation"], r["bits"], r["backend"], r["call"]) for r in rows] == expected
     for r in rows:
         mk, eager = float(r["mk_us"]), float(r["eager_us"])
-        assert mk > 0 and eager > 0 and math.isclose(float(r["mk_over_eager"]), mk / eager, rel_tol=1e-2)
+        assert mk > 0 and eager > 0 and abs(float(r["mk_over_eager"]) - mk / eager) <= 5e-4  # 3 decimals
     markdown = csv_path.with_suffix(".md").read_text()
     for header in ("- device: ", "- date: ", "- command: `python", "| mk / eager |"):
         assert header in markdown, header
