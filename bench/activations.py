@@ -47,23 +47,25 @@ import memkernels.profile as mkp
 BANDWIDTH_MIN_BYTES = 64 * 2**20
 
 # The activations whose ops both CUDA backends run (memkernels.ops._cuda: CUDA C++ covers GELU,
-# GELU_TANH and SILU forward, every gate, every backward), so their rows compare the two.
+# GELU_TANH and SILU forward and backward from x, every gate, every backward from what forward
+# kept), so their rows compare the two.
 BACKEND_CASES = ("gelu", "gelu_tanh", "silu", "swiglu", "geglu")
-# --pick-backends: op -> (the activations whose rows decide it, the time column that does).
+# --pick-backends: op -> (the activations whose rows decide it, the time column that does, which
+# rows: "coded", "exact" or "all"). On CUDA the exact single-input activations keep x: they run
+# activation_value (activation_forward's backend) and activation_backward_from_input, so coded
+# rows decide activation_forward and activation_backward, exact rows the backward from x.
 PICK_RULES = {
-    "activation_forward": (("gelu", "gelu_tanh", "silu"), "mk_fwd_ms"),
-    "activation_backward": (("gelu", "gelu_tanh", "silu"), "mk_bwd_ms"),
-    "gated_forward": (("swiglu", "geglu"), "mk_fwd_ms"),
-    "gated_backward": (("swiglu", "geglu"), "mk_bwd_ms"),
+    "activation_forward": (("gelu", "gelu_tanh", "silu"), "mk_fwd_ms", "coded"),
+    "activation_backward": (("gelu", "gelu_tanh", "silu"), "mk_bwd_ms", "coded"),
+    "activation_backward_from_input": (("gelu", "gelu_tanh", "silu"), "mk_bwd_ms", "exact"),
+    "gated_forward": (("swiglu", "geglu"), "mk_fwd_ms", "all"),
+    "gated_backward": (("swiglu", "geglu"), "mk_bwd_ms", "all"),
 }
-# On CUDA the exact activations keep x: they run activation_value and
-# activation_backward_from_input (Triton only), not these ops, so only coded rows decide them.
-CODED_ROWS_ONLY = ("activation_forward", "activation_backward")
 # Only sizes this large decide: there the kernels' memory traffic, not the launch, takes the time.
 PICK_MIN_NUMEL = 16 * 2**20
 PICK_RULE = (f"the backend with the smaller summed median time over the cases of {h.size_label(PICK_MIN_NUMEL)} "
-             "elements or more measured under both (coded rows only for the activation_* ops); a tie goes "
-             "to triton")
+             "elements or more measured under both (coded rows for activation_forward and "
+             "activation_backward, exact rows for activation_backward_from_input); a tie goes to triton")
 CASE_KEY = ("activation", "dtype", "numel", "bits", "backend")  # what tells rows apart (--append)
 
 
@@ -295,17 +297,18 @@ def pick_backends(rows: list[dict]) -> tuple[dict[str, str], dict[str, dict]]:
     """Per op of PICK_RULES, the CUDA backend with the smaller total time: (defaults, evidence).
 
     An op's total sums its time column over its activations' rows of PICK_MIN_NUMEL elements or
-    more (coded rows only for CODED_ROWS_ONLY), counting only the cases (activation, dtype, size,
+    more (those of its rule's kind: coded, exact or all), counting only the cases (activation, dtype, size,
     bits) measured under both backends, so both totals are over the same work. A tie goes to
     Triton (it covers every op). An op with no such case is left out of both dicts.
     evidence[op] = {"triton_ms", "cuda_ms", "cases"}.
     """
     defaults, evidence = {}, {}
-    for op, (activations, time_column) in PICK_RULES.items():
+    for op, (activations, time_column, kind) in PICK_RULES.items():
         times: dict[tuple, dict[str, float]] = {}
         for row in rows:
+            exact = row["bits"] == "none"
             if (row["activation"] in activations and row["numel"] >= PICK_MIN_NUMEL
-                    and not (op in CODED_ROWS_ONLY and row["bits"] == "none")
+                    and kind in ("all", "exact" if exact else "coded")
                     and row.get("backend") in ("triton", "cuda") and row.get(time_column) is not None):
                 case = tuple(row[k] for k in CASE_KEY if k != "backend")
                 times.setdefault(case, {})[row["backend"]] = row[time_column]
@@ -325,10 +328,13 @@ def check_can_pick(args) -> None:
         raise SystemExit(f"--pick-backends decides from sizes of {h.size_label(PICK_MIN_NUMEL)} elements or "
                          "more; --sizes (or --quick) has none")
     names = parse_activations(args.activations)
-    undecidable = [op for op, (activations, _) in PICK_RULES.items() if not set(activations) & set(names)]
+    kinds = {"all"} | {"exact" if b is None else "coded" for b in parse_bits(args.bits)}
+    undecidable = [op for op, (activations, _, kind) in PICK_RULES.items()
+                   if not set(activations) & set(names) or kind not in kinds]
     if undecidable and not args.append:
-        raise SystemExit(f"--pick-backends: no activation measured decides {undecidable}; --activations must "
-                         f"include one of each of {[list(a) for a, _ in PICK_RULES.values()]}")
+        raise SystemExit(f"--pick-backends: no case measured decides {undecidable}; --activations must include "
+                         f"one of each of {[list(a) for a, _, _ in PICK_RULES.values()]} and --bits none and "
+                         "a number of bits")
 
 
 def format_progress(row: dict) -> str:

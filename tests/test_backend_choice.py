@@ -60,7 +60,7 @@ def row(activation, backend, fwd, bwd, numel=16 * M, dtype="bf16", bits="none"):
 
 
 def test_the_benches_pick_every_op_that_has_two_backends(bench, cuda_module, recorded, monkeypatch):
-    decided_by = {a for activations, _ in bench.PICK_RULES.values() for a in activations}
+    decided_by = {a for activations, _, _ in bench.PICK_RULES.values() for a in activations}
     assert decided_by == set(bench.BACKEND_CASES)
     linear, feedback = import_bench(monkeypatch, "linear"), import_bench(monkeypatch, "feedback")
     cpu = __import__("torch").device("cpu")
@@ -84,19 +84,30 @@ def test_pick_backends_sums_each_ops_rows_and_picks_the_smaller_total(bench):
         # gated ops: cuda faster forward over two dtypes, backward an exact tie
         row("swiglu", "triton", fwd=4.0, bwd=6.0), row("swiglu", "cuda", fwd=3.0, bwd=5.0),
         row("geglu", "triton", fwd=4.0, bwd=6.0, dtype="fp32"), row("geglu", "cuda", fwd=4.5, bwd=7.0, dtype="fp32"),
-        # ignored: too small, other activations, CPU rows, exact activations (run neither op on CUDA)
+        # exact single-input rows decide the backward from x alone (their forward follows the coded
+        # rows' activation_forward)
+        row("silu", "triton", fwd=9.0, bwd=9.0), row("silu", "cuda", fwd=0.0, bwd=0.5),
+        # ignored: too small, other activations, CPU rows
         row("gelu", "triton", fwd=100.0, bwd=100.0, numel=16 * M - 1, bits=3),
         row("gelu", "cuda", fwd=0.0, bwd=0.0, numel=4 * M, bits=3),
-        row("silu", "triton", fwd=9.0, bwd=9.0), row("silu", "cuda", fwd=0.0, bwd=0.0),
         row("relu", "triton", fwd=9.0, bwd=9.0), row("gelu", "cpu", fwd=0.0, bwd=0.0, bits=3),
     ]
     defaults, evidence = bench.pick_backends(rows)
     assert defaults == {"activation_forward": "triton", "activation_backward": "cuda",
-                        "gated_forward": "cuda", "gated_backward": "triton"}
+                        "activation_backward_from_input": "cuda", "gated_forward": "cuda",
+                        "gated_backward": "triton"}
     assert evidence["activation_forward"] == {"triton_ms": 3.0, "cuda_ms": 3.5, "cases": 2}
     assert evidence["activation_backward"] == {"triton_ms": 6.0, "cuda_ms": 5.5, "cases": 2}
     assert evidence["gated_forward"] == {"triton_ms": 8.0, "cuda_ms": 7.5, "cases": 2}
     assert evidence["gated_backward"] == {"triton_ms": 12.0, "cuda_ms": 12.0, "cases": 2}  # tie: triton
+    assert evidence["activation_backward_from_input"] == {"triton_ms": 9.0, "cuda_ms": 0.5, "cases": 1}
+
+
+def test_cuda_cpp_covers_the_backward_from_x_of_its_activations(cuda_module):
+    from memkernels.activations.spec import Activation
+    args = lambda act: (None, None, int(act), 0.0, 0.0)  # noqa: E731  (grad_out, x, activation, p0, p1)
+    covered = {a for a in Activation if cuda_module._covered_by_cuda_cpp("activation_backward_from_input", args(a))}
+    assert covered == {Activation.GELU, Activation.GELU_TANH, Activation.SILU}
 
 
 def test_pick_backends_compares_only_cases_measured_under_both(bench):

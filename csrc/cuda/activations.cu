@@ -222,15 +222,16 @@ forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ b,
 
 // grad_in = g * f'; b != nullptr (gated): grad_in = g * b * f', grad_b = g * f.
 // g = grad's elements, or grad[0] for every element when grad_broadcast (grad one value expanded:
-// see broadcasts_one_value). bits == 0: saved is f'(x) itself, or a itself when gated (f, f'
-// computed here, which is the only use of A). bits > 0: f' = levels[code], f = value_levels[code].
+// see broadcasts_one_value). bits == 0: saved is f'(x) itself, or x itself when from_input or
+// gated (f, f' computed here, the only uses of A). bits > 0: f' = levels[code],
+// f = value_levels[code].
 template <typename scalar_t, Activation A>
 __global__ void __launch_bounds__(kThreads)
 backward_kernel(const scalar_t* __restrict__ grad, bool grad_broadcast,
                 const scalar_t* __restrict__ saved, const uint8_t* __restrict__ packed,
                 const scalar_t* __restrict__ b, const float* __restrict__ levels,
                 const float* __restrict__ value_levels, scalar_t* __restrict__ grad_in,
-                scalar_t* __restrict__ grad_b, int bits, int64_t numel, bool vec) {
+                scalar_t* __restrict__ grad_b, int bits, int64_t numel, bool vec, bool from_input) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ float s_levels[kMaxTable];
   __shared__ float s_value_levels[kMaxTable];
@@ -270,6 +271,10 @@ backward_kernel(const scalar_t* __restrict__ grad, bool grad_broadcast,
       }
     } else {
       load_group(saved, first, numel, vec, ds);
+      if (from_input) {
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i) ds[i] = derivative_of<A>(ds[i]);
+      }
     }
     if (b != nullptr) {
       acc_t bs[kGroup];
@@ -412,12 +417,13 @@ void launch_forward(const at::Tensor& x, const at::Tensor& b, at::Tensor& y, at:
   });
 }
 
-// grad_in = g * f' (b defined: grad_in = g * b * f', grad_b = g * f). `saved` is f' or a
-// (bits == 0) or the packed code; grad is contiguous or broadcasts one value. Only gated,
-// bits == 0 needs the activation.
+// grad_in = g * f' (b defined: grad_in = g * b * f', grad_b = g * f). `saved` is f', or x
+// (from_input) or a (gated) with bits == 0, or the packed code; grad is contiguous or broadcasts
+// one value. Only bits == 0 from x or a needs the activation.
 void launch_backward(const at::Tensor& grad, const at::Tensor& saved, const at::Tensor& b,
                      const at::Tensor& levels, const at::Tensor& value_levels, at::Tensor& grad_in,
-                     at::Tensor& grad_b, int64_t activation, int64_t bits, const char* op) {
+                     at::Tensor& grad_b, int64_t activation, int64_t bits, bool from_input,
+                     const char* op) {
   const int64_t numel = grad.numel();
   if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(grad.device());
@@ -440,10 +446,10 @@ void launch_backward(const at::Tensor& grad, const at::Tensor& saved, const at::
     auto launch = [&](auto tag) {
       backward_kernel<scalar_t, decltype(tag)::value><<<num_blocks(numel), kThreads, 0, stream>>>(
           grad_ptr, grad_broadcast, saved_ptr, packed_ptr, b_ptr, levels_ptr, value_levels_ptr,
-          grad_in_ptr, grad_b_ptr, static_cast<int>(bits), numel, vec);
+          grad_in_ptr, grad_b_ptr, static_cast<int>(bits), numel, vec, from_input);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (b.defined() && bits == 0) {
+    if ((b.defined() || from_input) && bits == 0) {
       dispatch_activation(activation, op, launch);
     } else {
       launch(ActivationTag<Activation::GELU>{});  // the activation is not used: any instance
@@ -506,7 +512,24 @@ at::Tensor activation_backward(const at::Tensor& grad_in_arg, const at::Tensor& 
   at::Tensor grad_in = at::empty(grad.sizes(), grad.options());
   at::Tensor no_grad_b;
   launch_backward(grad, saved, at::Tensor(), table, at::Tensor(), grad_in, no_grad_b,
-                  static_cast<int64_t>(Activation::GELU), bits, "activation_backward");
+                  static_cast<int64_t>(Activation::GELU), bits, /*from_input=*/false,
+                  "activation_backward");
+  return grad_in;
+}
+
+at::Tensor activation_backward_from_input(const at::Tensor& grad_out, const at::Tensor& x_in,
+                                          int64_t activation, double p0, double p1) {
+  (void)p0;
+  (void)p1;
+  check_float_input(grad_out, "grad_out");
+  check_like(x_in, "x", grad_out, "grad_out");
+  dispatch_activation(activation, "activation_backward_from_input", [](auto) {});
+  const at::Tensor grad = broadcasts_one_value(grad_out) ? grad_out : grad_out.contiguous();
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor grad_in = at::empty(grad.sizes(), grad.options());
+  at::Tensor no_grad_b;
+  launch_backward(grad, x, at::Tensor(), at::Tensor(), at::Tensor(), grad_in, no_grad_b,
+                  activation, 0, /*from_input=*/true, "activation_backward_from_input");
   return grad_in;
 }
 
@@ -557,7 +580,7 @@ std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& grad_out,
   at::Tensor grad_a = at::empty(grad.sizes(), grad.options());
   at::Tensor grad_b = at::empty(grad.sizes(), grad.options());
   launch_backward(grad, saved, b, table, value_table, grad_a, grad_b, activation, bits,
-                  "gated_backward");
+                  /*from_input=*/false, "gated_backward");
   return {grad_a, grad_b};
 }
 

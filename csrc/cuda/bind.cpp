@@ -18,6 +18,9 @@ void bind(pybind11::module_& m) {
         "f(x) alone, the values of activation_forward. CUDA C++: GELU, GELU_TANH, SILU.");
   m.def("activation_backward", &activation_backward, arg("grad_out"), arg("saved"), arg("bits"),
         arg("levels"), "grad_out * f'(x); f'(x) = saved (bits == 0) or levels[code].");
+  m.def("activation_backward_from_input", &activation_backward_from_input, arg("grad_out"), arg("x"),
+        arg("activation"), arg("p0"), arg("p1"),
+        "grad_out * f'(x), f'(x) computed from x. CUDA C++: GELU, GELU_TANH, SILU.");
   m.def("gated_forward", &gated_forward, arg("a"), arg("b"), arg("activation"), arg("bits"),
         arg("borders"), "(f(a) * b, packed code of a or an empty uint8 tensor when bits == 0).");
   m.def("gated_backward", &gated_backward, arg("grad_out"), arg("saved_a"), arg("b"),

@@ -1,9 +1,10 @@
 // CUDA C++ kernels of the fused activation ops (csrc/cuda/activations.cu), of the auxiliary sign
 // activation (csrc/cuda/compress.cu) and of feedback_project (csrc/cuda/feedback.cu), and their
-// Python bindings (csrc/cuda/bind.cpp). They cover GELU, GELU-tanh and SiLU in activation_forward
-// and activation_value, every activation in activation_backward (which only multiplies by f'),
-// every gate in the gated ops, auxiliary_sign_forward and feedback_project; signatures and results
-// are those of the ops in csrc/ops.cpp (memkernels/reference.py).
+// Python bindings (csrc/cuda/bind.cpp). They cover GELU, GELU-tanh and SiLU in activation_forward,
+// activation_value and activation_backward_from_input, every activation in activation_backward
+// (which only multiplies by f'), every gate in the gated ops, auxiliary_sign_forward and
+// feedback_project; signatures and results are those of the ops in csrc/ops.cpp
+// (memkernels/reference.py).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -26,6 +27,9 @@ at::Tensor activation_value(const at::Tensor& x, int64_t activation, double p0, 
 // grad_out * f'(x), f'(x) = saved (bits == 0) or levels[code].
 at::Tensor activation_backward(const at::Tensor& grad_out, const at::Tensor& saved, int64_t bits,
                                const std::optional<at::Tensor>& levels);
+// grad_out * f'(x), f'(x) computed from x as activation_forward computes it.
+at::Tensor activation_backward_from_input(const at::Tensor& grad_out, const at::Tensor& x,
+                                          int64_t activation, double p0, double p1);
 // (f(a) * b, code of a or an empty uint8 tensor when bits == 0).
 std::tuple<at::Tensor, at::Tensor> gated_forward(const at::Tensor& a, const at::Tensor& b,
                                                  int64_t activation, int64_t bits,

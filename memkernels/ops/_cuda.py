@@ -10,8 +10,8 @@ command. A file that is not such a record fails the import, naming the file.
 A build without the CUDA C++ kernels (``memkernels._C.with_cuda`` false) runs Triton where the
 file says "cuda". activation_value follows activation_forward's backend, so that a call no
 gradient can need gives the values a recorded one does. Ops the CUDA C++ kernels do not cover
-(other activations, activation_backward_from_input, pack_bits) always run Triton, as do
-quantize_groups, dequantize_groups and weight_grad_from_codes.
+(other activations, pack_bits) always run Triton, as do quantize_groups, dequantize_groups and
+weight_grad_from_codes.
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ from memkernels.activations.spec import GATES
 
 BACKENDS = ("triton", "cuda")
 # The ops that have both backends; each takes its default from BACKENDS_FILE.
-CHOSEN_OPS = ("activation_forward", "activation_backward", "gated_forward", "gated_backward",
-              "auxiliary_sign_forward", "feedback_project")
+CHOSEN_OPS = ("activation_forward", "activation_backward", "activation_backward_from_input",
+              "gated_forward", "gated_backward", "auxiliary_sign_forward", "feedback_project")
 BACKENDS_FILE = Path(__file__).with_name("cuda_backends.json")
 
-# The CUDA C++ kernels cover these activations (activation_* ops) and every gate (gated_* ops).
+# The CUDA C++ kernels cover these activations (activation_forward, activation_value,
+# activation_backward_from_input) and every gate (gated_* ops).
 CUDA_CPP_ACTIVATIONS = frozenset(int(a) for a in GATES)
 # Ops that run on the backend another op was given: the values of activation_value must be
 # activation_forward's bit for bit.
@@ -106,10 +107,14 @@ def backend_for(op: str) -> str:
 
 
 def _covered_by_cuda_cpp(op: str, args) -> bool:
-    # activation_forward and activation_value (x, activation, ...) name the activation; backward
-    # ops learn it from their saved tensors and are covered for every activation their forward was.
+    # activation_forward and activation_value (x, activation, ...) and
+    # activation_backward_from_input (grad_out, x, activation, ...) name the activation; the other
+    # backward ops learn it from their saved tensors and are covered for every activation their
+    # forward was.
     if op in ("activation_forward", "activation_value"):
         return args[1] in CUDA_CPP_ACTIVATIONS
+    if op == "activation_backward_from_input":
+        return args[2] in CUDA_CPP_ACTIVATIONS
     return True
 
 
