@@ -272,6 +272,14 @@ def check_can_pick_backends(device: torch.device) -> None:
                          "nothing to compare Triton with; build it with a CUDA torch and nvcc on PATH")
 
 
+def backend_totals(rows: Sequence[dict], column: str) -> dict:
+    """{"triton_ms", "cuda_ms", "cases"} of rows that each measured a case under one CUDA backend
+    (rows["backend"]), every case under both: `column` summed per backend, the cases counted."""
+    totals = {b: round(sum(r[column] for r in rows if r["backend"] == b), 5) for b in ("triton", "cuda")}
+    return {"triton_ms": totals["triton"], "cuda_ms": totals["cuda"],
+            "cases": sum(r["backend"] == "cuda" for r in rows)}
+
+
 def faster_backend(totals: dict) -> str:
     """"cuda" where totals["cuda_ms"] < totals["triton_ms"]; a tie goes to Triton, which covers every op."""
     return "cuda" if totals["cuda_ms"] < totals["triton_ms"] else "triton"

@@ -198,17 +198,9 @@ def write_results(rows: list[dict], device: torch.device, out, args) -> object:
     return base
 
 
+PICKED_OP = "feedback_project"  # the op whose CUDA default --pick-backends records
 PICK_RULE = ("the backend with the smaller summed median time of feedback_project over the speed shapes "
              "measured under both; a tie goes to triton")
-
-
-def pick_feedback_backend(rows: list[dict], command: str, device: torch.device) -> None:
-    """Record feedback_project's default backend from the speed rows (h.record_backend_choice)."""
-    totals = {b: sum(r["fused_ms"] for r in rows if r["backend"] == b) for b in ("triton", "cuda")}
-    cases = sum(r["backend"] == "cuda" for r in rows)
-    h.record_backend_choice({"feedback_project": {"triton_ms": round(totals["triton"], 5),
-                                                  "cuda_ms": round(totals["cuda"], 5), "cases": cases}},
-                            rule=PICK_RULE, command=command, device=device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     # Speed first: with --pick-backends, the training below runs on the backend picked.
     speed = speed_rows(args, device)
     if args.pick_backends:
-        pick_feedback_backend(speed, args.command, device)
+        h.record_backend_choice({PICKED_OP: h.backend_totals(speed, "fused_ms")}, rule=PICK_RULE,
+                                command=args.command, device=device)
     rows = accuracy_rows(args, device) + memory_rows(args, device) + speed
     base = write_results(rows, device, args.out, args)
     print(f"wrote {base}.csv, .md, .png")

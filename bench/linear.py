@@ -34,6 +34,7 @@ from memkernels.ops import _cuda  # noqa: E402
 from _digits import train_digits  # noqa: E402
 
 MODES = (None, "asa", "int8", "int4", "int2")
+SIGN_OP = "auxiliary_sign_forward"  # the op whose CUDA default --pick-backends records
 SIGN_PICK_RULE = ("the backend with the smaller summed median time of auxiliary_sign_forward alone over "
                   "the inputs of part 1 measured under both; a tie goes to triton")
 GPT2_LAYERS = ((768, 3072), (3072, 768))
@@ -145,15 +146,6 @@ def sign_op_rows(device, dtype, token_counts, repeats: int) -> list[dict]:
     return rows
 
 
-def pick_sign_backend(rows: list[dict], command: str, device) -> None:
-    """Record auxiliary_sign_forward's default backend from the sign-op rows (H.record_backend_choice)."""
-    totals = {b: sum(r["op_ms"] for r in rows if r["backend"] == b) for b in ("triton", "cuda")}
-    cases = sum(r["backend"] == "cuda" for r in rows)
-    H.record_backend_choice({"auxiliary_sign_forward": {"triton_ms": round(totals["triton"], 5),
-                                                        "cuda_ms": round(totals["cuda"], 5), "cases": cases}},
-                            rule=SIGN_PICK_RULE, command=command, device=device)
-
-
 def layer_rows(device, dtype, token_counts, repeats: int) -> list[dict]:
     rows = []
     for fan_in, fan_out in GPT2_LAYERS:
@@ -247,7 +239,8 @@ def main(argv=None) -> None:
 
     rows = sign_op_rows(device, dtype, tokens, repeats) if device.type == "cuda" else []
     if args.pick_backends:
-        pick_sign_backend(rows, command, device)
+        H.record_backend_choice({SIGN_OP: H.backend_totals(rows, "op_ms")}, rule=SIGN_PICK_RULE, command=command,
+                                device=device)
     rows += layer_rows(device, dtype, tokens, repeats) + block_rows(device, dtype, tokens, repeats) + \
         accuracy_rows(steps)
     sign_table = H.markdown_table([r for r in rows if r["part"] == "sign op"], [

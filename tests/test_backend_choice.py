@@ -38,17 +38,6 @@ def bench(monkeypatch):
 
 
 @pytest.fixture
-def recorded(monkeypatch):
-    """The evidence each h.record_backend_choice call of a bench got, instead of writing the file."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    import _harness
-
-    calls = []
-    monkeypatch.setattr(_harness, "record_backend_choice", lambda evidence, **kw: calls.append(evidence))
-    return calls
-
-
-@pytest.fixture
 def cuda_module():
     from memkernels.ops import _cuda
     return _cuda
@@ -59,20 +48,18 @@ def row(activation, backend, fwd, bwd, numel=16 * M, dtype="bf16", bits="none"):
             "mk_fwd_ms": fwd, "mk_bwd_ms": bwd}
 
 
-def test_the_benches_pick_every_op_that_has_two_backends(bench, cuda_module, recorded, monkeypatch):
+def test_the_benches_pick_every_op_that_has_two_backends(bench, cuda_module, monkeypatch):
     decided_by = {a for activations, _, _ in bench.PICK_RULES.values() for a in activations}
     assert decided_by == set(bench.BACKEND_CASES)
     linear, feedback = import_bench(monkeypatch, "linear"), import_bench(monkeypatch, "feedback")
-    cpu = __import__("torch").device("cpu")
-    sign_rows = [{"backend": "triton", "op_ms": 1.0}, {"backend": "cuda", "op_ms": 0.5},
-                 {"backend": "triton", "op_ms": 2.0}, {"backend": "cuda", "op_ms": 2.25}]
-    linear.pick_sign_backend(sign_rows, "python bench/linear.py --pick-backends", cpu)
-    speed_rows = [{"backend": "triton", "fused_ms": 0.25}, {"backend": "cuda", "fused_ms": 0.5}]
-    feedback.pick_feedback_backend(speed_rows, "python bench/feedback.py --pick-backends", cpu)
-    assert recorded == [{"auxiliary_sign_forward": {"triton_ms": 3.0, "cuda_ms": 2.75, "cases": 2}},
-                        {"feedback_project": {"triton_ms": 0.25, "cuda_ms": 0.5, "cases": 1}}]
-    picked = set(bench.PICK_RULES) | {op for evidence in recorded for op in evidence}
+    picked = set(bench.PICK_RULES) | {linear.SIGN_OP, feedback.PICKED_OP}
     assert picked == set(cuda_module.CHOSEN_OPS) == set(cuda_module.DEFAULT_BACKEND)
+
+
+def test_backend_totals_sum_each_backends_rows(bench):
+    rows = [{"backend": "triton", "op_ms": 1.0}, {"backend": "cuda", "op_ms": 0.5},
+            {"backend": "triton", "op_ms": 2.0}, {"backend": "cuda", "op_ms": 2.25}]
+    assert bench.h.backend_totals(rows, "op_ms") == {"triton_ms": 3.0, "cuda_ms": 2.75, "cases": 2}
 
 
 def test_pick_backends_sums_each_ops_rows_and_picks_the_smaller_total(bench):
