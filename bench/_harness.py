@@ -261,6 +261,14 @@ def cuda_cpp_kernels_built() -> bool:
     return memkernels.ops.extension_loaded() and memkernels.ops._C.with_cuda
 
 
+def device_backends(device: torch.device) -> list[str]:
+    """The backends memkernels' ops run on `device`: "cpu", or on CUDA "triton" and, where
+    memkernels._C has its CUDA C++ kernels, "cuda" (the MEMKERNELS_BACKEND values)."""
+    if device.type == "cpu":
+        return ["cpu"]
+    return ["triton", "cuda"] if cuda_cpp_kernels_built() else ["triton"]
+
+
 def check_can_pick_backends(device: torch.device) -> None:
     """Stop before measuring when --pick-backends has nothing to compare: it picks between the two
     CUDA backends (Triton, CUDA C++) on a GPU."""

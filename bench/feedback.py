@@ -122,7 +122,7 @@ def memory_rows(args, device) -> list[dict]:
 
 def speed_rows(args, device) -> list[dict]:
     warmup, repeats = h.resolve_repeats(args)
-    backends = ["cpu"] if device.type == "cpu" else ["triton"] + (["cuda"] if h.cuda_cpp_kernels_built() else [])
+    backends = h.device_backends(device)
     rows = []
     for n, k, m in SPEED_SHAPES["quick" if args.quick else device.type]:
         e = torch.randn(n, k, device=device)

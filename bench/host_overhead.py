@@ -32,7 +32,7 @@ import _harness as h  # also puts the repository root on sys.path
 import memkernels.functional as mkf
 
 ACTIVATIONS = {
-    # name: (eager, memkernels(bits)) taking the inputs of INPUTS[name]
+    # name: (eager, memkernels(bits)), taking one input (two for GATED)
     "gelu": (lambda x: F.gelu(x), lambda bits: lambda x: mkf.gelu(x, bits=bits)),
     "silu": (lambda x: F.silu(x), lambda bits: lambda x: mkf.silu(x, bits=bits)),
     "swiglu": (lambda a, b: F.silu(a) * b, lambda bits: lambda a, b: mkf.swiglu(a, b, bits=bits)),
@@ -74,12 +74,6 @@ def callables(fn, inputs: list[torch.Tensor]) -> dict[str, callable]:
             "fwd+bwd": lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out)}
 
 
-def backends(device: torch.device) -> list[str]:
-    if device.type == "cpu":
-        return ["cpu"]
-    return ["triton", "cuda"] if h.cuda_cpp_kernels_built() else ["triton"]
-
-
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     rows = []
@@ -88,7 +82,7 @@ def run(args) -> list[dict]:
                   for _ in range(2 if name in GATED else 1)]
         eager_calls = callables(eager, inputs)
         for bits in (None, 3):
-            for backend in backends(device):
+            for backend in h.device_backends(device):
                 with h.backend_selected(backend):
                     mk_calls = callables(fused(bits), inputs)
                     for what in WHAT:

@@ -122,7 +122,7 @@ def step_times(modules: dict, x, device, repeats: int) -> dict:
 
 def sign_op_rows(device, dtype, token_counts, repeats: int) -> list[dict]:
     """auxiliary_sign_forward alone on each input of part 1 under each CUDA backend, taking turns."""
-    backends = ("triton", "cuda") if H.cuda_cpp_kernels_built() else ("triton",)
+    backends = H.device_backends(device)
     rows = []
     for fan_in, _ in GPT2_LAYERS:
         for tokens in token_counts:

@@ -289,7 +289,9 @@ backward_kernel(const scalar_t* __restrict__ grad, bool grad_broadcast,
     } else {
       // A zero level is a zero gradient, inf or NaN in g too (torch's ReLU backward).
 #pragma unroll
-      for (int i = 0; i < kGroup; ++i) ds[i] = (packed != nullptr && ds[i] == acc_t(0)) ? acc_t(0) : gs[i] * ds[i];
+      for (int i = 0; i < kGroup; ++i) {
+        ds[i] = (packed != nullptr && ds[i] == acc_t(0)) ? acc_t(0) : gs[i] * ds[i];
+      }
       store_group(grad_in, first, numel, vec, ds);
     }
   }
