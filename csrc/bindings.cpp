@@ -3,6 +3,7 @@
 // CUDA kernels of the ops when MEMKERNELS_BACKEND (or the benchmark's default) picks them.
 #include <torch/extension.h>
 
+#include "autograd.h"
 #include "cpu/activation_kernels.h"
 #include "planner/planner.h"
 
@@ -12,6 +13,8 @@
 
 PYBIND11_MODULE(_C, m) {
   memkernels::planner::bind(m);
+  m.def("set_second_derivative_error", &memkernels::set_second_derivative_error,
+        "The message of the error that the C++ autograd nodes raise under create_graph=True.");
   m.def("cpu_kernels_isa", &memkernels::cpu::activation_kernels_isa,
         "The instruction set of the CPU activation kernels in use: AVX2, AVX512 or AVX512_BF16.");
   m.attr("with_cuda") = py::bool_(

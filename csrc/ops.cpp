@@ -1,6 +1,7 @@
 // The ops of memkernels, each declared once. Kernels attach per device elsewhere:
 // CPU in csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(memkernels, CPU, m)); CUDA from Python
-// (memkernels/ops/_cuda.py), which picks the Triton or the CUDA C++ kernel (csrc/cuda/*.cu).
+// (memkernels/ops/_cuda.py), which picks the Triton or the CUDA C++ kernel (csrc/cuda/*.cu);
+// the autograd of the two differentiable ops, activation and gated, in csrc/autograd.cpp.
 // Fake kernels for torch.compile live in memkernels/ops/__init__.py.
 // One op is not here: memkernels::activation_table (memkernels/activations/autograd.py), the
 // lookup of the Python-side derivative tables under torch.compile, which is defined in Python so
@@ -30,6 +31,14 @@ TORCH_LIBRARY(memkernels, m) {
   // (grad_a, grad_b) = (g * b * f'(a), g * f(a)); with bits > 0 f' and f are
   // levels[code] and value_levels[code].
   m.def("gated_backward(Tensor grad_out, Tensor saved_a, Tensor b, int activation, int bits, Tensor? levels, Tensor? value_levels) -> (Tensor, Tensor)");
+  // The differentiable fused activations that mk.functional calls (autograd in csrc/autograd.cpp):
+  // y = f(x), keeping for backward activation_forward's `saved` (f'(x) or its code; backward:
+  // activation_backward with `levels`) or, with keep_input, x itself (forward: activation_value;
+  // backward: activation_backward_from_input). Below autograd, f(x) alone.
+  m.def("activation(Tensor x, int activation, float p0, float p1, int bits, bool keep_input, Tensor? borders, Tensor? levels) -> Tensor");
+  // y = f(a) * b, keeping (a, b) (bits == 0) or (code of a, b) for gated_backward; with copy_b and
+  // bits > 0 a contiguous copy of b (b views a larger tensor, which keeping b would keep alive).
+  m.def("gated(Tensor a, Tensor b, int activation, int bits, bool copy_b, Tensor? borders, Tensor? levels, Tensor? value_levels) -> Tensor");
   // Pack uint8 codes (< 2**bits) k bits an element; the layout is in memkernels/reference.py.
   m.def("pack_bits(Tensor codes, int bits) -> Tensor");
   m.def("unpack_bits(Tensor packed, int bits, int numel) -> Tensor");
@@ -59,8 +68,8 @@ TORCH_LIBRARY(memkernels, m) {
   m.def("feedback_project(Tensor e, int seed, int layer, int out_features, float scale, Tensor? derivative) -> Tensor");
 }
 
-// The ops are the kernels under memkernels' autograd (mk.functional, mk.nn, mk.elementwise, the
-// compress and feedback layers), not differentiable ops themselves: called directly on a tensor
+// The other ops are the kernels under memkernels' autograd (activation and gated, mk.elementwise,
+// the compress and feedback layers), not differentiable ops themselves: called directly on a tensor
 // that requires grad, their outputs get a grad_fn whose backward raises "the derivative for
 // memkernels::<op> is not implemented", instead of silently giving no gradient.
 TORCH_LIBRARY_IMPL(memkernels, Autograd, m) {

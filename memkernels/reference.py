@@ -20,7 +20,8 @@ import math
 
 import torch
 
-from memkernels.activations.spec import CODES_NEGATED_MAGNITUDE, SELU_ALPHA, SELU_SCALE, Activation
+from memkernels.activations.spec import (CODES_NEGATED_MAGNITUDE, SECOND_DERIVATIVE_ERROR, SELU_ALPHA, SELU_SCALE,
+                                         Activation)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -219,6 +220,70 @@ def gated_backward(grad_out, saved_a, b, act, bits, levels, value_levels):
         d = levels.to(g.device, cd)[c].view(g.shape)
         v = value_levels.to(g.device, cd)[c].view(g.shape)
     return (g * b.to(cd) * d).to(grad_out.dtype), (g * v).to(grad_out.dtype)
+
+
+# The differentiable ops memkernels::activation and memkernels::gated: their autograd (csrc/autograd.cpp)
+# in Python, on the reference kernels above.
+
+def _check_no_second_derivative() -> None:
+    if torch.is_grad_enabled():  # the engine runs backward in grad mode under create_graph=True
+        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
+
+
+class _Activation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, act, p0, p1, bits, keep_input, borders, levels):
+        ctx.act, ctx.p0, ctx.p1, ctx.bits, ctx.keep_input, ctx.levels = act, p0, p1, bits, keep_input, levels
+        if keep_input:
+            ctx.save_for_backward(x)
+            return activation_value(x, act, p0, p1)
+        y, saved = activation_forward(x, act, p0, p1, bits, borders)
+        ctx.save_for_backward(saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _check_no_second_derivative()
+        (kept,) = ctx.saved_tensors
+        if ctx.keep_input:
+            grad_in = activation_backward_from_input(grad_out, kept, ctx.act, ctx.p0, ctx.p1)
+        elif ctx.act == Activation.LEAKY_RELU and grad_out.dtype == torch.float64:
+            # the slope at full precision: a float32 level would round it
+            positive = unpack_bits(kept, 1, grad_out.numel()).view(grad_out.shape).bool()
+            grad_in = torch.where(positive, grad_out, grad_out * ctx.p0)
+        else:
+            grad_in = activation_backward(grad_out, kept, ctx.bits, ctx.levels)
+        return grad_in, None, None, None, None, None, None, None
+
+
+def activation(x, act, p0, p1, bits, keep_input, borders, levels):
+    """Reference of ``memkernels::activation``: f(x); backward keeps activation_forward's saved
+    (f'(x) or the packed code) or, with keep_input, x; float64 LeakyReLU multiplies by its slope
+    at full precision."""
+    return _Activation.apply(x, act, p0, p1, bits, keep_input, borders, levels)
+
+
+class _Gated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, act, bits, copy_b, borders, levels, value_levels):
+        ctx.act, ctx.bits, ctx.levels, ctx.value_levels = act, bits, levels, value_levels
+        y, code = gated_forward(a, b, act, bits, borders)
+        ctx.save_for_backward(a if bits == 0 else code,
+                              b.clone(memory_format=torch.contiguous_format) if bits and copy_b else b)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _check_no_second_derivative()
+        saved_a, b = ctx.saved_tensors
+        grad_a, grad_b = gated_backward(grad_out, saved_a, b, ctx.act, ctx.bits, ctx.levels, ctx.value_levels)
+        return grad_a, grad_b, None, None, None, None, None, None
+
+
+def gated(a, b, act, bits, copy_b, borders, levels, value_levels):
+    """Reference of ``memkernels::gated``: f(a) * b; backward keeps (a, b) or (code of a, b), b
+    copied when copy_b and bits > 0."""
+    return _Gated.apply(a, b, act, bits, copy_b, borders, levels, value_levels)
 
 
 # Compressed saved inputs (memkernels/compress). Inputs are 2-D [rows, cols]; each row's codes are

@@ -39,6 +39,19 @@ def loss_grad(loss, y):
     return g
 
 
+def kept_tensors(fn, *args):
+    """(fn(*args), the tensors that autograd keeps for its backward, in the order kept)."""
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(*args)
+    return y, kept
+
+
 def kept_beyond(fn, *args):
     """Bytes of the storages that fn(*args) keeps for backward other than its arguments' and its
     output's: what it allocates to keep (f'(x), a code, a copy)."""

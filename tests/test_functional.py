@@ -5,10 +5,10 @@ import torch
 import memkernels as mk
 from memkernels import ops, reference
 from memkernels.activations.autograd import TORCH_BACKWARD, device_table, effective_bits, keeps_input
-from memkernels.activations.spec import TWO_VALUED, packed_nbytes
+from memkernels.activations.spec import TWO_VALUED, Activation as A, packed_nbytes
 from memkernels.activations.tables import get_table
 
-from _cases import CASES, IDS, LOSSES, kept_beyond, loss_grad
+from _cases import CASES, IDS, LOSSES, kept_beyond, kept_tensors, loss_grad
 from _triton_modules import DEVICE as TRITON_DEVICE, triton_modules
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -278,8 +278,12 @@ def test_subnormal_inputs_keep_their_codes(case, dtype, device):
         x.grad = None
         mfn(x, **kwargs, bits=bits).sum().backward()
         table = get_table(act, bits, p0, p1)
-        expected = table.levels.to(device)[reference.activation_codes(x.detach(), act, table.borders).long()]
-        torch.testing.assert_close(x.grad, expected.to(dtype), rtol=0, atol=0)
+        codes = reference.activation_codes(x.detach(), act, table.borders).long()
+        if act == A.LEAKY_RELU and dtype == torch.float64:  # the slope at full precision, not a float32 level
+            expected = torch.full(codes.shape, p0, dtype=dtype).masked_fill(codes == 1, 1.0).to(device)
+        else:
+            expected = table.levels.to(device)[codes].to(dtype)
+        torch.testing.assert_close(x.grad, expected, rtol=0, atol=0)
 
 
 def test_bad_arguments():
@@ -401,8 +405,7 @@ def test_exact_keeps_derivative_or_input(case, dtype, device):
     base = (torch.randn(1023, 3, generator=torch.Generator().manual_seed(3)) * 4).to(dtype).to(device)
     g = torch.randn(1023, device=device).to(dtype)
     for x in (base[:, 1].requires_grad_(), base[:, 1].contiguous().requires_grad_()):
-        y = fn(x)
-        (kept,) = y.grad_fn.saved_tensors
+        y, (kept,) = kept_tensors(fn, x)
         derivative = ops.activation_forward(x.detach(), int(act), p0, p1, 0, None)[1]
         if keeps_input(act, x):
             assert torch.equal(kept, x.detach()) and kept.is_contiguous()
@@ -541,3 +544,32 @@ def test_gated_signed_zero_matches_torch(dtype, device):
 def test_activation_parameters_of_the_wrong_type_are_named(call, name):
     with pytest.raises(TypeError, match=f"^{name} must be a real number, got "):
         call(torch.randn(4, requires_grad=True))
+
+
+@pytest.mark.parametrize("bits", [None, 3])
+def test_reference_autograd_without_extension(bits, monkeypatch):
+    """Without memkernels._C the differentiable ops run their Python reference (reference.activation,
+    reference.gated) after a warning: the values, gradients and kept bytes of the C++ autograd."""
+    def run(fn, *inputs):
+        inputs = [t.detach().requires_grad_() for t in inputs]
+        y = fn(*inputs)
+        return y, torch.autograd.grad(y, inputs, g), mk.profile.saved_bytes(fn, *inputs)
+
+    x, b = torch.randn(2, 1023, 3, dtype=torch.float64).unbind(0)
+    g = torch.randn(1023, 3, dtype=torch.float64)
+    cases = [(lambda t: mk.functional.gelu(t, bits=bits), (x,)), (lambda t: mk.functional.silu(t, bits=bits), (x,)),
+             (lambda t: mk.functional.leaky_relu(t, 0.1, bits=bits), (x,)),  # float64: the exact slope
+             (lambda t, u: mk.functional.swiglu(t, u, bits=bits), (x, b))]
+    with_kernels = [run(fn, *inputs) for fn, inputs in cases]
+    monkeypatch.setattr(ops, "_C", None)
+    monkeypatch.setattr(ops, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="running the plain-PyTorch reference ops"):
+        without = [run(fn, *inputs) for fn, inputs in cases]
+    for (y, grads, kept), (y_ref, grads_ref, kept_ref) in zip(with_kernels, without):
+        torch.testing.assert_close(y, y_ref)
+        for grad, grad_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(grad, grad_ref)
+        assert kept == kept_ref
+    xr = x.detach().requires_grad_()
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(mk.functional.gelu(xr, bits=bits).sum(), xr, create_graph=True)

@@ -25,6 +25,7 @@ def op_samples(device):
     y, code = ops.activation_forward(x, int(A.GELU), 0.0, 0.0, 3, borders)
     _, gcode = ops.gated_forward(x, g, int(A.SILU), 3, borders)
     one = torch.randn((), device=device).expand(x.shape)  # y.sum()'s grad_out: one value, strides 0
+    xr, gr = x.clone().requires_grad_(), g.clone().requires_grad_()
     return [
         ("activation_forward", (x, int(A.GELU), 0.0, 0.0, 0, None)),
         ("activation_forward", (x.t(), int(A.SOFTPLUS), 2.0, 3.0, 3, borders)),
@@ -43,6 +44,12 @@ def op_samples(device):
         ("gated_backward", (g, gcode, g, int(A.SILU), 3, levels, values)),
         ("gated_backward", (one, x, g, int(A.GELU), 0, None, None)),
         ("gated_backward", (one, gcode, g, int(A.SILU), 3, levels, values)),
+        # the differentiable ops (autograd in csrc/autograd.cpp): opcheck's gradients too
+        ("activation", (xr, int(A.GELU), 0.0, 0.0, 3, False, borders, levels)),
+        ("activation", (xr.t(), int(A.SOFTPLUS), 2.0, 3.0, 0, False, None, None)),
+        ("activation", (xr, int(A.SILU), 0.0, 0.0, 0, True, None, None)),
+        ("gated", (xr, gr, int(A.SILU), 3, True, borders, levels, values)),
+        ("gated", (xr, gr, int(A.GELU), 0, False, None, None, None)),
         ("pack_bits", (torch.randint(0, 8, (37,), dtype=torch.uint8, device=device), 3)),
         ("unpack_bits", (code, 3, x.numel())),
         ("activation_table", (int(A.GELU), 3, 0.0, 0.0, x.device)),
@@ -95,9 +102,10 @@ def test_compile_fullgraph(bits, device):
     torch.testing.assert_close(out, step(x, a, b))
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r)
-    # what the compiled graph keeps for backward is still only the code / derivative
+    # what the compiled graph keeps for backward is the code / derivative, and with a code the
+    # table of its levels (float32, 2**bits), which the graph looked up and eager keeps aside
     kept = mk.profile.saved_bytes(lambda t: torch.compile(mk.nn.GELU(bits=bits), fullgraph=True)(t), x)
-    assert kept == (129 * 4 if bits is None else packed_nbytes(129, 3))
+    assert kept == (129 * 4 if bits is None else packed_nbytes(129, 3) + 4 * 2 ** 3)
 
 
 @pytest.mark.parametrize("bits", [None, 3])

@@ -3,9 +3,11 @@ with bits=None, Sigmoid and Tanh keep y and Hardswish x instead (TORCH_BACKWARD)
 x where recomputing f'(x) costs less than writing and reading it (keeps_input). ReLU, LeakyReLU
 and Hardsigmoid, whose f' takes two values, keep one exact bit whatever bits is.
 
-The tables (borders, levels) travel as ctx attributes rather than through save_for_backward:
-they are shared constants of a few hundred bytes, not per-call activations, so the bytes that
-autograd keeps per call are exactly the derivative or the packed code.
+The autograd nodes are C++ (csrc/autograd.cpp, the ops memkernels::activation and
+memkernels::gated): a Python autograd.Function costs about as much host time as torch's whole
+forward and backward of a small activation. They keep the derivative, the code or x as saved
+tensors and the tables (levels) aside: shared constants of a few hundred bytes, not per-call
+activations, so the bytes that autograd keeps per call are exactly the activation's.
 
 Backward is once-differentiable: it multiplies by the kept f'(x), which has no f'' in it, so a
 backward with ``create_graph=True`` (gradient penalties, Hessian-vector products) raises rather
@@ -23,7 +25,7 @@ import math
 import torch
 
 from memkernels import ops
-from memkernels.activations.spec import TWO_VALUED, Activation, check_bits
+from memkernels.activations.spec import SECOND_DERIVATIVE_ERROR, TWO_VALUED, Activation, check_bits
 
 _device_tables: dict = {}
 
@@ -71,14 +73,6 @@ def _(act, bits, p0, p1, device):
     n = 2 if act in TWO_VALUED else 2 ** bits  # their table is the exact 1-bit one whatever bits is
     return (torch.empty(n - 1, device=device), torch.empty(n, device=device),
             torch.empty(n, device=device))
-
-
-SECOND_DERIVATIVE_ERROR = (
-    "memkernels' fused activations keep only f'(x) for backward, so they have no second derivative: "
-    "a backward with create_graph=True (gradient penalties, Hessian-vector products, MAML) through "
-    "mk.functional / mk.nn activations or mk.elementwise is not supported. Use torch's activation "
-    "where a second derivative is needed (mk.convert(..., exclude=...) leaves chosen modules alone); "
-    "exact (bits=None) Sigmoid, Tanh and Hardswish keep what torch keeps and have one.")
 
 
 def once_differentiable(backward):
@@ -139,43 +133,6 @@ def _inverse(order):
     return inverse
 
 
-def keep_for_backward(ctx, saved: torch.Tensor, bits: int, levels) -> None:
-    """Keep f'(x) (bits 0) or its packed code for :func:`grad_from_kept`."""
-    ctx.save_for_backward(saved)
-    ctx.bits, ctx.levels = bits, levels
-
-
-def grad_from_kept(ctx, grad_out: torch.Tensor) -> torch.Tensor:
-    """grad_out * f'(x), with f'(x) read back from what :func:`keep_for_backward` kept."""
-    (saved,) = ctx.saved_tensors
-    return ops.activation_backward(grad_out, saved, ctx.bits, ctx.levels)
-
-
-class _ActivationFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, call):
-        # call = (act, p0, p1, bits, borders, levels, float64_slope), one argument: apply's cost
-        # grows with the number of arguments, a measurable share of a small tensor's call.
-        act, p0, p1, bits, borders, levels, float64_slope = call
-        y, saved = ops.activation_forward(x, act, p0, p1, bits, borders)
-        keep_for_backward(ctx, saved, bits, levels)
-        ctx.float64_slope = float64_slope
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        if ctx.float64_slope is None:
-            grad_in = grad_from_kept(ctx, grad_out)
-        else:
-            # LeakyReLU in float64: the 1-bit code says x > 0; the slope, which a float32 level
-            # would round, multiplies at full precision (as torch's leaky_relu_backward does).
-            (saved,) = ctx.saved_tensors
-            positive = ops.unpack_bits(saved, 1, grad_out.numel()).view(grad_out.shape).bool()
-            grad_in = torch.where(positive, grad_out, grad_out * ctx.float64_slope)
-        return grad_in, None
-
-
 # Exact mode of the activations whose f' costs less to recompute than to write: they keep what
 # torch keeps, the output (Sigmoid: f' = y (1 - y), Tanh: 1 - y^2) or the input (Hardswish), the
 # same bytes as f'(x), so forward writes y alone; backward is torch's own.
@@ -224,58 +181,12 @@ def keeps_input(act: int, x: torch.Tensor) -> bool:
             or (x.dtype == torch.float32 and act in KEEPS_FLOAT32_INPUT_ON_CPU))
 
 
-class _InputKeptFunction(torch.autograd.Function):
-    """bits=None where keeps_input. x must be contiguous (a strided x would keep its whole base
-    alive)."""
-
-    @staticmethod
-    def forward(ctx, x, call):
-        ctx.call = call  # (act, p0, p1)
-        ctx.save_for_backward(x)
-        return ops.activation_value(x, *call)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        return ops.activation_backward_from_input(grad_out, x, *ctx.call), None
-
-
-class _GatedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, call):
-        act, bits, borders, levels, value_levels, b_is_view = call  # one argument, as _ActivationFunction
-        y, code = ops.gated_forward(a, b, act, bits, borders)
-        if bits and b_is_view:
-            # b viewing a larger tensor (a half of [a, b]) would keep all of it alive: a's half too.
-            b = b.clone(memory_format=torch.contiguous_format)
-        ctx.save_for_backward(a if bits == 0 else code, b)
-        ctx.act, ctx.bits, ctx.levels, ctx.value_levels = act, bits, levels, value_levels
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        saved_a, b = ctx.saved_tensors
-        grad_a, grad_b = ops.gated_backward(grad_out, saved_a, b, ctx.act, ctx.bits, ctx.levels,
-                                            ctx.value_levels)
-        return grad_a, grad_b, None
-
-
 def check_floating_input(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32, "
                         f"float64), got {t.dtype}")
-
-
-def _float64_slope(act, bits, p0, x: torch.Tensor):
-    """LeakyReLU's slope where its 1-bit level (float32) would not be exact: float64 input and
-    the user's bits=None (exact). None elsewhere."""
-    if act == Activation.LEAKY_RELU and bits is None and x.dtype == torch.float64:
-        return float(p0)
-    return None
 
 
 def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.0,
@@ -297,13 +208,13 @@ def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.
         # The copy of a strided x outside the Function: autograd records it, for a second backward.
         y = _TorchBackwardFunction.apply(x.contiguous(), int(act))
     elif kernel_bits == 0 and keeps_input(act, x):
-        y = _InputKeptFunction.apply(x.contiguous(), (int(act), p0, p1))
+        # x must be contiguous: a strided x would keep its whole base alive.
+        y = ops.activation(x.contiguous(), int(act), p0, p1, 0, True, None, None)
     else:
         borders = levels = None
         if kernel_bits:
             borders, levels, _ = device_table(int(act), kernel_bits, p0, p1, x.device)
-        y = _ActivationFunction.apply(x, (int(act), p0, p1, kernel_bits, borders, levels,
-                                          _float64_slope(act, bits, p0, x)))
+        y = ops.activation(x, int(act), p0, p1, kernel_bits, False, borders, levels)
     return y if order is None else y.permute(_inverse(order))
 
 
@@ -324,5 +235,5 @@ def gated(a: torch.Tensor, b: torch.Tensor, act: Activation, bits: int | None = 
         borders = levels = value_levels = None
         if bits:
             borders, levels, value_levels = device_table(int(act), bits, 0.0, 0.0, a.device)
-        y = _GatedFunction.apply(a, b, (int(act), bits, borders, levels, value_levels, b_is_view))
+        y = ops.gated(a, b, int(act), bits, b_is_view, borders, levels, value_levels)
     return y if order is None else y.permute(_inverse(order))

@@ -14,8 +14,7 @@ import weakref
 import torch
 
 from memkernels import ops, reference
-from memkernels.activations.autograd import (check_floating_input, grad_from_kept, keep_for_backward,
-                                             needs_grad, once_differentiable)
+from memkernels.activations.autograd import check_floating_input, needs_grad, once_differentiable
 from memkernels.activations.spec import check_bits
 
 
@@ -76,13 +75,15 @@ class _CodedFunction(torch.autograd.Function):
         _no_other_grads(fn, y)
         _same_shape(fn, x, y)
         # The codes of the built-in activations' kernels, computed with torch ops for any fn.
-        keep_for_backward(ctx, ops.pack_bits(reference.codes(x.detach(), borders), bits), bits, levels)
+        ctx.save_for_backward(ops.pack_bits(reference.codes(x.detach(), borders), bits))
+        ctx.bits, ctx.levels = bits, levels  # the table aside, as memkernels::activation keeps it
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        return grad_from_kept(ctx, grad_out), None, None, None, None
+        (code,) = ctx.saved_tensors
+        return ops.activation_backward(grad_out, code, ctx.bits, ctx.levels), None, None, None, None
 
 
 def check_elementwise(fn, x: torch.Tensor) -> bool:

@@ -49,6 +49,16 @@ CODES_NEGATED_MAGNITUDE = (Activation.HARDSIGMOID,)
 # The activations that may gate a GLU: y = f(a) * b.
 GATES = (Activation.SILU, Activation.GELU, Activation.GELU_TANH)
 
+# The error of a backward with create_graph=True through the fused activations, whose backward
+# multiplies by the kept f'(x) and has no f'' in it (memkernels.activations.autograd; the C++ nodes
+# of csrc/autograd.cpp get this text from memkernels.ops).
+SECOND_DERIVATIVE_ERROR = (
+    "memkernels' fused activations keep only f'(x) for backward, so they have no second derivative: "
+    "a backward with create_graph=True (gradient penalties, Hessian-vector products, MAML) through "
+    "mk.functional / mk.nn activations or mk.elementwise is not supported. Use torch's activation "
+    "where a second derivative is needed (mk.convert(..., exclude=...) leaves chosen modules alone); "
+    "exact (bits=None) Sigmoid, Tanh and Hardswish keep what torch keeps and have one.")
+
 SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
 

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from memkernels import reference
-from memkernels.activations.spec import packed_nbytes
+from memkernels.activations.spec import SECOND_DERIVATIVE_ERROR, packed_nbytes
 from memkernels.ops import _checks
 
 try:
@@ -90,6 +90,21 @@ def gated_backward(grad_out: torch.Tensor, saved_a: torch.Tensor, b: torch.Tenso
     return _op("gated_backward")(grad_out, saved_a, b, activation, bits, levels, value_levels)
 
 
+def activation(x: torch.Tensor, activation: int, p0: float, p1: float, bits: int, keep_input: bool,
+               borders: torch.Tensor | None, levels: torch.Tensor | None) -> torch.Tensor:
+    """f(x), differentiable: backward keeps activation_forward's saved (f'(x) in x's dtype, or the
+    packed code with bits > 0, whose f' is levels[code]) or, with keep_input, x itself."""
+    return _op("activation")(x, activation, p0, p1, bits, keep_input, borders, levels)
+
+
+def gated(a: torch.Tensor, b: torch.Tensor, activation: int, bits: int, copy_b: bool,
+          borders: torch.Tensor | None, levels: torch.Tensor | None,
+          value_levels: torch.Tensor | None) -> torch.Tensor:
+    """f(a) * b, differentiable: backward keeps (a, b), or (code of a, b) with bits > 0 (b copied
+    when copy_b: it views a larger tensor)."""
+    return _op("gated")(a, b, activation, bits, copy_b, borders, levels, value_levels)
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes (< 2**bits), any shape -> 1-D uint8 of ceil(numel / 8) * bits bytes."""
     return _op("pack_bits")(codes, bits)
@@ -141,6 +156,8 @@ def _packed(t: torch.Tensor, numel, bits: int) -> torch.Tensor:
 
 
 if _C is not None:
+    _C.set_second_derivative_error(SECOND_DERIVATIVE_ERROR)
+
     # Outputs are contiguous whatever the input's strides: the kernels write them densely.
     # (memkernels.activations.autograd runs them on a contiguous permutation of a dense input,
     # so that what users get keeps the input's layout.)
