@@ -1,6 +1,6 @@
-// The Python module memkernels._C. Importing it runs the op registrations (ops.cpp, cpu/*.cpp).
-// Its Python functions are the CUDA C++ kernels, which memkernels/ops/_cuda.py registers as the
-// CUDA kernels of the ops when MEMKERNELS_BACKEND (or the benchmark's default) picks them.
+// The Python module memkernels._C. Importing it runs the op registrations (ops.cpp, autograd.cpp,
+// cpu/*.cpp, cuda/dispatch.cpp). Its Python functions include the CUDA C++ kernels, which
+// memkernels/ops/_cuda.py calls where MEMKERNELS_BACKEND picks them.
 #include <torch/extension.h>
 
 #include "autograd.h"

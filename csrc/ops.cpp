@@ -1,6 +1,7 @@
 // The ops of memkernels, each declared once. Kernels attach per device elsewhere:
-// CPU in csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(memkernels, CPU, m)); CUDA from Python
-// (memkernels/ops/_cuda.py), which picks the Triton or the CUDA C++ kernel (csrc/cuda/*.cu);
+// CPU in csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(memkernels, CPU, m)); CUDA in csrc/cuda/dispatch.cpp
+// for the ops with CUDA C++ kernels (csrc/cuda/*.cu) and from Python (memkernels/ops/_cuda.py) for
+// the others and in builds without CUDA C++, _cuda.py picking Triton or CUDA C++ (see dispatch.cpp);
 // the autograd of the two differentiable ops, activation and gated, in csrc/autograd.cpp.
 // Fake kernels for torch.compile live in memkernels/ops/__init__.py.
 // One op is not here: memkernels::activation_table (memkernels/activations/autograd.py), the

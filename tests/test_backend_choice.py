@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import memkernels as mk
 
@@ -179,6 +180,47 @@ def test_recorded_choice_is_what_cuda_ops_default_to(bench, cuda_module, tmp_pat
     path.write_text(json.dumps({"defaults": {"gated_backward": "cuda"}}))
     assert cuda_module.read_default_backends() == {**dict.fromkeys(cuda_module.CHOSEN_OPS, "triton"),
                                                    "gated_backward": "cuda"}
+    # the C++ kernels were told the picks above: tell them the real file's again
+    monkeypatch.undo()
+    cuda_module.reload_default_backends()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not mk.ops._C.with_cuda,
+                    reason="needs a GPU and memkernels._C's CUDA C++ kernels")
+def test_default_cuda_cpp_calls_run_without_python(cuda_module, monkeypatch):
+    """The ops' CUDA kernels in C++ (csrc/cuda/dispatch.cpp) run CUDA C++ themselves where it is the
+    default and covers the activation, and hand every other call to the Python kernel."""
+    calls = []
+
+    def counting_kernel(op):
+        kernel = cuda_module._kernel(op)
+
+        def run(*args):
+            calls.append(op)
+            return kernel(*args)
+        return run
+
+    watched = ("activation_forward", "activation_backward")
+    try:
+        for op in watched:
+            mk.ops._C.set_python_kernel(op, counting_kernel(op))
+            monkeypatch.setitem(cuda_module.DEFAULT_BACKEND, op, "cuda")
+        cuda_module.publish_defaults()
+        monkeypatch.delenv("MEMKERNELS_BACKEND", raising=False)
+        x = torch.randn(100, device="cuda", requires_grad=True)
+        mk.functional.gelu(x, bits=3).sum().backward()
+        assert calls == []
+        mk.functional.tanh(x, bits=3).sum().backward()  # no CUDA C++ Tanh forward; every backward
+        assert calls == ["activation_forward"]
+        calls.clear()
+        monkeypatch.setenv("MEMKERNELS_BACKEND", "cuda")  # the environment's choice: Python decides
+        mk.functional.gelu(x, bits=3).sum().backward()
+        assert calls == ["activation_forward", "activation_backward"]
+    finally:
+        for op in watched:
+            mk.ops._C.set_python_kernel(op, cuda_module._kernel(op))
+        monkeypatch.undo()
+        cuda_module.publish_defaults()
 
 
 @pytest.mark.parametrize("text, why", [

@@ -1,7 +1,7 @@
 // Python bindings of the CUDA C++ kernels (activations, auxiliary sign, feedback_project), compiled
-// by the host compiler (pybind11 and torch/extension.h are slow to parse under nvcc).
-// memkernels/ops/_cuda.py registers these functions as the CUDA kernels of the ops when the CUDA
-// C++ backend is chosen.
+// by the host compiler (pybind11 and torch/extension.h are slow to parse under nvcc). The ops' CUDA
+// kernels (csrc/cuda/dispatch.cpp) call the C++ functions directly; memkernels/ops/_cuda.py's kernel
+// calls these bindings where it picks CUDA C++ itself (MEMKERNELS_BACKEND=cuda).
 #include <torch/extension.h>
 
 #include "cuda/kernels.h"
@@ -32,6 +32,7 @@ void bind(pybind11::module_& m) {
   m.def("feedback_project", &feedback_project, arg("e"), arg("seed"), arg("layer"), arg("out_features"),
         arg("scale"), arg("derivative"),
         "(e @ B) * derivative, B of (seed, layer) generated from Philox in the kernel, never stored.");
+  bind_dispatch(m);
 }
 
 }  // namespace memkernels::cuda

@@ -50,7 +50,11 @@ std::tuple<at::Tensor, at::Tensor> auxiliary_sign_forward(const at::Tensor& x, d
 at::Tensor feedback_project(const at::Tensor& e, int64_t seed, int64_t layer, int64_t out_features,
                             double scale, const std::optional<at::Tensor>& derivative);
 
-// Adds the functions above to the module memkernels._C (called from csrc/bindings.cpp).
+// Adds the functions above to the module memkernels._C (called from csrc/bindings.cpp), and
+// bind_dispatch's (called from bind).
 void bind(pybind11::module_& m);
+// The settings of the ops' CUDA kernels registered in csrc/cuda/dispatch.cpp, which run the
+// functions above or memkernels/ops/_cuda.py's kernel.
+void bind_dispatch(pybind11::module_& m);
 
 }  // namespace memkernels::cuda

@@ -12,6 +12,12 @@ file says "cuda". activation_value follows activation_forward's backend, so that
 gradient can need gives the values a recorded one does. Ops the CUDA C++ kernels do not cover
 (other activations, pack_bits) always run Triton, as do quantize_groups, dequantize_groups and
 weight_grad_from_codes.
+
+Where the decision is made: here (backend_for), in the kernel that _kernel builds. In a build with
+CUDA C++ the ops that have it are registered in C++ (csrc/cuda/dispatch.cpp) and told the result
+of that decision for an unset MEMKERNELS_BACKEND (publish_defaults): they run those CUDA C++ calls
+without entering Python (autograd's backward runs them on its own thread, where Python would take
+the GIL), and hand every other call to _kernel's.
 """
 from __future__ import annotations
 
@@ -89,6 +95,16 @@ def reload_default_backends() -> None:
     """DEFAULT_BACKEND read again from BACKENDS_FILE: a benchmark that rewrote the file runs its
     later measurements on what it picked."""
     DEFAULT_BACKEND.update(runnable_defaults(read_default_backends(), _C.with_cuda))
+    publish_defaults()
+
+
+def publish_defaults() -> None:
+    """Tell the CUDA kernels registered in C++ (csrc/cuda/dispatch.cpp) which ops run CUDA C++ by
+    default and which activations it covers: those calls then run without Python. A build without
+    them has nothing to tell."""
+    if _C.with_cuda:
+        defaults = [op for op in _C.cuda_cpp_ops if DEFAULT_BACKEND.get(FOLLOWS.get(op, op)) == "cuda"]
+        _C.set_cuda_cpp_defaults(defaults, sorted(CUDA_CPP_ACTIVATIONS))
 
 
 def backend_for(op: str) -> str:
@@ -132,5 +148,12 @@ def _kernel(op: str):
     return run
 
 
+# The ops that have CUDA C++ kernels get their CUDA kernel in C++ (csrc/cuda/dispatch.cpp), which runs
+# the default CUDA C++ calls itself and hands every other call to _kernel's; the others, and every
+# op of a build without CUDA C++, get _kernel's here.
 for _op in OPS:
-    torch.library.register_kernel(f"memkernels::{_op}", "cuda", _kernel(_op))
+    if _C.with_cuda and _op in _C.cuda_cpp_ops:
+        _C.set_python_kernel(_op, _kernel(_op))
+    else:
+        torch.library.register_kernel(f"memkernels::{_op}", "cuda", _kernel(_op))
+publish_defaults()
