@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from memkernels.activations.spec import (CODES_NEGATED_MAGNITUDE, SECOND_DERIVATIVE_ERROR, SELU_ALPHA, SELU_SCALE,
-                                         Activation)
+from memkernels.activations.spec import (CODES_NEGATED_MAGNITUDE, SELU_ALPHA, SELU_SCALE, Activation,
+                                         once_differentiable)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -225,11 +225,6 @@ def gated_backward(grad_out, saved_a, b, act, bits, levels, value_levels):
 # The differentiable ops memkernels::activation and memkernels::gated: their autograd (csrc/autograd.cpp)
 # in Python, on the reference kernels above.
 
-def _check_no_second_derivative() -> None:
-    if torch.is_grad_enabled():  # the engine runs backward in grad mode under create_graph=True
-        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
-
-
 class _Activation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, act, p0, p1, bits, keep_input, borders, levels):
@@ -242,8 +237,8 @@ class _Activation(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        _check_no_second_derivative()
         (kept,) = ctx.saved_tensors
         if ctx.keep_input:
             grad_in = activation_backward_from_input(grad_out, kept, ctx.act, ctx.p0, ctx.p1)
@@ -273,8 +268,8 @@ class _Gated(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        _check_no_second_derivative()
         saved_a, b = ctx.saved_tensors
         grad_a, grad_b = gated_backward(grad_out, saved_a, b, ctx.act, ctx.bits, ctx.levels, ctx.value_levels)
         return grad_a, grad_b, None, None, None, None, None, None

@@ -19,13 +19,12 @@ grad) compute y alone and keep nothing.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 from memkernels import ops
-from memkernels.activations.spec import SECOND_DERIVATIVE_ERROR, TWO_VALUED, Activation, check_bits
+from memkernels.activations.spec import TWO_VALUED, Activation, check_bits
 
 _device_tables: dict = {}
 
@@ -73,24 +72,6 @@ def _(act, bits, p0, p1, device):
     n = 2 if act in TWO_VALUED else 2 ** bits  # their table is the exact 1-bit one whatever bits is
     return (torch.empty(n - 1, device=device), torch.empty(n, device=device),
             torch.empty(n, device=device))
-
-
-def once_differentiable(backward):
-    """Mark an autograd.Function's backward as having no derivative itself: it raises
-    SECOND_DERIVATIVE_ERROR when called with create_graph=True (the engine turns grad mode on in
-    backward exactly then).
-
-    torch.autograd.function.once_differentiable raises only later, and only on a path through a
-    grad_out that requires grad. A gradient of ``y.sum()`` has none, yet it depends on x through
-    f''(x): a second derivative taken from it with respect to x would silently miss that term."""
-
-    @functools.wraps(backward)
-    def wrapper(ctx, *grad_outputs):
-        if torch.is_grad_enabled():
-            raise RuntimeError(SECOND_DERIVATIVE_ERROR)
-        return backward(ctx, *grad_outputs)
-
-    return wrapper
 
 
 def effective_bits(act: int, bits) -> int:

@@ -14,8 +14,8 @@ import weakref
 import torch
 
 from memkernels import ops, reference
-from memkernels.activations.autograd import check_floating_input, needs_grad, once_differentiable
-from memkernels.activations.spec import check_bits
+from memkernels.activations.autograd import check_floating_input, needs_grad
+from memkernels.activations.spec import check_bits, once_differentiable
 
 
 def _value_and_derivative(fn, x):

@@ -2,11 +2,13 @@
 
 The integer ids are part of the op schemas (``activation: int``) and must match
 ``enum class Activation`` in csrc/activations.h. Every activation takes at most two float
-parameters ``p0, p1``; their meaning per activation is listed in ``PARAMS``.
+parameters ``p0, p1``; their meaning per activation is listed in ``PARAMS``. Also the rule that
+every fused activation's backward shares, once_differentiable, with its error.
 """
 from __future__ import annotations
 
 import enum
+import functools
 import numbers
 
 import torch
@@ -50,14 +52,32 @@ CODES_NEGATED_MAGNITUDE = (Activation.HARDSIGMOID,)
 GATES = (Activation.SILU, Activation.GELU, Activation.GELU_TANH)
 
 # The error of a backward with create_graph=True through the fused activations, whose backward
-# multiplies by the kept f'(x) and has no f'' in it (memkernels.activations.autograd; the C++ nodes
-# of csrc/autograd.cpp get this text from memkernels.ops).
+# multiplies by the kept f'(x) and has no f'' in it (once_differentiable below; the C++ nodes of
+# csrc/autograd.cpp get this text from memkernels.ops).
 SECOND_DERIVATIVE_ERROR = (
     "memkernels' fused activations keep only f'(x) for backward, so they have no second derivative: "
     "a backward with create_graph=True (gradient penalties, Hessian-vector products, MAML) through "
     "mk.functional / mk.nn activations or mk.elementwise is not supported. Use torch's activation "
     "where a second derivative is needed (mk.convert(..., exclude=...) leaves chosen modules alone); "
     "exact (bits=None) Sigmoid, Tanh and Hardswish keep what torch keeps and have one.")
+
+def once_differentiable(backward):
+    """Mark an autograd.Function's backward as having no derivative itself: it raises
+    SECOND_DERIVATIVE_ERROR when called with create_graph=True (the engine turns grad mode on in
+    backward exactly then).
+
+    torch.autograd.function.once_differentiable raises only later, and only on a path through a
+    grad_out that requires grad. A gradient of ``y.sum()`` has none, yet it depends on x through
+    f''(x): a second derivative taken from it with respect to x would silently miss that term."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        if torch.is_grad_enabled():
+            raise RuntimeError(SECOND_DERIVATIVE_ERROR)
+        return backward(ctx, *grad_outputs)
+
+    return wrapper
+
 
 SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
