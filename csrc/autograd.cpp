@@ -4,8 +4,8 @@
 // about as much host time as torch's whole GELU forward and backward). The kernels are reached
 // through the dispatcher: CPU, CUDA (Triton or CUDA C++) and fake kernels alike.
 //
-// What backward keeps is exactly what the kernel ops return for it (f'(x), its packed code, or x),
-// saved as tensors; the tables (levels) are shared constants of a few hundred bytes and travel in
+// What backward keeps is exactly what the kernel ops return for it (f'(x), its packed code) or x or
+// y, saved as tensors; the tables (levels) are shared constants of a few hundred bytes and travel in
 // saved_data, which saved-tensor hooks do not see, so the bytes that autograd keeps per call are the
 // activation's alone.
 #include <ATen/ATen.h>
@@ -33,9 +33,9 @@ std::string& second_derivative_error() {
   return message;
 }
 
-// The backward of these nodes multiplies by the kept f'(x), which has no f'' in it: with
-// create_graph=True (the engine runs backward in grad mode exactly then) a gradient of it would
-// silently miss the f''(x) term, so it raises instead.
+// The backward of these nodes (but Keep::kTorch's, which is torch's) multiplies by the kept f'(x),
+// which has no f'' in it: with create_graph=True (the engine runs backward in grad mode exactly
+// then) a gradient of it would silently miss the f''(x) term, so it raises instead.
 void check_no_second_derivative() {
   TORCH_CHECK(!at::GradMode::is_enabled(), second_derivative_error());
 }
@@ -94,33 +94,66 @@ std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& grad_out, co
   return op.call(grad_out, saved_a, b, act, bits, levels, value_levels);
 }
 
+// What memkernels::activation keeps for backward (Keep in memkernels/activations/spec.py).
+enum class Keep : int64_t {
+  kDerivative = 0,  // activation_forward's saved: f'(x) or its packed code
+  kInput = 1,       // x; f'(x) recomputed by activation_backward_from_input
+  kTorch = 2,       // what torch keeps (Sigmoid, Tanh: y; Hardswish: x); backward torch's own op
+};
+
+bool keeps_output(int64_t act) {
+  return act == static_cast<int64_t>(Activation::SIGMOID) || act == static_cast<int64_t>(Activation::TANH);
+}
+
+// torch's backward of the activations that Keep::kTorch serves: differentiable ops, so this backward
+// is twice differentiable, as torch's is (a kept y comes back with this node as its grad_fn).
+at::Tensor torch_backward(int64_t act, const at::Tensor& grad_out, const at::Tensor& kept) {
+  switch (static_cast<Activation>(act)) {
+    case Activation::SIGMOID:
+      return at::sigmoid_backward(grad_out, kept);
+    case Activation::TANH:
+      return at::tanh_backward(grad_out, kept);
+    default:
+      return at::hardswish_backward(grad_out, kept);
+  }
+}
+
 struct ActivationFunction : public torch::autograd::Function<ActivationFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t act, double p0, double p1,
-                            int64_t bits, bool keep_input, const OptionalTensor& borders,
-                            const OptionalTensor& levels) {
+                            int64_t bits, int64_t keep, const OptionalTensor& borders, const OptionalTensor& levels) {
+    TORCH_CHECK(keep >= 0 && keep <= 2, "keep must be 0 (f'(x) or its code), 1 (x) or 2 (what torch keeps), got ", keep);
+    TORCH_CHECK(static_cast<Keep>(keep) != Keep::kTorch || keeps_output(act) ||
+                    act == static_cast<int64_t>(Activation::HARDSWISH),
+                "keep = 2 (torch's backward) serves Sigmoid, Tanh and Hardswish, got activation id ", act);
     ctx->saved_data["act"] = act;
     ctx->saved_data["p0"] = p0;
     ctx->saved_data["p1"] = p1;
     ctx->saved_data["bits"] = bits;
-    ctx->saved_data["keep_input"] = keep_input;
+    ctx->saved_data["keep"] = keep;
     ctx->saved_data["levels"] = levels;
-    if (keep_input) {
-      ctx->save_for_backward({x});
-      return activation_value(x, act, p0, p1);
+    if (static_cast<Keep>(keep) == Keep::kDerivative) {
+      auto [y, saved] = activation_forward(x, act, p0, p1, bits, borders);
+      ctx->save_for_backward({saved});
+      return y;
     }
-    auto [y, saved] = activation_forward(x, act, p0, p1, bits, borders);
-    ctx->save_for_backward({saved});
+    at::Tensor y = activation_value(x, act, p0, p1);
+    ctx->save_for_backward({static_cast<Keep>(keep) == Keep::kTorch && keeps_output(act) ? y : x});
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    check_no_second_derivative();
     const at::Tensor& grad_out = grads[0];
     const at::Tensor kept = ctx->get_saved_variables()[0];
     const int64_t act = ctx->saved_data["act"].toInt();
     const double p0 = ctx->saved_data["p0"].toDouble();
+    const auto keep = static_cast<Keep>(ctx->saved_data["keep"].toInt());
+    if (keep != Keep::kTorch) {
+      check_no_second_derivative();
+    }
     at::Tensor grad_in;
-    if (ctx->saved_data["keep_input"].toBool()) {
+    if (keep == Keep::kTorch) {
+      grad_in = torch_backward(act, grad_out, kept);
+    } else if (keep == Keep::kInput) {
       grad_in = activation_backward_from_input(grad_out, kept, act, p0, ctx->saved_data["p1"].toDouble());
     } else if (act == static_cast<int64_t>(Activation::LEAKY_RELU) && grad_out.scalar_type() == at::kDouble) {
       // In float64 the slope multiplies at full precision, as torch's leaky_relu_backward does:
@@ -163,9 +196,9 @@ struct GatedFunction : public torch::autograd::Function<GatedFunction> {
   }
 };
 
-at::Tensor activation_autograd(const at::Tensor& x, int64_t act, double p0, double p1, int64_t bits, bool keep_input,
+at::Tensor activation_autograd(const at::Tensor& x, int64_t act, double p0, double p1, int64_t bits, int64_t keep,
                                const OptionalTensor& borders, const OptionalTensor& levels) {
-  return ActivationFunction::apply(x, act, p0, p1, bits, keep_input, borders, levels);
+  return ActivationFunction::apply(x, act, p0, p1, bits, keep, borders, levels);
 }
 
 at::Tensor gated_autograd(const at::Tensor& a, const at::Tensor& b, int64_t act, int64_t bits, bool copy_b,
@@ -178,7 +211,7 @@ at::Tensor gated_autograd(const at::Tensor& a, const at::Tensor& b, int64_t act,
 // alone, nothing kept.
 // (activation_value's values are activation_forward's bit for bit.)
 at::Tensor activation_without_grad(const at::Tensor& x, int64_t act, double p0, double p1, int64_t /*bits*/,
-                                   bool /*keep_input*/, const OptionalTensor& /*borders*/,
+                                   int64_t /*keep*/, const OptionalTensor& /*borders*/,
                                    const OptionalTensor& /*levels*/) {
   return activation_value(x, act, p0, p1);
 }

@@ -33,10 +33,11 @@ TORCH_LIBRARY(memkernels, m) {
   // levels[code] and value_levels[code].
   m.def("gated_backward(Tensor grad_out, Tensor saved_a, Tensor b, int activation, int bits, Tensor? levels, Tensor? value_levels) -> (Tensor, Tensor)");
   // The differentiable fused activations that mk.functional calls (autograd in csrc/autograd.cpp):
-  // y = f(x), keeping for backward activation_forward's `saved` (f'(x) or its code; backward:
-  // activation_backward with `levels`) or, with keep_input, x itself (forward: activation_value;
-  // backward: activation_backward_from_input). Below autograd, f(x) alone.
-  m.def("activation(Tensor x, int activation, float p0, float p1, int bits, bool keep_input, Tensor? borders, Tensor? levels) -> Tensor");
+  // y = f(x), keeping for backward (`keep`, memkernels.activations.spec.Keep) 0: activation_forward's
+  // `saved` (f'(x) or its code; backward: activation_backward with `levels`); 1: x (forward:
+  // activation_value; backward: activation_backward_from_input); 2: what torch keeps, Sigmoid and
+  // Tanh y, Hardswish x (backward: torch's own op, twice differentiable). Below autograd, f(x) alone.
+  m.def("activation(Tensor x, int activation, float p0, float p1, int bits, int keep, Tensor? borders, Tensor? levels) -> Tensor");
   // y = f(a) * b, keeping (a, b) (bits == 0) or (code of a, b) for gated_backward; with copy_b and
   // bits > 0 a contiguous copy of b (b views a larger tensor, which keeping b would keep alive).
   m.def("gated(Tensor a, Tensor b, int activation, int bits, bool copy_b, Tensor? borders, Tensor? levels, Tensor? value_levels) -> Tensor");

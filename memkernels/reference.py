@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from memkernels.activations.spec import (CODES_NEGATED_MAGNITUDE, SELU_ALPHA, SELU_SCALE, Activation,
-                                         once_differentiable)
+from memkernels.activations.spec import (CODES_NEGATED_MAGNITUDE, SELU_ALPHA, SELU_SCALE, TORCH_BACKWARD,
+                                         Activation, Keep, once_differentiable)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -226,10 +226,12 @@ def gated_backward(grad_out, saved_a, b, act, bits, levels, value_levels):
 # in Python, on the reference kernels above.
 
 class _Activation(torch.autograd.Function):
+    """Keep.DERIVATIVE and Keep.INPUT."""
+
     @staticmethod
-    def forward(ctx, x, act, p0, p1, bits, keep_input, borders, levels):
-        ctx.act, ctx.p0, ctx.p1, ctx.bits, ctx.keep_input, ctx.levels = act, p0, p1, bits, keep_input, levels
-        if keep_input:
+    def forward(ctx, x, act, p0, p1, bits, keep, borders, levels):
+        ctx.act, ctx.p0, ctx.p1, ctx.bits, ctx.keep, ctx.levels = act, p0, p1, bits, keep, levels
+        if keep == Keep.INPUT:
             ctx.save_for_backward(x)
             return activation_value(x, act, p0, p1)
         y, saved = activation_forward(x, act, p0, p1, bits, borders)
@@ -240,7 +242,7 @@ class _Activation(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         (kept,) = ctx.saved_tensors
-        if ctx.keep_input:
+        if ctx.keep == Keep.INPUT:
             grad_in = activation_backward_from_input(grad_out, kept, ctx.act, ctx.p0, ctx.p1)
         elif ctx.act == Activation.LEAKY_RELU and grad_out.dtype == torch.float64:
             # the slope at full precision: a float32 level would round it
@@ -251,11 +253,32 @@ class _Activation(torch.autograd.Function):
         return grad_in, None, None, None, None, None, None, None
 
 
-def activation(x, act, p0, p1, bits, keep_input, borders, levels):
-    """Reference of ``memkernels::activation``: f(x); backward keeps activation_forward's saved
-    (f'(x) or the packed code) or, with keep_input, x; float64 LeakyReLU multiplies by its slope
-    at full precision."""
-    return _Activation.apply(x, act, p0, p1, bits, keep_input, borders, levels)
+class _TorchBackward(torch.autograd.Function):
+    """Keep.TORCH: y or x kept (TORCH_BACKWARD), backward torch's op; with create_graph=True the kept
+    y comes back with its grad_fn, so that op differentiates again."""
+
+    @staticmethod
+    def forward(ctx, x, act):
+        y = activation_value(x, act)
+        keeps_output, ctx.torch_backward = TORCH_BACKWARD[act]
+        ctx.save_for_backward(y if keeps_output else x)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (kept,) = ctx.saved_tensors
+        return ctx.torch_backward(grad_out, kept), None
+
+
+def activation(x, act, p0, p1, bits, keep, borders, levels):
+    """Reference of ``memkernels::activation``: f(x); backward keeps what `keep` (Keep) says:
+    activation_forward's saved (f'(x) or the packed code), x, or torch's (y or x, backward torch's
+    op). Float64 LeakyReLU multiplies by its slope at full precision."""
+    if keep == Keep.TORCH:
+        if act not in TORCH_BACKWARD:
+            raise RuntimeError(f"keep = 2 (torch's backward) serves Sigmoid, Tanh and Hardswish, got activation id {act}")
+        return _TorchBackward.apply(x, act)
+    return _Activation.apply(x, act, p0, p1, bits, keep, borders, levels)
 
 
 class _Gated(torch.autograd.Function):

@@ -434,8 +434,7 @@ def test_exact_keeps_what_torch_keeps(act, dtype, device):
     base = (torch.randn(1023, 3, generator=torch.Generator().manual_seed(3)) * 4).to(dtype).to(device)
     x = base[:, 1].requires_grad_()
     g = torch.randn(x.shape, device=device).to(dtype)
-    y = fn(x)
-    (kept,) = y.grad_fn.saved_tensors
+    y, (kept,) = kept_tensors(fn, x)
     if keeps_output:
         assert kept.data_ptr() == y.data_ptr()
     else:
@@ -559,6 +558,7 @@ def test_reference_autograd_without_extension(bits, monkeypatch):
     g = torch.randn(1023, 3, dtype=torch.float64)
     cases = [(lambda t: mk.functional.gelu(t, bits=bits), (x,)), (lambda t: mk.functional.silu(t, bits=bits), (x,)),
              (lambda t: mk.functional.leaky_relu(t, 0.1, bits=bits), (x,)),  # float64: the exact slope
+             (lambda t: mk.functional.tanh(t, bits=bits), (x,)),  # exact: keeps y, torch's backward
              (lambda t, u: mk.functional.swiglu(t, u, bits=bits), (x, b))]
     with_kernels = [run(fn, *inputs) for fn, inputs in cases]
     monkeypatch.setattr(ops, "_C", None)

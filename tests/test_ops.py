@@ -45,9 +45,11 @@ def op_samples(device):
         ("gated_backward", (one, x, g, int(A.GELU), 0, None, None)),
         ("gated_backward", (one, gcode, g, int(A.SILU), 3, levels, values)),
         # the differentiable ops (autograd in csrc/autograd.cpp): opcheck's gradients too
-        ("activation", (xr, int(A.GELU), 0.0, 0.0, 3, False, borders, levels)),
-        ("activation", (xr.t(), int(A.SOFTPLUS), 2.0, 3.0, 0, False, None, None)),
-        ("activation", (xr, int(A.SILU), 0.0, 0.0, 0, True, None, None)),
+        ("activation", (xr, int(A.GELU), 0.0, 0.0, 3, 0, borders, levels)),
+        ("activation", (xr.t(), int(A.SOFTPLUS), 2.0, 3.0, 0, 0, None, None)),
+        ("activation", (xr, int(A.SILU), 0.0, 0.0, 0, 1, None, None)),
+        ("activation", (xr, int(A.SIGMOID), 0.0, 0.0, 0, 2, None, None)),
+        ("activation", (xr, int(A.HARDSWISH), 0.0, 0.0, 0, 2, None, None)),
         ("gated", (xr, gr, int(A.SILU), 3, True, borders, levels, values)),
         ("gated", (xr, gr, int(A.GELU), 0, False, None, None, None)),
         ("pack_bits", (torch.randint(0, 8, (37,), dtype=torch.uint8, device=device), 3)),
@@ -175,6 +177,14 @@ def test_ops_called_directly_have_no_derivative(device):
     e = torch.randn(4, 8, device=device, requires_grad=True)
     with pytest.raises(RuntimeError, match="memkernels::feedback_project"):
         ops.feedback_project(e, 0, 0, 3, 0.1).sum().backward()
+
+
+def test_activation_refuses_what_it_cannot_keep(device):
+    x = torch.randn(4, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"keep must be 0 \(f'\(x\) or its code\), 1 \(x\) or 2 .*got 3"):
+        torch.ops.memkernels.activation(x, int(A.GELU), 0.0, 0.0, 0, 3, None, None)
+    with pytest.raises(RuntimeError, match="serves Sigmoid, Tanh and Hardswish, got activation id 2"):
+        torch.ops.memkernels.activation(x, int(A.GELU), 0.0, 0.0, 0, 2, None, None)
 
 
 def test_fake_kernels_check_arguments():

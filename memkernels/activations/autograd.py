@@ -5,7 +5,7 @@ and Hardsigmoid, whose f' takes two values, keep one exact bit whatever bits is.
 
 The autograd nodes are C++ (csrc/autograd.cpp, the ops memkernels::activation and
 memkernels::gated): a Python autograd.Function costs about as much host time as torch's whole
-forward and backward of a small activation. They keep the derivative, the code or x as saved
+forward and backward of a small activation. They keep the derivative, the code, x or y as saved
 tensors and the tables (levels) aside: shared constants of a few hundred bytes, not per-call
 activations, so the bytes that autograd keeps per call are exactly the activation's.
 
@@ -24,7 +24,7 @@ import math
 import torch
 
 from memkernels import ops
-from memkernels.activations.spec import TWO_VALUED, Activation, check_bits
+from memkernels.activations.spec import TORCH_BACKWARD, TWO_VALUED, Activation, Keep, check_bits
 
 _device_tables: dict = {}
 
@@ -114,35 +114,6 @@ def _inverse(order):
     return inverse
 
 
-# Exact mode of the activations whose f' costs less to recompute than to write: they keep what
-# torch keeps, the output (Sigmoid: f' = y (1 - y), Tanh: 1 - y^2) or the input (Hardswish), the
-# same bytes as f'(x), so forward writes y alone; backward is torch's own.
-# Maps the activation to (keeps the output, torch's backward op).
-TORCH_BACKWARD = {
-    Activation.SIGMOID: (True, torch.ops.aten.sigmoid_backward),
-    Activation.TANH: (True, torch.ops.aten.tanh_backward),
-    Activation.HARDSWISH: (False, torch.ops.aten.hardswish_backward),
-}
-
-
-class _TorchBackwardFunction(torch.autograd.Function):
-    """bits=None for the activations of TORCH_BACKWARD: y or x kept, backward bit for bit torch's.
-    x must be contiguous (a strided x would keep its whole base alive). With create_graph=True the
-    kept x or y come back with their grad_fn, so torch's backward op differentiates again."""
-
-    @staticmethod
-    def forward(ctx, x, act):
-        y = ops.activation_value(x, act, 0.0, 0.0)
-        keeps_output, ctx.torch_backward = TORCH_BACKWARD[act]
-        ctx.save_for_backward(y if keeps_output else x)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (kept,) = ctx.saved_tensors
-        return ctx.torch_backward(grad_out, kept), None
-
-
 # Exact modes that keep x, the bytes of f'(x), and compute f'(x) from it in backward
 # (activation_backward_from_input, with the forward's own f': torch's silu_backward, say, gives
 # NaN at +-inf). Forward then writes y alone: an fp32 element moves 8 + 12 bytes forward and back,
@@ -185,17 +156,16 @@ def activation(x: torch.Tensor, act: Activation, p0: float = 0.0, p1: float = 0.
         x = x.permute(order)
     if not needs_grad(x):
         y = ops.activation_value(x, int(act), p0, p1)
-    elif kernel_bits == 0 and act in TORCH_BACKWARD:
-        # The copy of a strided x outside the Function: autograd records it, for a second backward.
-        y = _TorchBackwardFunction.apply(x.contiguous(), int(act))
-    elif kernel_bits == 0 and keeps_input(act, x):
-        # x must be contiguous: a strided x would keep its whole base alive.
-        y = ops.activation(x.contiguous(), int(act), p0, p1, 0, True, None, None)
+    elif kernel_bits == 0 and (act in TORCH_BACKWARD or keeps_input(act, x)):
+        # x must be contiguous: a strided x would keep its whole base alive. Its copy is made here,
+        # where autograd records it (for the second backward of TORCH_BACKWARD's).
+        keep = Keep.TORCH if act in TORCH_BACKWARD else Keep.INPUT
+        y = ops.activation(x.contiguous(), int(act), p0, p1, 0, int(keep), None, None)
     else:
         borders = levels = None
         if kernel_bits:
             borders, levels, _ = device_table(int(act), kernel_bits, p0, p1, x.device)
-        y = ops.activation(x, int(act), p0, p1, kernel_bits, False, borders, levels)
+        y = ops.activation(x, int(act), p0, p1, kernel_bits, int(Keep.DERIVATIVE), borders, levels)
     return y if order is None else y.permute(_inverse(order))
 
 

@@ -48,6 +48,24 @@ TWO_VALUED = (Activation.RELU, Activation.LEAKY_RELU, Activation.HARDSIGMOID)
 # (and at +-3 and NaN), which one border, -3, on -|x| codes exactly in one bit.
 CODES_NEGATED_MAGNITUDE = (Activation.HARDSIGMOID,)
 
+# Exact mode of the activations whose f' costs less to recompute than to write: they keep what
+# torch keeps, the output (Sigmoid: f' = y (1 - y), Tanh: 1 - y^2) or the input (Hardswish), the
+# same bytes as f'(x), so forward writes y alone; backward is torch's own, twice differentiable.
+# Maps the activation to (keeps the output, torch's backward op); csrc/autograd.cpp calls the same.
+TORCH_BACKWARD = {
+    Activation.SIGMOID: (True, torch.ops.aten.sigmoid_backward),
+    Activation.TANH: (True, torch.ops.aten.tanh_backward),
+    Activation.HARDSWISH: (False, torch.ops.aten.hardswish_backward),
+}
+
+
+class Keep(enum.IntEnum):
+    """What the op memkernels::activation keeps for backward (its `keep` argument)."""
+    DERIVATIVE = 0  # activation_forward's saved: f'(x), or its packed code with bits > 0
+    INPUT = 1  # x; backward computes f'(x) from it (activation_backward_from_input)
+    TORCH = 2  # what torch keeps (TORCH_BACKWARD); backward is torch's op
+
+
 # The activations that may gate a GLU: y = f(a) * b.
 GATES = (Activation.SILU, Activation.GELU, Activation.GELU_TANH)
 

@@ -90,11 +90,12 @@ def gated_backward(grad_out: torch.Tensor, saved_a: torch.Tensor, b: torch.Tenso
     return _op("gated_backward")(grad_out, saved_a, b, activation, bits, levels, value_levels)
 
 
-def activation(x: torch.Tensor, activation: int, p0: float, p1: float, bits: int, keep_input: bool,
+def activation(x: torch.Tensor, activation: int, p0: float, p1: float, bits: int, keep: int,
                borders: torch.Tensor | None, levels: torch.Tensor | None) -> torch.Tensor:
-    """f(x), differentiable: backward keeps activation_forward's saved (f'(x) in x's dtype, or the
-    packed code with bits > 0, whose f' is levels[code]) or, with keep_input, x itself."""
-    return _op("activation")(x, activation, p0, p1, bits, keep_input, borders, levels)
+    """f(x), differentiable; backward keeps (keep: memkernels.activations.spec.Keep)
+    activation_forward's saved (f'(x) in x's dtype, or the packed code with bits > 0, whose f' is
+    levels[code]), x itself, or what torch keeps (Sigmoid, Tanh: y; Hardswish: x)."""
+    return _op("activation")(x, activation, p0, p1, bits, keep, borders, levels)
 
 
 def gated(a: torch.Tensor, b: torch.Tensor, activation: int, bits: int, copy_b: bool,
