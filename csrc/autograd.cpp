@@ -1,7 +1,7 @@
 // Autograd of the differentiable ops memkernels::activation and memkernels::gated (schemas in
 // ops.cpp, reference in memkernels/reference.py): C++ nodes around the kernel ops, so that a
-// forward and backward run no Python beyond the call itself (a Python autograd.Function costs
-// about as much host time as torch's whole GELU forward and backward). The kernels are reached
+// forward and backward run no Python beyond the call itself (a Python autograd.Function adds host
+// time to every call, and on CUDA runs Python on autograd's device thread). The kernels are reached
 // through the dispatcher: CPU, CUDA (Triton or CUDA C++) and fake kernels alike.
 //
 // What backward keeps is exactly what the kernel ops return for it (f'(x), its packed code) or x or

@@ -4,8 +4,8 @@ x where recomputing f'(x) costs less than writing and reading it (keeps_input). 
 and Hardsigmoid, whose f' takes two values, keep one exact bit whatever bits is.
 
 The autograd nodes are C++ (csrc/autograd.cpp, the ops memkernels::activation and
-memkernels::gated): a Python autograd.Function costs about as much host time as torch's whole
-forward and backward of a small activation. They keep the derivative, the code, x or y as saved
+memkernels::gated): a Python autograd.Function adds host time to every call, and on CUDA runs
+Python on autograd's device thread in backward. They keep the derivative, the code, x or y as saved
 tensors and the tables (levels) aside: shared constants of a few hundred bytes, not per-call
 activations, so the bytes that autograd keeps per call are exactly the activation's.
 
