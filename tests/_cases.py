@@ -55,14 +55,8 @@ def kept_tensors(fn, *args):
 def kept_beyond(fn, *args):
     """Bytes of the storages that fn(*args) keeps for backward other than its arguments' and its
     output's: what it allocates to keep (f'(x), a code, a copy)."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn(*args)
+    y, kept = kept_tensors(fn, *args)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
     for t in (*args, y):
         storages.pop(t.untyped_storage().data_ptr(), None)
     return sum(storages.values())

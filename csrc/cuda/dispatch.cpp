@@ -146,13 +146,14 @@ void set_cuda_cpp_defaults(const std::vector<std::string>& ops, const std::vecto
   for (const std::string& op : ops) {
     chosen[op_named(op)] = true;
   }
+  std::array<bool, kNumActivations> covered{};
   for (int64_t activation : activations) {
     TORCH_CHECK_VALUE(activation >= 0 && activation < kNumActivations, "activation ids must be in [0, ",
                       kNumActivations, "), got ", activation);
+    covered[activation] = true;
   }
   for (int64_t activation = 0; activation < kNumActivations; ++activation) {
-    const bool covered = std::find(activations.begin(), activations.end(), activation) != activations.end();
-    cuda_cpp_covers[activation].store(covered);
+    cuda_cpp_covers[activation].store(covered[activation]);
   }
   for (int op = 0; op < kNumOps; ++op) {
     cuda_cpp_default[op].store(chosen[op]);
