@@ -4,7 +4,8 @@ import torch
 
 import memkernels as mk
 from memkernels import ops, reference
-from memkernels.activations.autograd import TORCH_BACKWARD, device_table, effective_bits, keeps_input
+from memkernels.activations.autograd import (FRESH_PAGES_BYTES, TORCH_BACKWARD, device_table, effective_bits,
+                                            keeps_input)
 from memkernels.activations.spec import TWO_VALUED, Activation as A, packed_nbytes
 from memkernels.activations.tables import get_table
 
@@ -420,6 +421,33 @@ def test_exact_keeps_derivative_or_input(case, dtype, device):
         else:
             torch.testing.assert_close(x.grad, from_derivative)
         torch.testing.assert_close(x.grad, torch_grad(tfn, kwargs, x, g)[1])
+
+
+FRESH_PAGE_CASES = [(A.GELU, {}, torch.bfloat16), (A.GELU_TANH, {"approximate": "tanh"}, torch.float16),
+                    (A.MISH, {}, torch.float32)]
+
+
+@pytest.mark.parametrize("act,kwargs,dtype", FRESH_PAGE_CASES, ids=[c[0].name for c in FRESH_PAGE_CASES])
+def test_exact_keeps_input_from_fresh_page_sizes(act, kwargs, dtype):
+    """On the CPU, activations that keep f'(x) below 32 MB keep x from 32 MB on (f'(x) would be one
+    more output of fresh pages); the gradient is the one f'(x) gives (in 16-bit floats f' is then
+    not rounded to x's dtype before it multiplies)."""
+    fn = lambda t: getattr(mk.functional, act.name.lower().removesuffix("_tanh"))(t, **kwargs)  # noqa: E731
+    small = torch.randn(1023, dtype=dtype)
+    assert not keeps_input(act, small)
+    x = torch.randn(FRESH_PAGES_BYTES // small.element_size(), generator=torch.Generator().manual_seed(5))
+    x = x.to(dtype).requires_grad_()
+    assert keeps_input(act, x) and not keeps_input(act, x.detach()[1:])
+    y, (kept,) = kept_tensors(fn, x)
+    assert kept.data_ptr() == x.data_ptr()
+    g = torch.randn(x.shape, dtype=dtype)
+    y.backward(g)
+    derivative = ops.activation_forward(x.detach(), int(act), 0.0, 0.0, 0, None)[1]
+    from_derivative = ops.activation_backward(g, derivative, 0, None)
+    if dtype == torch.float32:
+        assert torch.equal(x.grad, from_derivative)
+    else:
+        torch.testing.assert_close(x.grad, from_derivative)
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)

@@ -4,7 +4,6 @@
 // activation_kernels_impl.h.
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
-#include <sys/mman.h>
 #include <torch/library.h>
 
 #include <strings.h>
@@ -101,29 +100,11 @@ at::Tensor check_saved(const at::Tensor& saved, const char* name, int64_t bits, 
   return check_codes(saved, name, grad_out.numel(), bits, grad_out);
 }
 
-// A contiguous output shaped like `like`. glibc serves blocks of 32 MB and more with fresh pages
-// from mmap, and first touching them faults every 4 KB page, which costs more than the kernel
-// (DESIGN.md, Measuring); asking for transparent huge pages, where the system grants them on
-// request, faults every 2 MB instead, as torch's own allocator does under THP_MEM_ALLOC_ENABLE=1.
-// Smaller blocks are reused heap memory, already faulted in: left alone. The advice is a hint:
-// where it is refused nothing changes.
-at::Tensor empty_output(const at::Tensor& like) {
-  at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
-#ifdef MADV_HUGEPAGE
-  constexpr size_t kFreshPagesFrom = size_t{32} << 20;  // glibc's largest mmap threshold
-  if (out.nbytes() < kFreshPagesFrom) {
-    return out;
-  }
-  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
-  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + out.nbytes()) & ~(kHugePage - 1);
-  if (last > first) {
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
-}
+// A contiguous output shaped like `like`, from torch's CPU allocator under its own page policy:
+// THP_MEM_ALLOC_ENABLE=1 (torch's switch) gives torch's outputs and these transparent huge pages
+// alike. Not asked for here alone: that timed 2 MB page faults against torch's 4 KB ones, and on a
+// virtual machine huge pages fault in 3-4x slower on some calls than on others.
+at::Tensor empty_output(const at::Tensor& like) { return at::empty_like(like, at::MemoryFormat::Contiguous); }
 
 at::Tensor empty_codes(int64_t numel, int64_t bits, const at::Tensor& like) {
   return at::empty({packed_nbytes(numel, bits)}, like.options().dtype(at::kByte));

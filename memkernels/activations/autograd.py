@@ -125,12 +125,17 @@ def _inverse(order):
 KEEPS_INPUT_ON_CPU = frozenset({Activation.SILU, Activation.SOFTPLUS, Activation.ELU, Activation.SELU,
                                 Activation.CELU})
 KEEPS_FLOAT32_INPUT_ON_CPU = frozenset({Activation.GELU, Activation.GELU_TANH})
+# From this size on, every activation keeps x on the CPU too: glibc maps blocks of 32 MB and more
+# fresh (its largest mmap threshold), so f'(x) would be one more output whose first touch faults
+# in every page, and those faults cost more than recomputing f' (erf, tanh, Mish's exp and log1p).
+FRESH_PAGES_BYTES = 32 << 20
 
 
 def keeps_input(act: int, x: torch.Tensor) -> bool:
     """Whether the exact mode of `act` (one not in TORCH_BACKWARD or TWO_VALUED) keeps x, not f'(x)."""
     return (x.is_cuda or act in KEEPS_INPUT_ON_CPU
-            or (x.dtype == torch.float32 and act in KEEPS_FLOAT32_INPUT_ON_CPU))
+            or (x.dtype == torch.float32 and act in KEEPS_FLOAT32_INPUT_ON_CPU)
+            or x.numel() * x.element_size() >= FRESH_PAGES_BYTES)
 
 
 def check_floating_input(name: str, t) -> None:
