@@ -280,6 +280,25 @@ def test_reference_and_native_solvers_agree_at_the_least_budget_and_with_few_buc
 
 
 @pytest.mark.parametrize("method", ["dp-approx", "chain"])
+def test_native_solvers_keep_segments_that_free_a_large_input(method):
+    """A kept segment frees the boundary bytes that only it reads, so its peak can lie below its
+    internal and saved bytes by up to the boundary: the native solvers' pruning must not subtract the
+    boundary (it did, and skipped keeping nodes 1-3 after recomputing node 0, whose 512-byte
+    output only node 1 reads)."""
+    nodes = [ck.Node(name=f"n{v}", time=t, output_bytes=out, kept_bytes=kept, saved_by=saved,
+                     forward_peak=out, backward_peak=8, grad_bytes=8, is_output=v == 3)
+             for v, (t, out, kept, saved) in enumerate([(0.5, 512, 0, (0,)), (1.0, 16, 64, ()),
+                                                         (1.0, 8, 64, ()), (1.0, 16, 0, ())])]
+    graph = ck.Graph(nodes, [(0, 1), (1, 2), (2, 3)], checkpoint_bytes=8)
+    arrays = graph.arrays()
+    best = [((0,), True), ((1, 2, 3), False)]
+    assert evaluate(graph, best, arrays) == (552, 0.5)
+    for buckets in (7, ck.solvers.DEFAULT_BUCKETS):
+        assert reference.solve(method, arrays, 648, buckets)[1] == best
+        assert ck.solvers._dp_native(method, arrays, 648, buckets, 10**6) == best
+
+
+@pytest.mark.parametrize("method", ["dp-approx", "chain"])
 def test_least_budget_with_one_bucket_ends(method):
     """buckets=1 rounds every held byte count up to the whole budget: no schedule of this graph fits
     any budget (its outputs take bytes, every segment holds some), and least_budget used to double

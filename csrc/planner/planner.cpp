@@ -230,6 +230,11 @@ class Planner {
       }
     };
 
+    // Pruning: S's last backward step holds its internal bytes and the storages its nodes make and
+    // save, internal + held. A recomputed S has the boundary of its lower set L on top of that; a
+    // kept S frees the boundary bytes only it reads and none of its nodes saves (dropped), so only
+    // boundary(L) + peak(S) >= internal + held holds for both. So S cannot fit when internal + held
+    // passes the budget less the cheapest kept bytes of L (room), nor can any larger segment.
     if (contiguous) {
       // Family i = the first i nodes; segment stats grow node by node (the generic ones restricted
       // to intervals, where a node's output is alive at v iff v <= its last use, or it is held).
@@ -250,7 +255,7 @@ class Planner {
         for (int k = 0; k < width && first < 0; ++k)
           if (best[static_cast<size_t>(i) * width + k] < kInf) first = k;
         if (first < 0) continue;
-        const int64_t room = budget - boundaries[i] - first * unit;
+        const int64_t room = budget - first * unit;  // see Pruning
         SegmentStats s;
         s.checkpoint = p_.checkpoint_bytes;
         int64_t live = 0, internal = 0, held = 0, external = 0, outputs = 0, backward = 0;
@@ -276,7 +281,7 @@ class Planner {
           if (p_.is_output[v]) outputs += p_.storage_bytes[v];
           for (int u : last_read_at[v])
             if (u < i && saved_for[u] != i) dropped += p_.storage_bytes[u];
-          // peak >= internal + held (the last backward step), and both only grow with v.
+          // internal + held only grow with v (Pruning).
           if (internal + held > room) break;
           backward = std::max(backward, internal + held + p_.backward_peak[v] + p_.pending_grads[v]);
           s.later_outputs = outputs_after[v + 1];
@@ -290,9 +295,8 @@ class Planner {
         }
       }
     } else {
-      // peak(S) >= the internal bytes of S and its self-saved outputs (its last backward step
-      // holds them), so a segment whose bound does not fit above the cheapest state of `from` is
-      // skipped unexamined.
+      // kept_in[to] - kept_in[from] <= internal + held of S (Pruning): a segment whose bound does
+      // not fit above the cheapest state of `from` is skipped unexamined.
       std::vector<int64_t> kept_in(f, 0);
       for (int i = 0; i < f; ++i)
         for (int v : members(family[i], n_)) kept_in[i] += least_kept_[v];
@@ -301,7 +305,7 @@ class Planner {
         for (int k = 0; k < width && first < 0; ++k)
           if (best[static_cast<size_t>(from) * width + k] < kInf) first = k;
         if (first < 0) continue;
-        const int64_t room = budget - boundaries[from] - first * unit;
+        const int64_t room = budget - first * unit;  // see Pruning
         for (int to = from + 1; to < f; ++to) {
           if (kept_in[to] - kept_in[from] > room || !strict_subset(family[from], family[to])) continue;
           relax(from, to, segment(difference(family[to], family[from]), family[from], family[to]));
