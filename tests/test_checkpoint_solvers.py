@@ -118,6 +118,23 @@ def test_chain_methods_on_a_longer_chain():
         assert solution.extra_time <= sqrt.extra_time + 1e-9
 
 
+def test_native_dp_equals_reference_on_a_longer_chain():
+    """On a 60-node chain, long enough that the candidate lists of the native "dp" are pruned while
+    they fill (its fronts come from the smaller lower sets one at a time), its schedule is the
+    reference's, at the sqrt budget and at the least one."""
+    rng = random.Random(0)
+    n = 60
+    nodes = [ck.Node(f"n{v}", rng.uniform(1, 10), rng.choice([1, 2, 4]) * 64, kept_bytes=rng.choice([0, 64]),
+                     saved_by=rng.choice([(), (v,), (v + 1,)]) if v + 1 < n else (), is_output=v == n - 1)
+             for v in range(n)]
+    graph = ck.Graph(nodes, [(v - 1, v) for v in range(1, n)])
+    arrays = graph.arrays()
+    for budget in (ck.solve(graph, None, "sqrt").predicted_peak, ck.least_budget(graph, "dp")):
+        expected = reference.solve("dp", arrays, budget, ck.solvers.DEFAULT_BUCKETS)
+        native = ck.solvers._dp_native("dp", arrays, budget, ck.solvers.DEFAULT_BUCKETS, 10**6)
+        assert native == [(tuple(s), r) for s, r in expected[1]]
+
+
 @pytest.mark.parametrize("text,expected", [("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1.5kB", 1500),
                                            ("3 gib", 3 * 2**30), (" 100 ", 100), ("1e3B", 1000), (7, 7),
                                            (2e9, 2 * 10**9), (10**30, 10**30)])

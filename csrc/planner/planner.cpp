@@ -196,9 +196,124 @@ class Planner {
     return s;
   }
 
+  // The segments S = family[to] \ family[from] of a family of lower sets (ascending by size, {}
+  // first) that may fit, with their stats.
+  // Pruning: S's last backward step holds its internal bytes and the storages its nodes make and
+  // save, internal + held. A recomputed S has the boundary of its lower set L on top of that; a kept
+  // S frees the boundary bytes only it reads and none of its nodes saves (dropped), so only
+  // boundary(L) + peak(S) >= internal + held holds for both: S cannot fit when internal + held
+  // passes `room`, the budget less the cheapest kept bytes at L, nor can any larger segment.
+  class Segments {
+   public:
+    Segments(const Planner& planner, const std::vector<Bits>& family)
+        : pl_(planner), family_(family), prefixes_(is_prefixes(planner, family)) {
+      const int n = pl_.n_;
+      const Problem& p = pl_.p_;
+      if (!prefixes_) {
+        kept_in_.assign(family.size(), 0);
+        for (size_t i = 0; i < family.size(); ++i)
+          for (int v : members(family[i], n)) kept_in_[i] += pl_.least_kept_[v];
+        return;
+      }
+      expiring_.resize(n + 1);
+      for (int u = 0; u < n; ++u)
+        if (pl_.last_use_[u] != kNever && pl_.last_use_[u] + 1 <= n && pl_.last_use_[u] + 1 > u + 1)
+          expiring_[pl_.last_use_[u] + 1].push_back(u);
+      last_read_at_.resize(n);
+      for (int u = 0; u < n; ++u)
+        if (pl_.last_use_[u] != kNever && pl_.last_use_[u] > u) last_read_at_[pl_.last_use_[u]].push_back(u);
+      outputs_after_.assign(n + 1, 0);
+      for (int v = n - 1; v >= 0; --v)
+        outputs_after_[v] = outputs_after_[v + 1] + (p.is_output[v] ? p.storage_bytes[v] : 0);
+      counted_for_.assign(n, -1);
+      saved_for_.assign(n, -1);
+    }
+
+    // visit(to, stats) for every to > from (ascending) whose set contains family[from] and whose
+    // segment may fit `room` (Pruning). Once per `from`: the scratch marks are per start.
+    template <typename Visit>
+    void for_each_from(int from, int64_t room, Visit&& visit) const {
+      if (prefixes_) {
+        intervals_from(from, room, visit);
+        return;
+      }
+      // kept_in[to] - kept_in[from] <= internal + held of S: a segment whose bound does not fit
+      // is skipped unexamined.
+      for (int to = from + 1; to < static_cast<int>(family_.size()); ++to) {
+        if (kept_in_[to] - kept_in_[from] > room || !strict_subset(family_[from], family_[to])) continue;
+        visit(to, pl_.segment(difference(family_[to], family_[from]), family_[from], family_[to]));
+      }
+    }
+
+   private:
+    // Whether family i is the first i nodes, for every i (the lower sets of a total order).
+    static bool is_prefixes(const Planner& planner, const std::vector<Bits>& family) {
+      if (static_cast<int>(family.size()) != planner.n_ + 1) return false;
+      Bits prefix = planner.empty();
+      for (int i = 0; i <= planner.n_; ++i) {
+        if (family[i] != prefix) return false;
+        if (i < planner.n_) insert(prefix, i);
+      }
+      return true;
+    }
+
+    // The segments [i, v] = family[v + 1] \ family[i] of prefixes: segment()'s stats restricted
+    // to intervals, where a node's output is alive at v iff v <= its last use (or it is held),
+    // grown node by node.
+    template <typename Visit>
+    void intervals_from(int i, int64_t room, Visit& visit) const {
+      const Problem& p = pl_.p_;
+      SegmentStats s;
+      s.checkpoint = p.checkpoint_bytes;
+      int64_t live = 0, internal = 0, held = 0, external = 0, outputs = 0, backward = 0;
+      int64_t dead = 0, dropped = 0;  // inputs read only up to here and not saved (kept case)
+      for (int v = i; v < pl_.n_; ++v) {
+        for (int o : p.reads[v])
+          if (o < i && counted_for_[o] != i) {
+            counted_for_[o] = i;
+            s.inputs += p.storage_bytes[o];
+          }
+        for (int u : expiring_[v]) {
+          if (u >= i && saved_for_[u] != i) live -= p.storage_bytes[u];
+          if (u < i && v > i && saved_for_[u] != i) dead += p.storage_bytes[u];
+        }
+        s.max_forward = std::max(s.max_forward, internal + live + p.forward_peak[v]);
+        s.max_forward_kept = std::max(s.max_forward_kept, internal + live + p.forward_peak[v] - dead);
+        internal += p.internal[v];
+        for (int o : p.saves[v])
+          if (saved_for_[o] != i) {
+            saved_for_[o] = i;
+            if (!p.is_output[o]) (o >= i ? held : external) += p.storage_bytes[o];
+          }
+        if (p.is_output[v]) outputs += p.storage_bytes[v];
+        for (int u : last_read_at_[v])
+          if (u < i && saved_for_[u] != i) dropped += p.storage_bytes[u];
+        if (internal + held > room) break;  // both only grow with v
+        backward = std::max(backward, internal + held + p.backward_peak[v] + p.pending_grads[v]);
+        s.later_outputs = outputs_after_[v + 1];
+        s.max_backward = backward + outputs + s.later_outputs;
+        s.max_backward_kept = s.max_backward - dropped;
+        s.kept = internal + held + external;
+        s.time += p.time[v];
+        s.top_grads = p.pending_grads[v];
+        if (pl_.last_use_[v] > v || saved_for_[v] == i) live += p.storage_bytes[v];
+        visit(v + 1, s);
+      }
+    }
+
+    const Planner& pl_;
+    const std::vector<Bits>& family_;
+    const bool prefixes_;
+    std::vector<int64_t> kept_in_;  // other families: the least kept bytes of family i's nodes
+    std::vector<std::vector<int>> expiring_;      // prefixes: outputs last read by v - 1
+    std::vector<std::vector<int>> last_read_at_;  // prefixes: storages whose last reader is v
+    std::vector<int64_t> outputs_after_;          // prefixes: bytes of the graph outputs >= v
+    mutable std::vector<int> counted_for_;  // counted_for_[o] == i: o is in the inputs of [i, ..]
+    mutable std::vector<int> saved_for_;    // saved_for_[o] == i: o is in the kept bytes of [i, ..]
+  };
+
   // Bucketed DP over a family of lower sets (ascending by size, {} first, V last).
-  std::optional<Solution> bucketed(const std::vector<Bits>& family, int64_t budget, int buckets,
-                                   bool contiguous) const {
+  std::optional<Solution> bucketed(const std::vector<Bits>& family, int64_t budget, int buckets) const {
     const int f = static_cast<int>(family.size());
     const int64_t unit = std::max<int64_t>(1, (budget + buckets - 1) / buckets);
     const int64_t top = budget / unit;  // largest bucket whose bytes fit
@@ -230,87 +345,13 @@ class Planner {
       }
     };
 
-    // Pruning: S's last backward step holds its internal bytes and the storages its nodes make and
-    // save, internal + held. A recomputed S has the boundary of its lower set L on top of that; a
-    // kept S frees the boundary bytes only it reads and none of its nodes saves (dropped), so only
-    // boundary(L) + peak(S) >= internal + held holds for both. So S cannot fit when internal + held
-    // passes the budget less the cheapest kept bytes of L (room), nor can any larger segment.
-    if (contiguous) {
-      // Family i = the first i nodes; segment stats grow node by node (the generic ones restricted
-      // to intervals, where a node's output is alive at v iff v <= its last use, or it is held).
-      std::vector<std::vector<int>> expiring(n_ + 1);
-      for (int u = 0; u < n_; ++u)
-        if (last_use_[u] != kNever && last_use_[u] + 1 <= n_ && last_use_[u] + 1 > u + 1)
-          expiring[last_use_[u] + 1].push_back(u);
-      std::vector<int> counted_for(n_, -1);  // counted_for[o] == i: o is in s.inputs
-      std::vector<int> saved_for(n_, -1);    // saved_for[o] == i: o is in s.kept
-      std::vector<std::vector<int>> last_read_at(n_);  // storages whose last reader is v
-      for (int u = 0; u < n_; ++u)
-        if (last_use_[u] != kNever && last_use_[u] > u) last_read_at[last_use_[u]].push_back(u);
-      std::vector<int64_t> outputs_after(n_ + 1, 0);  // bytes of the graph outputs >= v
-      for (int v = n_ - 1; v >= 0; --v)
-        outputs_after[v] = outputs_after[v + 1] + (p_.is_output[v] ? p_.storage_bytes[v] : 0);
-      for (int i = 0; i < n_; ++i) {
-        int first = -1;
-        for (int k = 0; k < width && first < 0; ++k)
-          if (best[static_cast<size_t>(i) * width + k] < kInf) first = k;
-        if (first < 0) continue;
-        const int64_t room = budget - first * unit;  // see Pruning
-        SegmentStats s;
-        s.checkpoint = p_.checkpoint_bytes;
-        int64_t live = 0, internal = 0, held = 0, external = 0, outputs = 0, backward = 0;
-        int64_t dead = 0, dropped = 0;  // inputs read only up to here and not saved (kept case)
-        for (int v = i; v < n_; ++v) {
-          for (int o : p_.reads[v])
-            if (o < i && counted_for[o] != i) {
-              counted_for[o] = i;
-              s.inputs += p_.storage_bytes[o];
-            }
-          for (int u : expiring[v]) {
-            if (u >= i && saved_for[u] != i) live -= p_.storage_bytes[u];
-            if (u < i && v > i && saved_for[u] != i) dead += p_.storage_bytes[u];
-          }
-          s.max_forward = std::max(s.max_forward, internal + live + p_.forward_peak[v]);
-          s.max_forward_kept = std::max(s.max_forward_kept, internal + live + p_.forward_peak[v] - dead);
-          internal += p_.internal[v];
-          for (int o : p_.saves[v])
-            if (saved_for[o] != i) {
-              saved_for[o] = i;
-              if (!p_.is_output[o]) (o >= i ? held : external) += p_.storage_bytes[o];
-            }
-          if (p_.is_output[v]) outputs += p_.storage_bytes[v];
-          for (int u : last_read_at[v])
-            if (u < i && saved_for[u] != i) dropped += p_.storage_bytes[u];
-          // internal + held only grow with v (Pruning).
-          if (internal + held > room) break;
-          backward = std::max(backward, internal + held + p_.backward_peak[v] + p_.pending_grads[v]);
-          s.later_outputs = outputs_after[v + 1];
-          s.max_backward = backward + outputs + s.later_outputs;
-          s.max_backward_kept = s.max_backward - dropped;
-          s.kept = internal + held + external;
-          s.time += p_.time[v];
-          s.top_grads = p_.pending_grads[v];
-          if (last_use_[v] > v || saved_for[v] == i) live += p_.storage_bytes[v];
-          relax(i, v + 1, s);
-        }
-      }
-    } else {
-      // kept_in[to] - kept_in[from] <= internal + held of S (Pruning): a segment whose bound does
-      // not fit above the cheapest state of `from` is skipped unexamined.
-      std::vector<int64_t> kept_in(f, 0);
-      for (int i = 0; i < f; ++i)
-        for (int v : members(family[i], n_)) kept_in[i] += least_kept_[v];
-      for (int from = 0; from < f; ++from) {
-        int first = -1;
-        for (int k = 0; k < width && first < 0; ++k)
-          if (best[static_cast<size_t>(from) * width + k] < kInf) first = k;
-        if (first < 0) continue;
-        const int64_t room = budget - first * unit;  // see Pruning
-        for (int to = from + 1; to < f; ++to) {
-          if (kept_in[to] - kept_in[from] > room || !strict_subset(family[from], family[to])) continue;
-          relax(from, to, segment(difference(family[to], family[from]), family[from], family[to]));
-        }
-      }
+    const Segments segments(*this, family);
+    for (int from = 0; from < f; ++from) {
+      int first = -1;
+      for (int k = 0; k < width && first < 0; ++k)
+        if (best[static_cast<size_t>(from) * width + k] < kInf) first = k;
+      if (first < 0) continue;
+      segments.for_each_from(from, budget - first * unit, [&](int to, const SegmentStats& s) { relax(from, to, s); });
     }
 
     int best_k = -1;
@@ -332,35 +373,48 @@ class Planner {
     return solution;
   }
 
-  // Exact DP: Pareto fronts of (kept bytes, extra time) over every lower set.
+  // Exact DP: Pareto fronts of (kept bytes, extra time) over every lower set. Each lower set's
+  // candidates come from the smaller sets in ascending order (the reference's order); a front is
+  // final once every smaller set has pushed to it. Pruning a pending list on the way keeps what a
+  // single pruning at the end would: a state it drops has a state before it that is no worse.
   std::optional<Solution> exact(int64_t budget, int64_t max_lower_sets) const {
     std::vector<Bits> family = lower_sets(max_lower_sets);
     const int f = static_cast<int>(family.size());
     struct State { int64_t kept; double time; int from; int from_state; bool recomputed; };
+    const auto keep_front = [](std::vector<State>& states) {
+      std::stable_sort(states.begin(), states.end(), [](const State& a, const State& b) {
+        return a.kept != b.kept ? a.kept < b.kept : a.time < b.time;
+      });
+      size_t out = 0;
+      for (const State& c : states)
+        if (out == 0 || c.time < states[out - 1].time) states[out++] = c;
+      states.resize(out);
+    };
     std::vector<std::vector<State>> fronts(f);
+    std::vector<size_t> pruned_size(f, 0);
     std::vector<int64_t> boundaries(f);
     for (int i = 0; i < f; ++i) boundaries[i] = boundary(family[i]);
     fronts[0].push_back(State{0, 0.0, -1, -1, false});
-    for (int to = 1; to < f; ++to) {
-      std::vector<State> candidates;
-      for (int from = 0; from < to; ++from) {
-        if (fronts[from].empty() || !strict_subset(family[from], family[to])) continue;
-        const SegmentStats s = segment(difference(family[to], family[from]), family[from], family[to]);
+    const Segments segments(*this, family);
+    for (int from = 0; from < f; ++from) {
+      std::vector<State>& front = fronts[from];
+      keep_front(front);  // its candidates, pushed by every smaller set
+      if (front.empty()) continue;
+      segments.for_each_from(from, budget - front.front().kept, [&](int to, const SegmentStats& s) {
+        std::vector<State>& pending = fronts[to];
         for (int recomputed = 0; recomputed < 2; ++recomputed) {
-          for (int i = 0; i < static_cast<int>(fronts[from].size()); ++i) {
-            const State& st = fronts[from][i];
+          for (int i = 0; i < static_cast<int>(front.size()); ++i) {
+            const State& st = front[i];
             if (st.kept + boundaries[from] + s.peak(recomputed) > budget) continue;
-            candidates.push_back(State{st.kept + s.held(recomputed),
-                                       st.time + (recomputed ? s.time : 0.0), from, i,
-                                       recomputed == 1});
+            pending.push_back(State{st.kept + s.held(recomputed), st.time + (recomputed ? s.time : 0.0), from, i,
+                                    recomputed == 1});
           }
         }
-      }
-      std::stable_sort(candidates.begin(), candidates.end(), [](const State& a, const State& b) {
-        return a.kept != b.kept ? a.kept < b.kept : a.time < b.time;
+        if (pending.size() > 2 * pruned_size[to] + 1024) {
+          keep_front(pending);
+          pruned_size[to] = pending.size();
+        }
       });
-      for (const State& c : candidates)
-        if (fronts[to].empty() || c.time < fronts[to].back().time) fronts[to].push_back(c);
     }
     const auto& last = fronts[f - 1];
     int pick = -1;
@@ -521,8 +575,8 @@ std::optional<Solution> solve(const std::string& method, const Problem& problem,
   if (problem.size() == 0) return Solution{0.0, {}};
   Planner planner(problem);
   if (method == "dp") return planner.exact(budget, max_lower_sets);
-  if (method == "dp-approx") return planner.bucketed(planner.ancestor_closures(), budget, buckets, false);
-  if (method == "chain") return planner.bucketed(planner.prefixes(), budget, buckets, true);
+  if (method == "dp-approx") return planner.bucketed(planner.ancestor_closures(), budget, buckets);
+  if (method == "chain") return planner.bucketed(planner.prefixes(), budget, buckets);
   throw std::invalid_argument("planner: method must be \"dp\", \"dp-approx\" or \"chain\", got \"" + method + "\"");
 }
 
