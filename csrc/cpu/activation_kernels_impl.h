@@ -246,7 +246,7 @@ void activation_backward_kernel(const GradTiles<scalar_t>& grad, const scalar_t*
         const V dv = d(begin, i, count);
         V product = load_vec<T>(gs + i, count) * dv;
         if constexpr (decltype(zero_level_is_zero)::value) {
-          product = V::blendv(product, V(T(0)), dv == V(T(0)));
+          product = VecMathBase<V>::where(VecMathBase<V>::eq(dv, V(T(0))), V(T(0)), product);
         }
         store_vec(product, outs + i, count, stream);
       });
