@@ -252,14 +252,18 @@ def test_gated(bits, gate, dtype, shape):
 
 
 # Outputs of 8 MB and more are written with streaming stores (vec_math.h, kStreamBytes); 5 elements
-# past that leave a partial vector at the end, which is stored the ordinary way.
+# past that leave a partial vector at the end, which is stored the ordinary way. Outputs of 32 MB
+# and more are fresh mappings (glibc maps them anew), which each task populates before it writes
+# (populate_fresh_pages).
 STREAMED_BYTES = 8 << 20
+FRESH_MAPPING_BYTES = 32 << 20
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
 @pytest.mark.parametrize("bits", (0, 3))
-def test_streamed_outputs(bits, dtype):
-    numel = STREAMED_BYTES // dtype.itemsize + 5
+@pytest.mark.parametrize("nbytes", (STREAMED_BYTES, FRESH_MAPPING_BYTES))
+def test_large_outputs(nbytes, bits, dtype):
+    numel = nbytes // dtype.itemsize + 5
     x = random_input((numel,), dtype)
     borders, levels = (random_borders(bits), random_levels(bits)) if bits else (None, None)
     y, saved = ops.activation_forward(x, int(Activation.SIGMOID), 0.0, 0.0, bits, borders)

@@ -77,7 +77,7 @@ void activation_forward_kernel(const scalar_t* x, scalar_t* y, scalar_t* d, uint
   const std::optional<BorderTree> tree =
       codes != nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
   const bool stream_y = stream_stores(y, numel), stream_d = stream_stores(d, numel);
-  for_each_tile(numel, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
+  for_each_tile(numel, {y, d, {codes, bits}}, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
     const scalar_t* xs = x + begin;
     scalar_t* ys = y + begin;
     if (d != nullptr) {
@@ -128,7 +128,7 @@ void gated_forward_kernel(const scalar_t* a, const scalar_t* b, scalar_t* y, uin
   const std::optional<BorderTree> tree =
       codes != nullptr ? std::make_optional<BorderTree>(borders, bits) : std::nullopt;
   const bool stream_y = stream_stores(y, numel);
-  for_each_tile(numel, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
+  for_each_tile(numel, {y, {codes, bits}}, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
     const scalar_t* as = a + begin;
     const scalar_t* bs = b + begin;
     scalar_t* ys = y + begin;
@@ -239,7 +239,7 @@ void activation_backward_kernel(const GradTiles<scalar_t>& grad, const scalar_t*
   const bool stream = stream_stores(grad_in, numel);
   // d(begin, i, count): f'(x) of the vector [i, i + count) of the tile at begin.
   const auto multiply = [&](const auto& d, auto zero_level_is_zero) {
-    for_each_tile(numel, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
+    for_each_tile(numel, {grad_in}, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
       const scalar_t* gs = grad.tile(begin);
       scalar_t* outs = grad_in + begin;
       for_each_vec<T>(n, [&](int64_t i, int64_t count) __attribute__((always_inline)) {
@@ -285,7 +285,7 @@ void activation_backward_from_input_kernel(const GradTiles<scalar_t>& grad, cons
   using M = MathFor<scalar_t>;
   const V p0(static_cast<T>(p0_)), p1(static_cast<T>(p1_));
   const bool stream = stream_stores(grad_in, numel);
-  for_each_tile(numel, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
+  for_each_tile(numel, {grad_in}, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
     const scalar_t* gs = grad.tile(begin);
     const scalar_t* xs = x + begin;
     scalar_t* outs = grad_in + begin;
@@ -319,7 +319,7 @@ void gated_backward_kernel(const GradTiles<scalar_t>& grad, const scalar_t* a, c
   const bool stream_a = stream_stores(grad_a, numel), stream_b = stream_stores(grad_b, numel);
   // d_and_f(begin, i, count): f'(a) and f(a) of the vector [i, i + count) of the tile at begin.
   const auto for_each_vector = [&](const auto& d_and_f) {
-    for_each_tile(numel, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
+    for_each_tile(numel, {grad_a, grad_b}, [&](int64_t begin, int64_t n) __attribute__((always_inline)) {
       const scalar_t* gs = grad.tile(begin);
       const scalar_t* bs = b + begin;
       scalar_t* gas = grad_a + begin;

@@ -20,6 +20,7 @@
 
 #include "cpu/checks.h"
 #include "cpu/packing.h"
+#include "cpu/pages.h"
 #include "cpu/philox_lanes.h"
 
 // The AVX2 build of packing.h and ATen's vectors (the command line's), as pack_bits.cpp: next to the
@@ -138,6 +139,7 @@ void auxiliary_sign_rows(const T* x, int64_t rows, int64_t cols, double eps, boo
   const int64_t row_bytes = packed_nbytes(cols, 1);
   const acc_t up = static_cast<acc_t>(eps), down = nonnegative ? acc_t(0) : -up;  // eps * s(x)
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    populate_fresh_pages(x_aux + begin * cols, (end - begin) * cols * static_cast<int64_t>(sizeof(T)));
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * cols;
       T* ar = x_aux + r * cols;
@@ -328,6 +330,7 @@ void dequantize_rows(const at::Tensor& codes, const at::Tensor& stats, int64_t b
   const int64_t row_bytes = codes.size(1), row_stats = num_groups(cols, group_size) * 2;
   dispatch_code_bits(bits, [&](auto k) {
     at::parallel_for(begin, end, row_grain(cols), [&](int64_t first, int64_t last) {
+      populate_fresh_pages(out + (first - begin) * cols, (last - first) * cols * static_cast<int64_t>(sizeof(out_t)));
       for (int64_t r = first; r < last; ++r) {
         dequantize_row<k.value>(cs + r * row_bytes, ss ? ss + r * row_stats : nullptr, cols, group_size,
                                 static_cast<float>(lo), static_cast<float>(step), out + (r - begin) * cols);

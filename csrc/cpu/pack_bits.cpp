@@ -23,7 +23,7 @@ at::Tensor pack_bits(const at::Tensor& codes_in, int64_t bits) {
   const uint8_t* src = codes.const_data_ptr<uint8_t>();
   uint8_t* dst = packed.mutable_data_ptr<uint8_t>();
   dispatch_bits(bits, [&](auto k) {
-    for_each_tile(numel, [&](int64_t begin, int64_t n) {
+    for_each_tile(numel, {{dst, k.value}}, [&](int64_t begin, int64_t n) {
       // Whole groups straight from the input; the last, partial group through a zero-padded copy.
       const int64_t whole = n / 8;
       uint8_t seen = 0;
@@ -54,7 +54,7 @@ at::Tensor unpack_bits(const at::Tensor& packed_in, int64_t bits, int64_t numel)
   const uint8_t* src = packed.const_data_ptr<uint8_t>();
   uint8_t* dst = codes.mutable_data_ptr<uint8_t>();
   dispatch_bits(bits, [&](auto k) {
-    for_each_tile(numel, [&](int64_t begin, int64_t n) {
+    for_each_tile(numel, {dst}, [&](int64_t begin, int64_t n) {
       const int64_t whole = n / 8;
       unpack_groups<k.value>(src + begin / 8 * k.value, whole, dst + begin);
       if (n % 8 != 0) {

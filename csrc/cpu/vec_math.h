@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "activations.h"
+#include "cpu/pages.h"
 
 // In a namespace named by the instruction set (as ATen's Vectorized): the kernels are compiled once
 // per set (activation_kernels.h), and each copy must keep its own.
@@ -222,11 +223,28 @@ struct DoubleVecMath : VecMathBase<Vectorized<double>> {
 template <typename scalar_t>
 using MathFor = std::conditional_t<std::is_same_v<scalar_t, double>, DoubleVecMath, FloatVecMath>;
 
-// Runs fn(begin, n) on the tiles [begin, begin + n) covering [0, numel), in parallel.
+// An output that a kernel writes whole: its first byte and its bits an element.
+struct Output {
+  template <typename scalar_t>
+  Output(scalar_t* values) : data(values), bits_per_element(8 * sizeof(scalar_t)) {}
+  Output(uint8_t* codes, int64_t bits) : data(codes), bits_per_element(bits) {}  // packed codes
+  void* data;
+  int64_t bits_per_element;
+};
+
+// Runs fn(begin, n) on the tiles [begin, begin + n) covering [0, numel), in parallel; each task
+// first populates the pages of `outputs` it will write (populate_fresh_pages).
 template <typename F>
-void for_each_tile(int64_t numel, const F& fn) {
+void for_each_tile(int64_t numel, std::initializer_list<Output> outputs, const F& fn) {
   const int64_t num_tiles = (numel + kTile - 1) / kTile;
   at::parallel_for(0, num_tiles, kGrainTiles, [&](int64_t tile_begin, int64_t tile_end) {
+    const int64_t first = tile_begin * kTile, last = std::min(tile_end * kTile, numel);
+    for (const Output& output : outputs) {
+      if (output.data != nullptr) {
+        populate_fresh_pages(static_cast<char*>(output.data) + first * output.bits_per_element / 8,
+                             (last - first) * output.bits_per_element / 8);
+      }
+    }
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t begin = tile * kTile;
       fn(begin, std::min(kTile, numel - begin));

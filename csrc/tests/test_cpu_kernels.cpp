@@ -6,11 +6,16 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
 
+#include <sys/mman.h>
+#include <sys/utsname.h>
+
 #include "activations.h"
+#include "cpu/pages.h"
 
 namespace {
 
@@ -182,6 +187,49 @@ void test_errors() {
   EXPECT(raises([&] { unpack_bits(at::zeros({2}, at::kByte), 3, 8); }, "packed"), "packed size");
 }
 
+// populate_fresh_pages fills a mapping never written, in one call where the kernel has
+// MADV_POPULATE_WRITE (Linux 5.14), and leaves written pages and small ranges alone.
+void test_populate_fresh_pages() {
+  using memkernels::cpu::kPopulateBytes;
+  using memkernels::cpu::populate_fresh_pages;
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t bytes = static_cast<size_t>(kPopulateBytes) + page + 100;  // whole pages and a part of the last
+  const size_t mapped = (bytes + page - 1) / page * page;
+  std::vector<unsigned char> resident(mapped / page);
+  const auto resident_pages = [&](void* p) {
+    mincore(p, mapped, resident.data());
+    size_t n = 0;
+    for (unsigned char r : resident) n += r & 1;
+    return n;
+  };
+  utsname system{};
+  uname(&system);
+  int major = 0, minor = 0;
+  std::sscanf(system.release, "%d.%d", &major, &minor);
+  const bool has_populate = major > 5 || (major == 5 && minor >= 14);
+
+  char* fresh = static_cast<char*>(mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  EXPECT(fresh != MAP_FAILED, "mmap of %zu bytes", mapped);
+  EXPECT(resident_pages(fresh) == 0, "a fresh mapping has %zu resident pages", resident_pages(fresh));
+  const bool populated = populate_fresh_pages(fresh + 100, static_cast<int64_t>(bytes - 100));
+  EXPECT(populated == has_populate, "populated %d on Linux %s", populated, system.release);
+  if (populated) {
+    EXPECT(resident_pages(fresh) == mapped / page, "%zu of %zu pages resident after populating",
+           resident_pages(fresh), mapped / page);
+  }
+  for (size_t i = 0; i < mapped; i += page) EXPECT(fresh[i] == 0, "byte %zu of a populated page = %d", i, fresh[i]);
+  // Written pages: no system call past the check, and the data stays.
+  std::memset(fresh, 7, mapped);
+  EXPECT(!populate_fresh_pages(fresh, static_cast<int64_t>(bytes)), "populated pages already written");
+  EXPECT(fresh[0] == 7 && fresh[mapped - 1] == 7, "written bytes changed to %d, %d", fresh[0], fresh[mapped - 1]);
+  munmap(fresh, mapped);
+
+  char* small = static_cast<char*>(mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  EXPECT(!populate_fresh_pages(small, kPopulateBytes - 1), "populated a range under kPopulateBytes");
+  EXPECT(resident_pages(small) == 0, "%zu pages resident after a small range", resident_pages(small));
+  munmap(small, mapped);
+}
+
 }  // namespace
 
 int main() {
@@ -193,6 +241,7 @@ int main() {
   test_gated();
   test_kernels_match_scalar_math();
   test_errors();
+  test_populate_fresh_pages();
   if (failures > 0) {
     std::printf("%d checks failed\n", failures);
     return 1;
