@@ -232,19 +232,26 @@ struct Output {
   int64_t bits_per_element;
 };
 
+// populate_fresh_pages for the elements [first, last) of each output. Not inlined: inlined into a
+// kernel's task it changed GCC's code for the kernel's loop (spills into the stack; a coded SiLU
+// forward took 2.2 ms instead of 0.85 at 4M float32 elements).
+[[gnu::noinline]] inline void populate_task_outputs(std::initializer_list<Output> outputs, int64_t first,
+                                                    int64_t last) {
+  for (const Output& output : outputs) {
+    if (output.data != nullptr) {
+      populate_fresh_pages(static_cast<char*>(output.data) + first * output.bits_per_element / 8,
+                           (last - first) * output.bits_per_element / 8);
+    }
+  }
+}
+
 // Runs fn(begin, n) on the tiles [begin, begin + n) covering [0, numel), in parallel; each task
 // first populates the pages of `outputs` it will write (populate_fresh_pages).
 template <typename F>
 void for_each_tile(int64_t numel, std::initializer_list<Output> outputs, const F& fn) {
   const int64_t num_tiles = (numel + kTile - 1) / kTile;
   at::parallel_for(0, num_tiles, kGrainTiles, [&](int64_t tile_begin, int64_t tile_end) {
-    const int64_t first = tile_begin * kTile, last = std::min(tile_end * kTile, numel);
-    for (const Output& output : outputs) {
-      if (output.data != nullptr) {
-        populate_fresh_pages(static_cast<char*>(output.data) + first * output.bits_per_element / 8,
-                             (last - first) * output.bits_per_element / 8);
-      }
-    }
+    populate_task_outputs(outputs, tile_begin * kTile, std::min(tile_end * kTile, numel));
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t begin = tile * kTile;
       fn(begin, std::min(kTile, numel - begin));
