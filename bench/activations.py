@@ -397,10 +397,12 @@ def notes(rows: list[dict], device: torch.device) -> list[str]:
             "On CPU, glibc serves every allocation of 32 MB or more with fresh pages, so page faults weigh on "
             "elementwise kernels there. Sizes whose tensors (input, output, gradient) cross 32 MB: "
             + (", ".join(crossing) if crossing else "none") + "; all other sizes stay below it. "
-            + h.STEADY_HEAP_NOTE + ". Both sides take their outputs from torch's CPU allocator, whose "
-            "pages fault alike: " + ("transparent huge pages asked for (THP_MEM_ALLOC_ENABLE=1)."
-                                     if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else
-                                     "4 KB pages (torch's THP_MEM_ALLOC_ENABLE unset).")
+            + h.STEADY_HEAP_NOTE + ". Both sides take their outputs from torch's CPU allocator, pages of "
+            + ("transparent huge pages asked for (THP_MEM_ALLOC_ENABLE=1)"
+               if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else
+               "4 KB (torch's THP_MEM_ALLOC_ENABLE unset)")
+            + "; memkernels' kernels fill an output's fresh pages a task's range at a time with one "
+            "madvise(MADV_POPULATE_WRITE), where torch's stores fault them in one by one."
         )
     if device.type == "cuda":
         lines.append(
