@@ -1,10 +1,12 @@
 // The pages of outputs: large outputs are fresh mappings whose first stores would fault every
 // page in; the kernels populate them first, a task its own range.
 #pragma once
+#include <cstdint>
+
+#if defined(__linux__)
 #include <sys/mman.h>
 #include <unistd.h>
-
-#include <cstdint>
+#endif
 
 namespace memkernels::cpu {
 
