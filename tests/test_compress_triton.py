@@ -218,6 +218,23 @@ def test_weight_grad_strided_grad_and_nan_group():
     assert_weight_grad_close(got[:, 32:], want[:, 32:])
 
 
+@pytest.mark.parametrize("bits", (1, 4))
+def test_weight_grad_unaligned_codes_and_stats(bits):
+    # Rows of whole 4-byte words are read as int32 words and stats as one int32 a (min, scale)
+    # pair: codes and stats starting off a 4-byte boundary are read at their own offsets.
+    rows, out, cols = 9, 5, 64
+    codes, stats = random_codes(rows, cols, bits, 16, with_nan=False)
+    grad = torch.randn(rows, out, device=DEVICE)
+    want = ref.weight_grad_from_codes(grad.cpu(), codes.cpu(), stats.cpu(), cols, bits, 16, 0.0, 0.0)
+    codes_at_1 = torch.empty(codes.numel() + 1, dtype=torch.uint8, device=DEVICE)[1:].view(codes.shape)
+    stats_at_1 = torch.empty(stats.numel() + 1, dtype=torch.bfloat16, device=DEVICE)[1:].view(stats.shape)
+    codes_at_1.copy_(codes)
+    stats_at_1.copy_(stats)
+    assert codes_at_1.data_ptr() % 4 and stats_at_1.data_ptr() % 4
+    got = tc.weight_grad_from_codes(grad, codes_at_1, stats_at_1, cols, bits, 16, 0.0, 0.0)
+    assert_weight_grad_close(got, want)
+
+
 def test_empty():
     for rows, cols in ((0, 13), (3, 0), (0, 0)):
         x = torch.empty(rows, cols, device=DEVICE)

@@ -156,6 +156,14 @@ def _load_bfloat16(ptr, mask):
     return (bits << 16).to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def _load_stat_pairs(ptr, mask):
+    """float32 (min, scale) of the bfloat16 pairs read as one int32 each at ptr (little-endian: min
+    in the low half); 0 where masked. One 4-byte load lets triton pipeline it (cp.async)."""
+    pair = tl.load(ptr, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    return (pair << 16).to(tl.float32, bitcast=True), (pair & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
 @triton.jit(do_not_specialize=["eps_bits"])
 def _auxiliary_sign_kernel(x_ptr, x_aux_ptr, signs_ptr, rows, cols, num_groups8,
                            tiles_per_row_block, x_stride_row, x_stride_col, eps_bits,
@@ -282,11 +290,15 @@ def _weight_grad_kernel(grad_ptr, codes_ptr, stats_ptr, out_ptr, rows, out_featu
                         BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_STATS: tl.constexpr,
                         IEEE: tl.constexpr, DOT_FLOAT32: tl.constexpr, BLOCK_OUT: tl.constexpr,
                         BLOCK_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                        SWIZZLE: tl.constexpr):
+                        SWIZZLE: tl.constexpr, WORD_CODES: tl.constexpr):
     """One [BLOCK_OUT, BLOCK_COLS] tile of grad_out^T @ x_hat, over rows in BLOCK_ROWS steps: each
-    step loads a grad_out^T tile and the codes of an x_hat tile, dequantizes them in registers and
+    step loads a grad_out tile and the codes of an x_hat tile, dequantizes them in registers and
     accumulates tl.dot in float32; float64 accumulates outer products of single rows instead
-    (BLOCK_ROWS == 1: triton 3.6 cannot lower a float64 tl.dot, which needs K >= 16)."""
+    (BLOCK_ROWS == 1: triton 3.6 cannot lower a float64 tl.dot, which needs K >= 16).
+
+    The tile is computed as its transpose, x_hat^T @ grad_out: the dequantized operand comes first,
+    where Hopper's wgmma reads it from registers (as B it would be stored to shared memory and the
+    dot waited on every step; as A the next step's dequantize overlaps the dot)."""
     # Programs in SWIZZLE-row bands of output tiles, so neighbours share grad_out and codes in L2.
     pid = tl.program_id(0)
     band = pid // (SWIZZLE * tiles_cols)
@@ -299,35 +311,50 @@ def _weight_grad_kernel(grad_ptr, codes_ptr, stats_ptr, out_ptr, rows, out_featu
     offs_col = tile_cols.to(tl.int64) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     out_mask = offs_out < out_features
     col_mask = offs_col < cols
-    # Code (r, c) is bits [shift, shift + BITS) of byte c * BITS // 8 of row r (BITS in 1, 2, 4, 8).
-    byte = offs_col * BITS // 8
-    shift = (offs_col * BITS % 8).to(tl.int32)
-    stat = offs_col // GROUP_SIZE * 2
+    # Code (r, c) is bits [shift, shift + BITS) of byte c * BITS // 8 of row r (BITS in 1, 2, 4, 8);
+    # read in little-endian 4-byte words (WORD_CODES, rows of whole words), bits
+    # [c * BITS % 32, + BITS) of word c * BITS // 32: a tile's columns are PER_WORD codes of each
+    # of its words, in order.
+    if WORD_CODES:
+        PER_WORD: tl.constexpr = 32 // BITS
+        tl.static_assert(BLOCK_COLS % PER_WORD == 0)
+        offs_word = tile_cols.to(tl.int64) * (BLOCK_COLS // PER_WORD) + tl.arange(0, BLOCK_COLS // PER_WORD)
+        word_mask = offs_word < row_bytes // 4
+        word_shift = tl.arange(0, PER_WORD) * BITS
+    else:
+        byte = offs_col * BITS // 8
+        shift = (offs_col * BITS % 8).to(tl.int32)
+    group = offs_col // GROUP_SIZE
     dtype = grad_ptr.dtype.element_ty
     if dtype == tl.float64:
         acc_dtype = tl.float64
     else:
         acc_dtype = tl.float32
-    acc = tl.full((BLOCK_OUT, BLOCK_COLS), 0, acc_dtype)
+    acc = tl.full((BLOCK_COLS, BLOCK_OUT), 0, acc_dtype)
     for first_row in range(0, rows, BLOCK_ROWS):
         offs_row = first_row + tl.arange(0, BLOCK_ROWS).to(tl.int64)
         row_mask = offs_row < rows
-        grad_t = tl.load(grad_ptr + offs_out[:, None] * grad_stride_out
-                         + offs_row[None, :] * grad_stride_row,
-                         mask=out_mask[:, None] & row_mask[None, :], other=0.0)
+        grad = tl.load(grad_ptr + offs_row[:, None] * grad_stride_row
+                       + offs_out[None, :] * grad_stride_out,
+                       mask=row_mask[:, None] & out_mask[None, :], other=0.0)
         mask = row_mask[:, None] & col_mask[None, :]
-        packed = tl.load(codes_ptr + offs_row[:, None] * row_bytes + byte[None, :], mask=mask,
-                         other=0)
-        q = ((packed.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+        if WORD_CODES:
+            words = tl.load(codes_ptr + offs_row[:, None] * (row_bytes // 4) + offs_word[None, :],
+                            mask=row_mask[:, None] & word_mask[None, :], other=0)
+            q = (words[:, :, None] >> word_shift[None, None, :]) & ((1 << BITS) - 1)
+            q = tl.reshape(q, (BLOCK_ROWS, BLOCK_COLS)).to(tl.float32)
+        else:
+            packed = tl.load(codes_ptr + offs_row[:, None] * row_bytes + byte[None, :], mask=mask,
+                             other=0)
+            q = ((packed.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
         if HAS_STATS and GROUP_SIZE % BLOCK_COLS == 0:
             # The tile's columns lie in one group: a row's (min, scale) is one pair, loaded once.
-            at = offs_row * (num_groups * 2) + tile_cols.to(tl.int64) * BLOCK_COLS // GROUP_SIZE * 2
-            x_hat = _load_bfloat16(stats_ptr + at, row_mask)[:, None] + \
-                _load_bfloat16(stats_ptr + at + 1, row_mask)[:, None] * q
+            low, scale = _load_stat_pairs(stats_ptr + offs_row * num_groups
+                                          + tile_cols.to(tl.int64) * BLOCK_COLS // GROUP_SIZE, row_mask)
+            x_hat = low[:, None] + scale[:, None] * q
         elif HAS_STATS:
-            at = offs_row[:, None] * (num_groups * 2) + stat[None, :]
-            x_hat = _load_bfloat16(stats_ptr + at, mask) + \
-                _load_bfloat16(stats_ptr + at + 1, mask) * q
+            low, scale = _load_stat_pairs(stats_ptr + offs_row[:, None] * num_groups + group[None, :], mask)
+            x_hat = low + scale * q
         else:
             x_hat = lo + step * q
         # Rows past the end must add nothing (lo need not be 0); NaN of a non-finite group stays.
@@ -335,19 +362,20 @@ def _weight_grad_kernel(grad_ptr, codes_ptr, stats_ptr, out_ptr, rows, out_featu
         if DOT_FLOAT32:
             # The interpreter's dot multiplies the bit patterns of bfloat16 as integers: dot the
             # float32 values of the 16-bit operands instead (their products are exact in float32).
-            grad_t = grad_t.to(tl.float32)
+            grad = grad.to(tl.float32)
             x_hat = _round_to(x_hat, dtype).to(tl.float32)
         else:
             x_hat = x_hat.to(dtype)
+        x_hat_t = tl.trans(x_hat)  # [BLOCK_COLS, BLOCK_ROWS]
         if dtype == tl.float64:
             tl.static_assert(BLOCK_ROWS == 1)
-            acc += grad_t * x_hat  # [BLOCK_OUT, 1] * [1, BLOCK_COLS]
+            acc += x_hat_t * grad  # [BLOCK_COLS, 1] * [1, BLOCK_OUT]
         elif IEEE:
-            acc = tl.dot(grad_t, x_hat, acc=acc, input_precision="ieee", out_dtype=acc_dtype)
+            acc = tl.dot(x_hat_t, grad, acc=acc, input_precision="ieee", out_dtype=acc_dtype)
         else:
-            acc = tl.dot(grad_t, x_hat, acc=acc, out_dtype=acc_dtype)
-    tl.store(out_ptr + offs_out[:, None] * cols + offs_col[None, :], _to_element(acc, out_ptr),
-             mask=out_mask[:, None] & col_mask[None, :])
+            acc = tl.dot(x_hat_t, grad, acc=acc, out_dtype=acc_dtype)
+    tl.store(out_ptr + offs_out[None, :] * cols + offs_col[:, None], _to_element(acc, out_ptr),
+             mask=out_mask[None, :] & col_mask[:, None])
 
 
 # ---- host side ----
@@ -361,6 +389,13 @@ def _float64_bits(value) -> int:
 def _stats_bits(stats):
     """stats as int16 bit patterns, contiguous (the kernels read bfloat16 by its bits)."""
     return stats.contiguous().view(torch.int16)
+
+
+def _int32_words(t):
+    """t (its last dimension a whole number of 4-byte words) contiguous and 4-byte aligned, viewed
+    as int32."""
+    t = t.contiguous()
+    return (t if t.data_ptr() % 4 == 0 else t.clone()).view(torch.int32)
 
 
 def _dequantize_launch_options() -> dict:
@@ -459,7 +494,8 @@ def _gemm_blocks(dtype, has_stats: bool) -> dict:
     calls whatever its size, so fewer, larger tiles are faster there. float64 takes one row a step
     (outer products, no tl.dot) on GPU and under the interpreter alike. The 16-bit sizes are the
     fastest of 12 tried on an H100 (bfloat16, 8192 rows, GPT-2's 768 x 3072 and 3072 x 768): 3x
-    faster than 128 x 128 x 32 tiles without stats, 2x with."""
+    faster than 128 x 128 x 32 tiles without stats, 2x with. That was before the kernel took x_hat
+    as the register operand and read codes and stats in words; not retimed since."""
     if dtype == torch.float64:
         return dict(BLOCK_OUT=32, BLOCK_COLS=64, BLOCK_ROWS=1, num_warps=4)
     if _interpreted():
@@ -489,12 +525,16 @@ def weight_grad_from_codes(grad_out, codes, stats, cols, bits, group_size, lo, s
         upcast = _interpreted() and grad_out.dtype in (torch.float16, torch.bfloat16)
         tiles_out = cdiv(out_features, blocks["BLOCK_OUT"])
         tiles_cols = cdiv(cols, blocks["BLOCK_COLS"])
+        # Codes in 4-byte words where rows are whole words, stats as one int32 a pair: loads of 4
+        # bytes or more, which triton pipelines (cp.async) ahead of the dequantize and the dot.
+        word_codes = packed_nbytes(cols, bits) % 4 == 0
+        codes = _int32_words(codes) if word_codes else codes.contiguous()
         _weight_grad_kernel[(tiles_out * tiles_cols,)](
-            grad_out, codes.contiguous(), codes if stats is None else _stats_bits(stats),
+            grad_out, codes, codes if stats is None else _int32_words(stats),
             grad_weight, rows, out_features, cols, tiles_out, tiles_cols,
             cdiv(cols, group_size),
             packed_nbytes(cols, bits), grad_out.stride(0), grad_out.stride(1), float(lo),
             float(step), BITS=bits, GROUP_SIZE=group_size, HAS_STATS=stats is not None,
             IEEE=grad_out.dtype == torch.float32 or upcast, DOT_FLOAT32=upcast,
-            SWIZZLE=8, **blocks)
+            SWIZZLE=8, WORD_CODES=word_codes, **blocks)
     return grad_weight
