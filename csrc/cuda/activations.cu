@@ -25,6 +25,7 @@
 #include "activations.h"
 #include "grad_layout.h"
 #include "cuda/kernels.h"
+#include "cuda/vector_io.cuh"
 
 namespace memkernels::cuda {
 namespace {
@@ -84,46 +85,6 @@ __device__ __forceinline__ T derivative_of(T x) {
     d = s * (T(1) + xf * (T(1) - s));
   }
   return std::isnan(x) ? x : d;
-}
-
-// ---- groups of 8 elements ----
-
-template <typename T>
-struct alignas(sizeof(T) * kGroup) Group {
-  T v[kGroup];
-};
-
-// Elements [first, first + 8) of p (0 past numel); one vector load when `vec` and the group is
-// full.
-template <typename T, typename acc_t>
-__device__ __forceinline__ void load_group(const T* __restrict__ p, int64_t first, int64_t numel,
-                                           bool vec, acc_t (&out)[kGroup]) {
-  if (vec && first + kGroup <= numel) {
-    const Group<T> g = *reinterpret_cast<const Group<T>*>(p + first);
-#pragma unroll
-    for (int i = 0; i < kGroup; ++i) out[i] = static_cast<acc_t>(g.v[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kGroup; ++i) {
-      out[i] = first + i < numel ? static_cast<acc_t>(p[first + i]) : acc_t(0);
-    }
-  }
-}
-
-template <typename T, typename acc_t>
-__device__ __forceinline__ void store_group(T* __restrict__ p, int64_t first, int64_t numel,
-                                            bool vec, const acc_t (&in)[kGroup]) {
-  if (vec && first + kGroup <= numel) {
-    Group<T> g;
-#pragma unroll
-    for (int i = 0; i < kGroup; ++i) g.v[i] = static_cast<T>(in[i]);
-    *reinterpret_cast<Group<T>*>(p + first) = g;
-  } else {
-#pragma unroll
-    for (int i = 0; i < kGroup; ++i) {
-      if (first + i < numel) p[first + i] = static_cast<T>(in[i]);
-    }
-  }
 }
 
 // The `bits` bytes of group g as a little-endian word. packed is 8-byte aligned (see
@@ -369,12 +330,6 @@ at::Tensor aligned_packed(const at::Tensor& packed) {
   return reinterpret_cast<uintptr_t>(p.data_ptr()) % 8 == 0 ? p : p.clone();
 }
 
-bool vector_aligned(std::initializer_list<const void*> pointers, size_t group_bytes) {
-  return std::all_of(pointers.begin(), pointers.end(), [&](const void* p) {
-    return p == nullptr || reinterpret_cast<uintptr_t>(p) % group_bytes == 0;
-  });
-}
-
 // Enough blocks to fill the device; the grid-stride loop covers the rest.
 int num_blocks(int64_t numel) {
   int device = 0, sms = 0;
@@ -407,7 +362,7 @@ void launch_forward(const at::Tensor& x, const at::Tensor& b, at::Tensor& y, at:
     const scalar_t* b_ptr = ptr_or_null<scalar_t>(b);
     scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
     scalar_t* deriv_ptr = mutable_ptr_or_null<scalar_t>(deriv);
-    const bool vec = vector_aligned({x_ptr, b_ptr, y_ptr, deriv_ptr}, sizeof(Group<scalar_t>));
+    const bool vec = vector_aligned({x_ptr, b_ptr, y_ptr, deriv_ptr}, sizeof(Group<scalar_t, kGroup>));
     uint8_t* packed_ptr = packed.defined() ? packed.mutable_data_ptr<uint8_t>() : nullptr;
     const float* borders_ptr = borders.defined() ? borders.const_data_ptr<float>() : nullptr;
     dispatch_activation(activation, op, [&](auto tag) {
@@ -441,7 +396,7 @@ void launch_backward(const at::Tensor& grad, const at::Tensor& saved, const at::
     scalar_t* grad_b_ptr = mutable_ptr_or_null<scalar_t>(grad_b);
     const bool vec = vector_aligned({grad_broadcast ? nullptr : grad_ptr, saved_ptr, b_ptr,
                                      grad_in_ptr, grad_b_ptr},
-                                    sizeof(Group<scalar_t>));
+                                    sizeof(Group<scalar_t, kGroup>));
     const float* levels_ptr = levels.defined() ? levels.const_data_ptr<float>() : nullptr;
     const float* value_levels_ptr =
         value_levels.defined() ? value_levels.const_data_ptr<float>() : nullptr;

@@ -18,6 +18,7 @@
 #include <limits>
 
 #include "cuda/kernels.h"
+#include "cuda/vector_io.cuh"
 #include "philox.h"
 
 namespace memkernels::cuda {
@@ -32,7 +33,7 @@ template <typename T>
 __global__ void feedback_project_kernel(const T* __restrict__ e, const T* __restrict__ derivative,
                                         T* __restrict__ out, int64_t n, int64_t k, int64_t m,
                                         int64_t e_stride_row, int64_t e_stride_col, uint32_t seed,
-                                        uint32_t layer, float step) {
+                                        uint32_t layer, float step, bool vec) {
   __shared__ float e_tile[kTile][kDepth + 1];  // +1: threads of a warp read one column of it
   __shared__ float b_tile[kDepth][kTile];
   const int tid = threadIdx.x;
@@ -73,17 +74,21 @@ __global__ void feedback_project_kernel(const T* __restrict__ e, const T* __rest
     }
     __syncthreads();
   }
+  // A thread's 4 columns of a row are one vector load of derivative and one store of out (vec), so
+  // a warp's accesses are two whole 64-column rows: this epilogue is the kernel's memory traffic
+  // when K is small.
+  const int64_t col = col0 + tx * kMicro;
 #pragma unroll
   for (int i = 0; i < kMicro; ++i) {
     const int64_t row = row0 + ty * kMicro + i;
+    if (row < n) {
+      if (derivative != nullptr) {
+        float d[kMicro];
+        load_group(derivative + row * m, col, m, vec, d);
 #pragma unroll
-    for (int j = 0; j < kMicro; ++j) {
-      const int64_t col = col0 + tx * kMicro + j;
-      if (row < n && col < m) {
-        float v = acc[i][j];
-        if (derivative != nullptr) v *= static_cast<float>(derivative[row * m + col]);
-        out[row * m + col] = static_cast<T>(v);
+        for (int j = 0; j < kMicro; ++j) acc[i][j] *= d[j];
       }
+      store_group(out + row * m, col, m, vec, acc[i]);
     }
   }
 }
@@ -123,10 +128,14 @@ at::Tensor feedback_project(const at::Tensor& e, int64_t seed, int64_t layer, in
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(tiles));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "feedback_project", [&] {
+    const scalar_t* derivative_ptr = derivative.defined() ? derivative.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    // Rows of whole, aligned groups of kMicro elements: every thread's columns are one vector.
+    const bool vec = out_features % kMicro == 0 &&
+                     vector_aligned({derivative_ptr, out_ptr}, sizeof(Group<scalar_t, kMicro>));
     feedback_project_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        e.const_data_ptr<scalar_t>(), derivative.defined() ? derivative.const_data_ptr<scalar_t>() : nullptr,
-        out.mutable_data_ptr<scalar_t>(), n, k, out_features, e.stride(0), e.stride(1),
-        static_cast<uint32_t>(seed), static_cast<uint32_t>(layer), step);
+        e.const_data_ptr<scalar_t>(), derivative_ptr, out_ptr, n, k, out_features, e.stride(0), e.stride(1),
+        static_cast<uint32_t>(seed), static_cast<uint32_t>(layer), step, vec);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
