@@ -182,6 +182,36 @@ def time_forward_backward(
     return {name: {mode: timings[name] for mode, timings in modes.items()} for name in fns}
 
 
+def device_activity(call: Callable[[], object], device: torch.device, *, calls: int) -> list[tuple[str, float]]:
+    """(name, us) of each CUDA kernel, copy and fill that `calls` calls of `call()` run, in the
+    order torch.profiler's CUPTI trace lists them; one call before the trace compiles, allocates
+    and fills caches."""
+    if device.type != "cuda":
+        raise ValueError(f"device_activity: device must be a CUDA device, got {device}")
+    call()
+    synchronize(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as trace:
+        for _ in range(calls):
+            call()
+        synchronize(device)
+    # The trace's device-side events are each kernel (copy, fill) once; the CPU events that
+    # launched them list them again as their kernels, so only the former are read.
+    return [(e.name, e.time_range.elapsed_us()) for e in trace.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def device_ms_per_call(call: Callable[[], object], device: torch.device, *, calls: int) -> float:
+    """Device time of one `call()` in ms: the durations of its kernels, copies and fills
+    (device_activity over `calls` calls) summed, divided by `calls`. Host time (Python, dispatch,
+    launches) is not in it, so where the host is slower than the kernels (small tensors, or 16-bit
+    ones on a fast GPU) this still measures the kernels, which per-call CUDA events do not: the GPU
+    idles between launches inside the timed span."""
+    activity = device_activity(call, device, calls=calls)
+    if not activity:
+        raise RuntimeError("device_ms_per_call: torch.profiler recorded no CUDA activity for the call")
+    return sum(us for _, us in activity) / calls / 1e3
+
+
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2**30, *, warmup: int = 5, repeats: int = 20) -> float:
     """The device's measured copy bandwidth: (bytes read + written) / time of ``dst.copy_(src)``."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)

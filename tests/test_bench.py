@@ -183,6 +183,25 @@ def test_saved_input_bytes_splits_inputs_from_new_tensors(bench_module):
     assert h.saved_input_bytes(lambda a, b: torch.sigmoid(a) + b, a, b) == 0
 
 
+def test_device_time_is_measured_on_cuda_only(bench_module):
+    # Kernel time comes from the CUDA trace of torch.profiler; on CPU there is none to read.
+    h = bench_module("_harness")
+    for measure in (h.device_activity, h.device_ms_per_call):
+        with pytest.raises(ValueError, match="must be a CUDA device, got cpu"):
+            measure(lambda: None, torch.device("cpu"), calls=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_activity_lists_each_kernel_once(bench_module):
+    # Three calls of one copy each: three copies in the trace, not also the CPU ops' view of them.
+    h = bench_module("_harness")
+    device = torch.device("cuda")
+    src = torch.ones(2**20, device=device)
+    dst = torch.empty_like(src)
+    activity = h.device_activity(lambda: dst.copy_(src), device, calls=3)
+    assert len(activity) == 3 and all(us > 0 for _, us in activity)
+
+
 def test_feedback_quick_reports_every_section(tmp_path):
     out = tmp_path / "results"
     command = [sys.executable, "bench/feedback.py", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)]
