@@ -59,7 +59,8 @@ TORCH_LIBRARY(memkernels, m) {
   // the dequantized min + scale * code is unbiased.
   m.def("quantize_groups(Tensor x, int bits, int group_size, Tensor seed) -> (Tensor, Tensor)");
   // The values [rows, cols] (dtype) that codes stand for: min + scale * code from `stats`, or, for
-  // codes without stats (the sign code), lo + step * code.
+  // codes without stats (the sign code), lo + step * code; in float32, rounded once, saturated at
+  // dtype's largest finite value (memkernels/reference.py dequantized).
   m.def("dequantize_groups(Tensor codes, Tensor? stats, int cols, int bits, int group_size, float lo, float step, ScalarType dtype) -> Tensor");
   // The weight gradient of a Linear from its coded input: grad_out^T [out, rows] @ x_hat [rows, cols],
   // x_hat dequantized tile by tile as in dequantize_groups and never whole; grad_out's dtype.

@@ -329,11 +329,38 @@ def _round_bfloat16(v: torch.Tensor, up: bool) -> torch.Tensor:
     return torch.where(wrong, step, trunc)
 
 
+BFLOAT16_MAX = torch.finfo(torch.bfloat16).max  # 0x7F7F: float32's largest values lie above it
+
+
+def scaled_difference(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor | float) -> torch.Tensor:
+    """(a - b) / d in float32, rounded as if float32's exponent had no bound where a - b
+    overflows (a and b finite, more than float32's largest value apart): from the halves then,
+    a * 0.5 - b * 0.5 (exact halvings, one rounding), divided, doubled (exact)."""
+    over = (a - b).abs() == math.inf
+    half = torch.where(over, 0.5, 1.0)
+    return (a * half - b * half) / d * (1 / half)
+
+
+def dequantized(low: torch.Tensor, scale: torch.Tensor, q: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """low + scale * q in float32 with one rounding (scale * q, a bfloat16 times a code of at most 8
+    bits, is exact), saturated at the largest finite value of `dtype` (NaN stays NaN): the top code
+    of a group reaching the dtype's largest values stands for a value up to a scale above them.
+    Where scale * (2**bits - 1) overflows, the group is computed from halves (exact) and doubled."""
+    over = (scale * ((1 << bits) - 1)).abs() == math.inf
+    half = torch.where(over, 0.5, 1.0)
+    bound = min(torch.finfo(dtype).max, torch.finfo(torch.float32).max)
+    return ((low * half + (scale * half) * q) * (1 / half)).clamp(-bound, bound)
+
+
 def group_stats(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """(min, scale) of every group of x [rows, cols], float32 [rows, groups, 2], bf16-representable.
 
     min is rounded down and scale = (max - min) / (2**bits - 1) rounded up, so that every value of
     the group lies in [min, min + scale * (2**bits - 1)]. A group holding NaN or +-Inf gets NaN.
+    Groups near float32's range stay finite: (max - min) / top is computed without overflow
+    (scaled_difference); a min below bfloat16's range (under -3.39e38) becomes -BFLOAT16_MAX, and
+    its values below that get code 0; a scale above it (1-bit codes of such a group) becomes
+    BFLOAT16_MAX.
     """
     rows, cols = x.shape
     groups = -(-cols // group_size)
@@ -345,8 +372,8 @@ def group_stats(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     lo = torch.where(present, g, torch.inf).amin(dim=2)
     hi = torch.where(present, g, -torch.inf).amax(dim=2)
     finite = torch.where(present, torch.isfinite(g), True).all(dim=2)
-    mn = _round_bfloat16(lo, up=False)
-    scale = _round_bfloat16((hi - mn) / ((1 << bits) - 1), up=True)
+    mn = _round_bfloat16(lo, up=False).clamp(min=-BFLOAT16_MAX)
+    scale = _round_bfloat16(scaled_difference(hi, mn, float((1 << bits) - 1)), up=True).clamp(max=BFLOAT16_MAX)
     nan = torch.full_like(mn, float("nan"))
     return torch.stack([torch.where(finite, mn, nan), torch.where(finite, scale, nan)], dim=2)
 
@@ -359,7 +386,7 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int, seed: torch.Ten
     per_col = stats.repeat_interleave(group_size, dim=1)[:, :cols]  # [rows, cols, 2]
     mn, scale = per_col[..., 0], per_col[..., 1]
     u = rounding_noise(int(seed), rows, cols).to(x.device)
-    q = torch.floor((x.to(torch.float32) - mn) / scale + u)
+    q = torch.floor(scaled_difference(x.to(torch.float32), mn, scale) + u)
     # NaN q (a non-finite group, or 0 / 0 in a constant one) gets code 0.
     q = torch.where(torch.isnan(q), 0.0, q).clamp(0, (1 << bits) - 1).to(torch.uint8)
     codes = torch.stack([pack_bits(row, bits) for row in q]) if rows else \
@@ -381,19 +408,26 @@ def auxiliary_sign_forward(x: torch.Tensor, eps: float, nonnegative: bool):
 
 def dequantize_groups(codes, stats, cols, bits, group_size, lo, step, dtype):
     """Reference of ``memkernels::dequantize_groups``: [rows, cols] of `dtype`."""
+    return _dequantized_values(codes, stats, cols, bits, group_size, lo, step, dtype).to(dtype)
+
+
+def _dequantized_values(codes, stats, cols, bits, group_size, lo, step, dtype):
+    """float32 [rows, cols]: min + scale * code (lo + step * code without stats), dequantized()
+    saturating at the range of `dtype`."""
     q = torch.stack([unpack_bits(row, bits, cols) for row in codes]).to(torch.float32) if codes.shape[0] \
         else torch.empty((0, cols), dtype=torch.float32, device=codes.device)
     if stats is None:
-        return (lo + step * q).to(dtype)
+        return dequantized(torch.tensor(float(lo), dtype=torch.float32), torch.tensor(float(step), dtype=torch.float32),
+                           q, bits, dtype)
     per_col = stats.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :cols]
-    return (per_col[..., 0] + per_col[..., 1] * q).to(dtype)
+    return dequantized(per_col[..., 0], per_col[..., 1], q, bits, dtype)
 
 
 def weight_grad_from_codes(grad_out, codes, stats, cols, bits, group_size, lo, step):
     """Reference of ``memkernels::weight_grad_from_codes``: grad_out^T @ x_hat in float32 (float64
-    for float64), cast to grad_out's dtype."""
+    for float64), cast to grad_out's dtype; x_hat saturates at the range of grad_out's dtype."""
     cd = _compute_dtype(grad_out)
-    x_hat = dequantize_groups(codes, stats, cols, bits, group_size, lo, step, cd)
+    x_hat = _dequantized_values(codes, stats, cols, bits, group_size, lo, step, grad_out.dtype).to(cd)
     return (grad_out.to(cd).t() @ x_hat).to(grad_out.dtype)
 
 

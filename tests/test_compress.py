@@ -67,6 +67,45 @@ def test_quantize_groups_bounds_and_stats():
         assert (mn <= x).all() and (x <= mn + scale * (2 ** bits - 1)).all()
 
 
+@pytest.mark.parametrize("bits", (1, 2, 4, 8))
+def test_groups_near_the_float_range_stay_finite(bits, device):
+    # Finite groups whose max - min, (x - min) or scale * code overflow float32 are computed from
+    # halves; a min below bfloat16's range is -BFLOAT16_MAX. Stats, codes and values equal the
+    # reference, and every value stays finite and in its group's span.
+    big = 3.0e38
+    x = torch.tensor([[big, -big, 1.0, -2.0e38, 0.5, 0.25, -1.0, 7.0],
+                      [-3.4e38, 3.4e38, 0.0, 1e38, 2.0, -2.0, 3.3e38, -3.3e38]], device=device)
+    seed = torch.tensor(11)
+    codes, stats = ops.quantize_groups(x, bits, 8, seed)
+    want_codes, want_stats = R.quantize_groups(x.cpu(), bits, 8, seed)
+    assert torch.equal(codes.cpu(), want_codes) and torch.equal(stats.cpu().float(), want_stats.float())
+    assert torch.isfinite(stats).all() and (stats[:, :, 0] >= -R.BFLOAT16_MAX).all()
+    x_hat = ops.dequantize_groups(codes, stats, 8, bits, 8, 0.0, 0.0, torch.float32)
+    assert torch.equal(x_hat.cpu(), R.dequantize_groups(want_codes, want_stats, 8, bits, 8, 0.0, 0.0, torch.float32))
+    assert torch.isfinite(x_hat).all()
+    if bits > 1:  # 1-bit codes of a span past BFLOAT16_MAX take a clamped scale
+        mn, scale = stats.float().unbind(-1)
+        low = torch.maximum(x, mn)  # values below bfloat16's range sit at -BFLOAT16_MAX
+        assert ((x_hat - low).abs() <= scale).all()
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_values_saturate_at_the_dtype_range(dtype, device):
+    # A group reaching the dtype's largest values: scale * top, rounded up, passes them, and the top
+    # code saturates at the dtype's largest finite value instead of overflowing to inf, in
+    # dequantize_groups and inside the weight-gradient GEMM.
+    top = torch.finfo(dtype).max
+    x = torch.tensor([[0.0, top, 0.4 * top, 0.99 * top, 100.0, 5.0, top, 1.0]], device=device).to(dtype)
+    for bits in (2, 4, 8):
+        codes, stats = ops.quantize_groups(x, bits, 8, torch.tensor(3))
+        x_hat = ops.dequantize_groups(codes, stats, 8, bits, 8, 0.0, 0.0, dtype)
+        assert torch.isfinite(x_hat).all() and (x_hat[x == top] == top).all()
+        assert torch.equal(x_hat.cpu(), R.dequantize_groups(codes.cpu(), stats.cpu(), 8, bits, 8, 0.0, 0.0, dtype))
+        grad = torch.ones(1, 2, device=device, dtype=dtype)
+        grad_weight = ops.weight_grad_from_codes(grad, codes, stats, 8, bits, 8, 0.0, 0.0)
+        assert torch.equal(grad_weight[0], x_hat[0])
+
+
 def test_stochastic_rounding_is_unbiased():
     # One row repeated: every copy gets its own noise (the counter holds the row), so the mean
     # over copies estimates the expectation of the dequantized value.

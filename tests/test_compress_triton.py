@@ -235,6 +235,36 @@ def test_weight_grad_unaligned_codes_and_stats(bits):
     assert_weight_grad_close(got, want)
 
 
+@pytest.mark.parametrize("bits", (1, 2, 4, 8))
+def test_groups_near_the_float_range_stay_finite(bits):
+    # As tests/test_compress.py: overflowing differences computed from halves, min clamped to
+    # -BFLOAT16_MAX; bit for bit the reference's codes, stats and values, all finite.
+    big = 3.0e38
+    x = torch.tensor([[big, -big, 1.0, -2.0e38, 0.5, 0.25, -1.0, 7.0],
+                      [-3.4e38, 3.4e38, 0.0, 1e38, 2.0, -2.0, 3.3e38, -3.3e38]], device=DEVICE)
+    codes, stats = tc.quantize_groups(x, bits, 8, seed_tensor(11))
+    want_codes, want_stats = ref.quantize_groups(x.cpu(), bits, 8, seed_tensor(11))
+    assert_exact(codes.cpu(), want_codes)
+    assert_exact(stats.cpu(), want_stats)
+    x_hat = tc.dequantize_groups(codes, stats, 8, bits, 8, 0.0, 0.0, torch.float32)
+    assert_exact(x_hat.cpu(), ref.dequantize_groups(want_codes, want_stats, 8, bits, 8, 0.0, 0.0, torch.float32))
+    assert torch.isfinite(stats.cpu()).all() and torch.isfinite(x_hat.cpu()).all()
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_values_saturate_at_the_dtype_range(dtype):
+    top = torch.finfo(dtype).max
+    x = torch.tensor([[0.0, top, 0.4 * top, 0.99 * top, 100.0, 5.0, top, 1.0]], device=DEVICE).to(dtype)
+    for bits in (2, 4, 8):
+        codes, stats = tc.quantize_groups(x, bits, 8, seed_tensor(3))
+        x_hat = tc.dequantize_groups(codes, stats, 8, bits, 8, 0.0, 0.0, dtype)
+        assert torch.isfinite(x_hat.cpu()).all() and (x_hat[x == top] == top).all()
+        assert_exact(x_hat.cpu(), ref.dequantize_groups(codes.cpu(), stats.cpu(), 8, bits, 8, 0.0, 0.0, dtype))
+        grad_weight = tc.weight_grad_from_codes(torch.ones(1, 2, device=DEVICE, dtype=dtype), codes, stats, 8, bits,
+                                                8, 0.0, 0.0)
+        assert torch.equal(grad_weight[0].cpu(), x_hat[0].cpu())
+
+
 def test_empty():
     for rows, cols in ((0, 13), (3, 0), (0, 0)):
         x = torch.empty(rows, cols, device=DEVICE)

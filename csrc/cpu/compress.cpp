@@ -99,6 +99,34 @@ float round_bfloat16(float v, bool up) {
   return truncated;
 }
 
+// bfloat16's largest finite value, 0x7F7F: float32's largest values lie above it.
+constexpr float kBFloat16Max = 0x1.FEp127f;
+
+// (a - b) / d, rounded as if float's exponent had no bound where a - b overflows (a and b finite,
+// further apart than float's largest value): from the halves then, a * 0.5 - b * 0.5 (exact
+// halvings, one rounding), divided, doubled (exact). memkernels/reference.py scaled_difference.
+float scaled_difference(float a, float b, float d) {
+  const float diff = a - b;
+  return std::isinf(diff) ? (a * 0.5f - b * 0.5f) / d * 2.0f : diff / d;
+}
+
+// low + scale * code with one rounding (scale * code, a bfloat16 times a code of at most 8 bits, is
+// exact), saturated at +-bound (NaN stays NaN): the top code of a group reaching its dtype's
+// largest values stands for a value up to a scale above them. A group whose scale * top overflows
+// is computed from halves (exact) and doubled: half = 0.5, twice = 2 there, 1 and 1 elsewhere.
+float dequantized(float low, float scale, float code, float half, float twice, float bound) {
+  return std::clamp((low * half + scale * half * code) * twice, -bound, bound);
+}
+
+// The largest finite value of `dtype` that a float holds: dequantized values saturate there.
+float saturation_bound(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return 65504.0f;
+    case at::kBFloat16: return kBFloat16Max;
+    default: return std::numeric_limits<float>::max();
+  }
+}
+
 // ---- auxiliary_sign_forward ----
 
 using FloatVec = at::vec::Vectorized<float>;
@@ -183,7 +211,14 @@ std::tuple<at::Tensor, at::Tensor> auxiliary_sign_forward(const at::Tensor& x_in
 // NaN to 0: the scalar loop of quantize_row, op for op in float.
 template <int64_t kBits>
 void store_levels(const FloatVec& x, float mn, float scale, const float* noise, uint8_t* q) {
-  const FloatVec level = ((x - FloatVec(mn)) / FloatVec(scale) + FloatVec::loadu(noise)).floor();
+  const FloatVec diff = x - FloatVec(mn);
+  FloatVec scaled = diff / FloatVec(scale);
+  const FloatVec over = diff.abs() == FloatVec(std::numeric_limits<float>::infinity());
+  if (_mm256_movemask_ps(over) != 0) {  // as scaled_difference, for the lanes where x - mn overflows
+    const FloatVec half(0.5f);
+    scaled = FloatVec::blendv(scaled, (x * half - FloatVec(mn) * half) / FloatVec(scale) * FloatVec(2.0f), over);
+  }
+  const FloatVec level = (scaled + FloatVec::loadu(noise)).floor();
   const __m256 no_nan = _mm256_andnot_ps(level.isnan(), level);  // NaN lanes are all ones: 0
   const __m256 clamped = _mm256_max_ps(_mm256_min_ps(no_nan, _mm256_set1_ps((1 << kBits) - 1)), _mm256_setzero_ps());
   const __m256i ints = _mm256_cvttps_epi32(clamped);
@@ -231,8 +266,9 @@ void quantize_row(const T* x, int64_t row, int64_t cols, int64_t group_size, uin
     }
     float mn = std::numeric_limits<float>::quiet_NaN(), scale = mn;
     if (finite) {
-      mn = round_bfloat16(lo, /*up=*/false);
-      scale = round_bfloat16((hi - mn) / kTop, /*up=*/true);
+      // Groups near float's range stay finite, as in memkernels/reference.py group_stats.
+      mn = std::max(round_bfloat16(lo, /*up=*/false), -kBFloat16Max);
+      scale = std::min(round_bfloat16(scaled_difference(hi, mn, kTop), /*up=*/true), kBFloat16Max);
     }
     stats[2 * g] = mn;  // exact: both are bfloat16 values
     stats[2 * g + 1] = scale;
@@ -261,7 +297,7 @@ void quantize_row(const T* x, int64_t row, int64_t cols, int64_t group_size, uin
     at::Philox4_32 philox(seed, static_cast<uint64_t>(row), static_cast<uint64_t>((c0 + j) / 4));
     for (; j < n; ++j) {
       const float u = static_cast<float>(philox() >> 8) * kNoiseScale;
-      const float level = std::floor((static_cast<float>(x[c0 + j]) - mn) / scale + u);
+      const float level = std::floor(scaled_difference(static_cast<float>(x[c0 + j]), mn, scale) + u);
       q[j] = std::isnan(level) ? 0 : static_cast<uint8_t>(std::clamp(level, 0.0f, kTop));
     }
     const int64_t whole = (n + 7) / 8;
@@ -304,27 +340,31 @@ std::tuple<at::Tensor, at::Tensor> quantize_groups(const at::Tensor& x_in, int64
 
 // ---- dequantize_groups, weight_grad_from_codes ----
 
-// out[c] = min + scale * code (from stats, or lo and step when stats is null) for the cols codes of
-// one row.
+// out[c] = min + scale * code (from stats, or lo and step when stats is null; dequantized) for the
+// cols codes of one row.
 template <int64_t kBits, typename out_t>
 void dequantize_row(const uint8_t* codes, const at::BFloat16* stats, int64_t cols, int64_t group_size, float lo,
-                    float step, out_t* out) {
+                    float step, float bound, out_t* out) {
   uint8_t q[8];
   for (int64_t c0 = 0; c0 < cols; c0 += 8) {
     const int64_t g = c0 / group_size;
     const float mn = stats ? static_cast<float>(stats[2 * g]) : lo;
     const float scale = stats ? static_cast<float>(stats[2 * g + 1]) : step;
+    const bool over = std::isinf(scale * ((1 << kBits) - 1));
     unpack_groups<kBits>(codes + c0 / 8 * kBits, 1, q);
     for (int64_t j = 0; j < std::min<int64_t>(8, cols - c0); ++j) {
-      out[c0 + j] = static_cast<out_t>(mn + scale * static_cast<float>(q[j]));
+      out[c0 + j] = static_cast<out_t>(
+          dequantized(mn, scale, static_cast<float>(q[j]), over ? 0.5f : 1.0f, over ? 2.0f : 1.0f, bound));
     }
   }
 }
 
-// Rows [begin, end) of the coded tensor dequantized into out [end - begin, cols].
+// Rows [begin, end) of the coded tensor dequantized into out [end - begin, cols], saturated at the
+// range of `dtype` (out's own, or the dtype its values stand in for).
 template <typename out_t>
 void dequantize_rows(const at::Tensor& codes, const at::Tensor& stats, int64_t begin, int64_t end, int64_t cols,
-                     int64_t bits, int64_t group_size, double lo, double step, out_t* out) {
+                     int64_t bits, int64_t group_size, double lo, double step, at::ScalarType dtype, out_t* out) {
+  const float bound = saturation_bound(dtype);
   const uint8_t* cs = codes.const_data_ptr<uint8_t>();
   const at::BFloat16* ss = stats.defined() ? stats.const_data_ptr<at::BFloat16>() : nullptr;
   const int64_t row_bytes = codes.size(1), row_stats = num_groups(cols, group_size) * 2;
@@ -333,7 +373,7 @@ void dequantize_rows(const at::Tensor& codes, const at::Tensor& stats, int64_t b
       populate_fresh_pages(out + (first - begin) * cols, (last - first) * cols * static_cast<int64_t>(sizeof(out_t)));
       for (int64_t r = first; r < last; ++r) {
         dequantize_row<k.value>(cs + r * row_bytes, ss ? ss + r * row_stats : nullptr, cols, group_size,
-                                static_cast<float>(lo), static_cast<float>(step), out + (r - begin) * cols);
+                                static_cast<float>(lo), static_cast<float>(step), bound, out + (r - begin) * cols);
       }
     });
   });
@@ -345,7 +385,7 @@ at::Tensor dequantize_groups(const at::Tensor& codes_in, const std::optional<at:
   at::Tensor out = at::empty({codes.size(0), cols}, codes.options().dtype(dtype));
   check_floating(out, "dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "dequantize_groups", [&] {
-    dequantize_rows<scalar_t>(codes, stats, 0, codes.size(0), cols, bits, group_size, lo, step,
+    dequantize_rows<scalar_t>(codes, stats, 0, codes.size(0), cols, bits, group_size, lo, step, dtype,
                               out.mutable_data_ptr<scalar_t>());
   });
   return out;
@@ -370,7 +410,7 @@ at::Tensor weight_grad_from_codes(const at::Tensor& grad_out, const at::Tensor& 
     const int64_t n = std::min(kBlockRows, rows - r0);
     AT_DISPATCH_FLOATING_TYPES(acc_type, "weight_grad_from_codes", [&] {
       dequantize_rows<scalar_t>(codes, stats, r0, r0 + n, cols, bits, group_size, lo, step,
-                                x_hat.mutable_data_ptr<scalar_t>());
+                                grad_out.scalar_type(), x_hat.mutable_data_ptr<scalar_t>());
     });
     grad_weight.addmm_(grad_out.narrow(0, r0, n).t().to(acc_type), x_hat.narrow(0, 0, n));
   }

@@ -133,7 +133,8 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int,
 
 def dequantize_groups(codes: torch.Tensor, stats: torch.Tensor | None, cols: int, bits: int,
                       group_size: int, lo: float, step: float, dtype: torch.dtype) -> torch.Tensor:
-    """[rows, cols] of `dtype`: min + scale * code (stats given) or lo + step * code."""
+    """[rows, cols] of `dtype`: min + scale * code (stats given) or lo + step * code, saturated at
+    dtype's largest finite value (reference.dequantized)."""
     return _op("dequantize_groups")(codes, stats, cols, bits, group_size, lo, step, dtype)
 
 

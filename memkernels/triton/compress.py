@@ -15,7 +15,8 @@ coded on its own into packed_nbytes(cols, bits) bytes, in the layout of memkerne
         rounded up to bfloat16, code = floor((x - min) / scale + u) clamped to [0, 2**bits - 1],
         u from Philox (seed, counter (c // 4, 0, r, 0)): stochastic rounding, unbiased (ActNN, GACT)
     dequantize_groups(codes, stats, cols, bits, group_size, lo, step, dtype) -> [rows, cols]
-        min + scale * code, or lo + step * code without stats (the sign code)
+        min + scale * code, or lo + step * code without stats (the sign code), saturated at the
+        largest finite value of dtype
     weight_grad_from_codes(grad_out, codes, stats, cols, bits, group_size, lo, step) -> [out, cols]
         grad_out^T @ x_hat, x_hat dequantized tile by tile inside the GEMM and never whole
 
@@ -50,6 +51,7 @@ from memkernels.triton.pack import BLOCK_GROUPS, cdiv, pack_groups, unpack_group
 
 INF = tl.constexpr(float("inf"))
 BF16_NAN = tl.constexpr(0x7FC0)  # torch's bfloat16 NaN
+BF16_MAX = tl.constexpr(torch.finfo(torch.bfloat16).max)  # 0x7F7F: float32's largest lie above it
 NOISE_SCALE = tl.constexpr(2.0 ** -24)
 # Philox4x32-10 (Salmon et al. 2011): the constants of at::Philox4_32 and tl.philox.
 PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
@@ -157,6 +159,24 @@ def _load_bfloat16(ptr, mask):
 
 
 @triton.jit
+def _scaled_difference(a, b, d):
+    """(a - b) / d, from the halves where a - b overflows (reference.scaled_difference)."""
+    over = tl.abs(a - b) == INF
+    half = tl.where(over, 0.5, 1.0)
+    return tl.math.div_rn(a * half - b * half, d) * tl.where(over, 2.0, 1.0)
+
+
+@triton.jit
+def _dequantized(low, scale, q, BITS: tl.constexpr, BOUND: tl.constexpr):
+    """low + scale * q rounded once, from halves where scale * (2**BITS - 1) overflows, saturated
+    at +-BOUND, NaN kept (reference.dequantized)."""
+    over = tl.abs(scale * ((1 << BITS) - 1)) == INF
+    value = (low * tl.where(over, 0.5, 1.0) + (scale * tl.where(over, 0.5, 1.0)) * q) * tl.where(over, 2.0, 1.0)
+    return tl.maximum(tl.minimum(value, BOUND, propagate_nan=tl.PropagateNan.ALL), -BOUND,
+                      propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _load_stat_pairs(ptr, mask):
     """float32 (min, scale) of the bfloat16 pairs read as one int32 each at ptr (little-endian: min
     in the low half); 0 where masked. One 4-byte load lets triton pipeline it (cp.async)."""
@@ -223,13 +243,16 @@ def _quantize_kernel(x_ptr, codes_ptr, stats_ptr, rows, cols, num_groups, num_gr
     hi = _reduce_items(tl.where(mask, x, -INF), True)
     bad = tl.where(mask & ((x != x) | (tl.abs(x) == INF)), 1, 0)
     nonfinite = _reduce_items(bad, True) != 0
-    min_bits = _round_bfloat16_bits(lo, False)
+    # Groups near float32's range stay finite, as in reference.group_stats: min at least
+    # -BF16_MAX, scale at most BF16_MAX, (max - min) / top without overflow.
+    mn = _round_bfloat16_bits(lo, False).to(tl.float32, bitcast=True)
+    mn = tl.where(mn < -BF16_MAX, -BF16_MAX, mn)
     top = tl.full((BLOCK_ITEMS,), TOP, tl.float32)
-    scale_bits = _round_bfloat16_bits(tl.math.div_rn(hi - min_bits.to(tl.float32, bitcast=True),
-                                                     top), True)
+    scale = _round_bfloat16_bits(_scaled_difference(hi, mn, top), True).to(tl.float32, bitcast=True)
+    scale = tl.where(scale > BF16_MAX, BF16_MAX, scale)
     # A group with NaN or +-Inf gets NaN stats, so every code of it is 0.
-    min_bits = tl.where(nonfinite, BF16_NAN, min_bits >> 16)
-    scale_bits = tl.where(nonfinite, BF16_NAN, scale_bits >> 16)
+    min_bits = tl.where(nonfinite, BF16_NAN, mn.to(tl.uint32, bitcast=True) >> 16)
+    scale_bits = tl.where(nonfinite, BF16_NAN, scale.to(tl.uint32, bitcast=True) >> 16)
     stats = tl.join(min_bits, scale_bits).to(tl.uint16).to(tl.int16, bitcast=True)
     tl.store(stats_ptr + item[:, None] * 2 + tl.arange(0, 2)[None, :], stats,
              mask=valid[:, None])
@@ -245,7 +268,7 @@ def _quantize_kernel(x_ptr, codes_ptr, stats_ptr, rows, cols, num_groups, num_gr
     outputs = tl.reshape(tl.join(tl.join(out0, out2), tl.join(out1, out3)),
                          (BLOCK_ITEMS, QUADS, 4))
     u = (outputs >> 8).to(tl.float32) * NOISE_SCALE
-    q = tl.floor(tl.math.div_rn(x - mn, scale) + u)
+    q = tl.floor(_scaled_difference(x, mn, scale) + u)
     q = tl.where(q != q, 0.0, q)  # a non-finite group, or 0 / 0 in a constant one
     q = tl.minimum(tl.maximum(q, 0.0), TOP)
     code = tl.where(mask, q.to(tl.int32), 0)
@@ -264,9 +287,10 @@ def _quantize_kernel(x_ptr, codes_ptr, stats_ptr, rows, cols, num_groups, num_gr
 @triton.jit
 def _dequantize_kernel(codes_ptr, stats_ptr, out_ptr, rows, cols, num_groups, num_groups8,
                        tiles_per_row_block, lo, step, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                       HAS_STATS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                       HAS_STATS: tl.constexpr, BOUND: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                        BLOCK_GROUPS: tl.constexpr):
-    """min + scale * code (HAS_STATS) or lo + step * code for a tile of packed 8-column groups."""
+    """min + scale * code (HAS_STATS) or lo + step * code for a tile of packed 8-column groups,
+    saturated at +-BOUND (_dequantized)."""
     row, group, valid = _tile_slots(tl.program_id(0).to(tl.int64), rows, num_groups8,
                                     tiles_per_row_block, BLOCK_ROWS, BLOCK_GROUPS)
     # Rows of the codes are contiguous: packed group g of row r is word r * num_groups8 + g.
@@ -274,10 +298,10 @@ def _dequantize_kernel(codes_ptr, stats_ptr, out_ptr, rows, cols, num_groups, nu
     if HAS_STATS:
         # The 8 columns of a packed group share one stats group (GROUP_SIZE % 8 == 0).
         at = (row * num_groups + group * 8 // GROUP_SIZE) * 2
-        value = _load_bfloat16(stats_ptr + at, valid)[:, None] + \
-            _load_bfloat16(stats_ptr + at + 1, valid)[:, None] * q
+        value = _dequantized(_load_bfloat16(stats_ptr + at, valid)[:, None],
+                             _load_bfloat16(stats_ptr + at + 1, valid)[:, None], q, BITS, BOUND)
     else:
-        value = lo + step * q
+        value = _dequantized(lo, step, q, BITS, BOUND)
     col = group[:, None] * 8 + tl.arange(0, 8)[None, :]
     tl.store(out_ptr + row[:, None] * cols + col, _to_element(value, out_ptr),
              mask=valid[:, None] & (col < cols))
@@ -288,7 +312,8 @@ def _weight_grad_kernel(grad_ptr, codes_ptr, stats_ptr, out_ptr, rows, out_featu
                         tiles_out, tiles_cols, num_groups, row_bytes, grad_stride_row,
                         grad_stride_out, lo, step,
                         BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_STATS: tl.constexpr,
-                        IEEE: tl.constexpr, DOT_FLOAT32: tl.constexpr, BLOCK_OUT: tl.constexpr,
+                        BOUND: tl.constexpr, IEEE: tl.constexpr, DOT_FLOAT32: tl.constexpr,
+                        BLOCK_OUT: tl.constexpr,
                         BLOCK_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                         SWIZZLE: tl.constexpr, WORD_CODES: tl.constexpr):
     """One [BLOCK_OUT, BLOCK_COLS] tile of grad_out^T @ x_hat, over rows in BLOCK_ROWS steps: each
@@ -351,12 +376,12 @@ def _weight_grad_kernel(grad_ptr, codes_ptr, stats_ptr, out_ptr, rows, out_featu
             # The tile's columns lie in one group: a row's (min, scale) is one pair, loaded once.
             low, scale = _load_stat_pairs(stats_ptr + offs_row * num_groups
                                           + tile_cols.to(tl.int64) * BLOCK_COLS // GROUP_SIZE, row_mask)
-            x_hat = low[:, None] + scale[:, None] * q
+            x_hat = _dequantized(low[:, None], scale[:, None], q, BITS, BOUND)
         elif HAS_STATS:
             low, scale = _load_stat_pairs(stats_ptr + offs_row[:, None] * num_groups + group[None, :], mask)
-            x_hat = low + scale * q
+            x_hat = _dequantized(low, scale, q, BITS, BOUND)
         else:
-            x_hat = lo + step * q
+            x_hat = _dequantized(lo, step, q, BITS, BOUND)
         # Rows past the end must add nothing (lo need not be 0); NaN of a non-finite group stays.
         x_hat = tl.where(mask, x_hat, 0.0)
         if DOT_FLOAT32:
@@ -389,6 +414,11 @@ def _float64_bits(value) -> int:
 def _stats_bits(stats):
     """stats as int16 bit patterns, contiguous (the kernels read bfloat16 by its bits)."""
     return stats.contiguous().view(torch.int16)
+
+
+def _saturation_bound(dtype: torch.dtype) -> float:
+    """The largest finite value of `dtype` that float32 holds: dequantized values saturate there."""
+    return min(torch.finfo(dtype).max, torch.finfo(torch.float32).max)
 
 
 def _int32_words(t):
@@ -473,7 +503,7 @@ def quantize_groups(x, bits, group_size, seed):
 def dequantize_groups(codes, stats, cols, bits, group_size, lo, step, dtype):
     """[rows, cols] of `dtype`: min + scale * code with (min, scale) of the code's group from
     `stats`, or lo + step * code (lo, step rounded to float32) when stats is None; computed in
-    float32."""
+    float32 and saturated at dtype's largest finite value (_dequantized)."""
     check_dequantize_groups(codes, stats, cols, bits, group_size, dtype)
     _check_runs_on(codes, "codes")
     rows = codes.shape[0]
@@ -484,8 +514,8 @@ def dequantize_groups(codes, stats, cols, bits, group_size, lo, step, dtype):
         _dequantize_kernel[(programs,)](
             _packed_input(codes), stats_bits, out, rows, cols, cdiv(cols, group_size),
             cdiv(cols, 8), per_row_block, float(lo), float(step), BITS=bits,
-            GROUP_SIZE=group_size, HAS_STATS=stats is not None, **blocks,
-            **_dequantize_launch_options())
+            GROUP_SIZE=group_size, HAS_STATS=stats is not None, BOUND=_saturation_bound(dtype),
+            **blocks, **_dequantize_launch_options())
     return out
 
 
@@ -535,6 +565,6 @@ def weight_grad_from_codes(grad_out, codes, stats, cols, bits, group_size, lo, s
             cdiv(cols, group_size),
             packed_nbytes(cols, bits), grad_out.stride(0), grad_out.stride(1), float(lo),
             float(step), BITS=bits, GROUP_SIZE=group_size, HAS_STATS=stats is not None,
-            IEEE=grad_out.dtype == torch.float32 or upcast, DOT_FLOAT32=upcast,
+            BOUND=_saturation_bound(grad_out.dtype), IEEE=grad_out.dtype == torch.float32 or upcast, DOT_FLOAT32=upcast,
             SWIZZLE=8, WORD_CODES=word_codes, **blocks)
     return grad_weight
