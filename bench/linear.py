@@ -11,7 +11,9 @@ memkernels' time over torch's. Bytes kept: what autograd keeps for backward of t
 (memkernels.profile.saved_bytes; parameters are not counted).
 On CUDA, before part 1, auxiliary_sign_forward (the op of save="asa") alone on the same inputs under
 each CUDA backend, Triton and CUDA C++ (where memkernels._C has it); ``--pick-backends`` records the
-faster as its default in memkernels/ops/cuda_backends.json, and part 1 runs on it.
+faster as its default in memkernels/ops/cuda_backends.json, and part 1 runs on it. Then the device
+time of the coding kernels alone: quantize_groups against x.clone(), weight_grad_from_codes against
+the GEMM it replaces.
 Part 2: a GPT-2 MLP block, Linear(768, 3072), GELU, Linear(3072, 768), against the same block with
 GELU(bits=3) and the second Linear save="int2": step time, and bits kept per hidden element
 (what the GELU and the second Linear keep of the [tokens, 3072] hidden tensor).
@@ -146,6 +148,41 @@ def sign_op_rows(device, dtype, token_counts, repeats: int) -> list[dict]:
     return rows
 
 
+def coding_kernel_rows(device, dtype, token_counts, repeats: int) -> list[dict]:
+    """CUDA: device time (H.device_ms_per_call, kernels alone) of the coding kernels a step of part 1
+    runs beside torch's: quantize_groups against a copy of x (what it reads and more than it
+    writes), and weight_grad_from_codes against the cuBLAS GEMM grad_out^T @ x it replaces."""
+    rows = []
+    seed = torch.tensor(0)
+    for fan_in, fan_out in GPT2_LAYERS:
+        for tokens in token_counts:
+            x = torch.randn(tokens, fan_in, device=device, dtype=dtype)
+            grad_out = torch.randn(tokens, fan_out, device=device, dtype=dtype)
+            copy_ms = H.device_ms_per_call(x.clone, device, calls=repeats)
+            mm_ms = H.device_ms_per_call(lambda: grad_out.t() @ x, device, calls=repeats)
+            _, signs = mk.ops.auxiliary_sign_forward(x, 0.01, False)
+            coded = {"asa": (1, signs, None)}
+            for save, bits in (("int8", 8), ("int4", 4), ("int2", 2)):
+                coded[save] = (bits, *mk.ops.quantize_groups(x, bits, 256, seed))
+                ms = H.device_ms_per_call(lambda: mk.ops.quantize_groups(x, bits, 256, seed), device, calls=repeats)
+                rows.append({"part": "kernels", "op": "quantize_groups", "layer": f"{fan_in}->{fan_out}",
+                             "tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "mode": save,
+                             "kernel_ms": ms, "baseline": "x.clone()", "baseline_ms": copy_ms,
+                             "over_baseline": ms / copy_ms})
+            for save, (bits, codes, stats) in coded.items():
+                ms = H.device_ms_per_call(
+                    lambda: mk.ops.weight_grad_from_codes(grad_out, codes, stats, fan_in, bits, 256, -0.01, 0.02),
+                    device, calls=repeats)
+                rows.append({"part": "kernels", "op": "weight_grad_from_codes", "layer": f"{fan_in}->{fan_out}",
+                             "tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "mode": save,
+                             "kernel_ms": ms, "baseline": "grad_out.t() @ x", "baseline_ms": mm_ms,
+                             "over_baseline": ms / mm_ms})
+            for row in rows[-7:]:
+                print(f"{row['op']:24s} {row['layer']:10s} tokens {tokens:6d} {row['mode']:5s} "
+                      f"{row['kernel_ms']:8.4f} ms ({row['over_baseline']:.2f}x {row['baseline']})", flush=True)
+    return rows
+
+
 def layer_rows(device, dtype, token_counts, repeats: int) -> list[dict]:
     rows = []
     for fan_in, fan_out in GPT2_LAYERS:
@@ -237,7 +274,8 @@ def main(argv=None) -> None:
     repeats = args.repeats or (2 if args.quick else (3 if device.type == "cpu" else 20))
     steps = args.steps or (60 if args.quick else 1000)
 
-    rows = sign_op_rows(device, dtype, tokens, repeats) if device.type == "cuda" else []
+    rows = sign_op_rows(device, dtype, tokens, repeats) + coding_kernel_rows(device, dtype, tokens, repeats) \
+        if device.type == "cuda" else []
     if args.pick_backends:
         H.record_backend_choice({SIGN_OP: H.backend_totals(rows, "op_ms")}, rule=SIGN_PICK_RULE, command=command,
                                 device=device)
@@ -246,6 +284,10 @@ def main(argv=None) -> None:
     sign_table = H.markdown_table([r for r in rows if r["part"] == "sign op"], [
         H.Column("layer", "input of"), H.Column("tokens", "tokens"), H.Column("dtype", "dtype"),
         H.Column("backend", "backend"), H.Column("op_ms", "ms", "{:.4f}"), H.Column("gbps", "GB/s", "{:.0f}")])
+    kernel_table = H.markdown_table([r for r in rows if r["part"] == "kernels"], [
+        H.Column("op", "op"), H.Column("layer", "layer"), H.Column("tokens", "tokens"), H.Column("dtype", "dtype"),
+        H.Column("mode", "save"), H.Column("kernel_ms", "kernel ms", "{:.4f}"), H.Column("baseline", "baseline"),
+        H.Column("baseline_ms", "baseline ms", "{:.4f}"), H.Column("over_baseline", "over baseline", "{:.2f}")])
     layer_table = H.markdown_table([r for r in rows if r["part"] == "layer"], [
         H.Column("layer", "layer"), H.Column("tokens", "tokens"), H.Column("dtype", "dtype"),
         H.Column("mode", "save"), H.Column("backend", "kernels"), H.Column("step_ms", "step ms", "{:.2f}"),
@@ -259,7 +301,8 @@ def main(argv=None) -> None:
     accuracy_table = H.markdown_table([r for r in rows if r["part"] == "accuracy"], [
         H.Column("model", "model"), H.Column("mode", "save"), H.Column("steps", "steps"),
         H.Column("accuracy", "test accuracy %", "{:.2f}"), H.Column("vs_torch", "vs torch (points)", "{:+.2f}")])
-    print(*([sign_table] if device.type == "cuda" else []), layer_table, block_table, accuracy_table, sep="\n\n")
+    print(*([sign_table, kernel_table] if device.type == "cuda" else []), layer_table, block_table, accuracy_table,
+          sep="\n\n")
     if args.quick:
         return
     stem = H.RESULTS_DIR / f"linear_{H.device_tag(device)}"
@@ -268,7 +311,13 @@ def main(argv=None) -> None:
                      H.environment_lines(device, [command]),
                      [*(["## auxiliary_sign_forward alone (save=\"asa\"), per CUDA backend",
                          "Medians of per-call times, the backends taking turns; GB/s counts x read, the "
-                         "result written and its sign bits.", sign_table] if device.type == "cuda" else []),
+                         "result written and its sign bits.", sign_table,
+                         "## The coding kernels alone, device time",
+                         "Kernel time from torch.profiler's CUDA trace (host time excluded), per call over "
+                         "the repeats: quantize_groups (group size 256) against a copy of x, "
+                         "weight_grad_from_codes (x_hat dequantized inside the GEMM; asa: the sign bits) "
+                         "against the GEMM grad_out^T @ x that torch.nn.Linear runs.", kernel_table]
+                       if device.type == "cuda" else []),
                       "## One Linear at GPT-2 shapes: step time and bytes kept of the input",
                       "Step times are medians of per-call timings; torch.nn.Linear and the modes of a "
                       "shape take turns call by call, in orders where each follows every other equally "
