@@ -41,7 +41,8 @@ TORCH_LIBRARY(memkernels, m) {
   // y = f(a) * b, keeping (a, b) (bits == 0) or (code of a, b) for gated_backward; with copy_b and
   // bits > 0 a contiguous copy of b (b views a larger tensor, which keeping b would keep alive).
   m.def("gated(Tensor a, Tensor b, int activation, int bits, bool copy_b, Tensor? borders, Tensor? levels, Tensor? value_levels) -> Tensor");
-  // Pack uint8 codes (< 2**bits) k bits an element; the layout is in memkernels/reference.py.
+  // Pack uint8 codes (< 2**bits) k bits an element; the layout is in memkernels/reference.py. A
+  // larger code raises on CPU; the CUDA kernel packs its low bits (a check would sync the device).
   m.def("pack_bits(Tensor codes, int bits) -> Tensor");
   m.def("unpack_bits(Tensor packed, int bits, int numel) -> Tensor");
 

@@ -316,6 +316,14 @@ def test_pack_unpack_round_trip(bits, numel):
     assert torch.equal(ops.unpack_bits(packed, bits, numel), ref.unpack_bits(packed, bits, numel))
 
 
+@pytest.mark.parametrize("bits", [b for b in VALID_BITS if b < 8])  # every uint8 is an 8-bit code
+def test_pack_bits_refuses_a_code_past_its_bits(bits):
+    codes = torch.zeros(13, dtype=torch.uint8)
+    codes[11] = 2**bits
+    with pytest.raises(RuntimeError, match=rf"codes must be < 2\*\*bits = {2**bits} for bits = {bits}"):
+        ops.pack_bits(codes, bits)
+
+
 def test_pack_bits_layout():
     # k = 3: codes 1..7, 0 -> the little-endian 24-bit word sum(c_j << 3j).
     codes = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0], dtype=torch.uint8)

@@ -279,6 +279,15 @@ def test_pack_unpack(bits, numel):
     assert torch.equal(tk.unpack_bits(noise, bits, numel), ref.unpack_bits(noise, bits, numel))
 
 
+@pytest.mark.parametrize("bits", [b for b in BITS if b < 8])  # every uint8 is an 8-bit code
+def test_pack_bits_keeps_the_low_bits_of_a_large_code(bits):
+    # The CPU op raises on a code of 2**bits or more; the Triton kernel cannot without waiting on
+    # the device, so it packs the code's low bits and leaves its neighbours intact.
+    codes = torch.randint(0, 1 << bits, (21,), dtype=torch.uint8, device=DEVICE)
+    codes[[0, 9, 20]] = torch.tensor([255, 1 << bits, (1 << bits) + 1], dtype=torch.uint8)
+    assert torch.equal(tk.pack_bits(codes, bits), ref.pack_bits(codes & ((1 << bits) - 1), bits))
+
+
 def test_non_contiguous():
     base = make_input((64, 48), torch.float32)
     x = base.t()[:, ::3]

@@ -107,7 +107,10 @@ def gated(a: torch.Tensor, b: torch.Tensor, activation: int, bits: int, copy_b: 
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes (< 2**bits), any shape -> 1-D uint8 of ceil(numel / 8) * bits bytes."""
+    """uint8 codes (< 2**bits), any shape -> 1-D uint8 of ceil(numel / 8) * bits bytes.
+
+    A code of 2**bits or more raises on CPU; on CUDA its low `bits` bits are packed (its neighbours
+    stay intact): checking there would wait on the device every call."""
     return _op("pack_bits")(codes, bits)
 
 
