@@ -519,20 +519,23 @@ def dequantize_groups(codes, stats, cols, bits, group_size, lo, step, dtype):
     return out
 
 
-def _gemm_blocks(dtype, has_stats: bool) -> dict:
+def _gemm_blocks(dtype, has_stats: bool, cols: int) -> dict:
     """Tile sizes of _weight_grad_kernel. Under the interpreter each tile costs a handful of numpy
     calls whatever its size, so fewer, larger tiles are faster there. float64 takes one row a step
     (outer products, no tl.dot) on GPU and under the interpreter alike. The 16-bit sizes are the
     fastest of 12 tried on an H100 (bfloat16, 8192 rows, GPT-2's 768 x 3072 and 3072 x 768): 3x
     faster than 128 x 128 x 32 tiles without stats, 2x with. That was before the kernel took x_hat
-    as the register operand and read codes and stats in words; not retimed since."""
+    as the register operand and read codes and stats in words; not retimed since. Where cols is
+    not a multiple of 16 the 128 x 256 float32 accumulator's stores cannot be vectorized, and ptxas
+    spilled 700-830 bytes a thread (sm_90, triton 3.6): tiles of 64 columns (142 registers) do not."""
     if dtype == torch.float64:
         return dict(BLOCK_OUT=32, BLOCK_COLS=64, BLOCK_ROWS=1, num_warps=4)
     if _interpreted():
         return dict(BLOCK_OUT=32, BLOCK_COLS=64, BLOCK_ROWS=32, num_warps=4)
     if dtype in (torch.float16, torch.bfloat16):
         if has_stats:
-            return dict(BLOCK_OUT=256, BLOCK_COLS=128, BLOCK_ROWS=64, num_warps=8, num_stages=3)
+            return dict(BLOCK_OUT=256, BLOCK_COLS=128 if cols % 16 == 0 else 64, BLOCK_ROWS=64, num_warps=8,
+                        num_stages=3)
         return dict(BLOCK_OUT=128, BLOCK_COLS=64, BLOCK_ROWS=64, num_warps=4, num_stages=4)
     # float32 "ieee" dots run on FMA units: smaller tiles.
     return dict(BLOCK_OUT=64, BLOCK_COLS=64, BLOCK_ROWS=16, num_warps=4, num_stages=2)
@@ -551,7 +554,7 @@ def weight_grad_from_codes(grad_out, codes, stats, cols, bits, group_size, lo, s
     rows, out_features = grad_out.shape
     grad_weight = torch.empty((out_features, cols), dtype=grad_out.dtype, device=grad_out.device)
     if grad_weight.numel():
-        blocks = _gemm_blocks(grad_out.dtype, stats is not None)
+        blocks = _gemm_blocks(grad_out.dtype, stats is not None, cols)
         upcast = _interpreted() and grad_out.dtype in (torch.float16, torch.bfloat16)
         tiles_out = cdiv(out_features, blocks["BLOCK_OUT"])
         tiles_cols = cdiv(cols, blocks["BLOCK_COLS"])
