@@ -537,8 +537,9 @@ def _gemm_blocks(dtype, has_stats: bool, cols: int) -> dict:
             return dict(BLOCK_OUT=256, BLOCK_COLS=128 if cols % 16 == 0 else 64, BLOCK_ROWS=64, num_warps=8,
                         num_stages=3)
         return dict(BLOCK_OUT=128, BLOCK_COLS=64, BLOCK_ROWS=64, num_warps=4, num_stages=4)
-    # float32 "ieee" dots run on FMA units: smaller tiles.
-    return dict(BLOCK_OUT=64, BLOCK_COLS=64, BLOCK_ROWS=16, num_warps=4, num_stages=2)
+    # float32 "ieee" dots run on FMA units: smaller tiles, over 8 warps (with 4, ptxas spilled a
+    # few registers of the 4-bit word path on sm_80 and sm_90).
+    return dict(BLOCK_OUT=64, BLOCK_COLS=64, BLOCK_ROWS=16, num_warps=8, num_stages=2)
 
 
 def weight_grad_from_codes(grad_out, codes, stats, cols, bits, group_size, lo, step):
