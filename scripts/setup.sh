@@ -18,7 +18,8 @@ fi
 # Triton runs the GPU kernels (and, with TRITON_INTERPRET=1, their tests on CPU).
 $PY -c "import triton" 2>/dev/null || $PY -m pip install "triton==3.9.0"
 # transformers: mk.convert swaps its activation classes, and a test holds it to the real ones.
-$PY -m pip install ninja numpy pytest scikit-learn matplotlib transformers
+# pytest-xdist: scripts/test.sh runs the tests on every core.
+$PY -m pip install ninja numpy pytest pytest-xdist scikit-learn matplotlib transformers
 $PY -m pip install --no-build-isolation -e .
 
 # Triton 3.6 (the one torch 2.11 pairs with, on our GPU machines) in a venv over this torch, for
