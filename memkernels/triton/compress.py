@@ -421,13 +421,6 @@ def _saturation_bound(dtype: torch.dtype) -> float:
     return min(torch.finfo(dtype).max, torch.finfo(torch.float32).max)
 
 
-def _int32_words(t):
-    """t (its last dimension a whole number of 4-byte words) contiguous and 4-byte aligned, viewed
-    as int32."""
-    t = t.contiguous()
-    return (t if t.data_ptr() % 4 == 0 else t.clone()).view(torch.int32)
-
-
 def _dequantize_launch_options() -> dict:
     # No FMA: min + scale * code rounds the product, as torch does. The interpreter takes no
     # compile options.
@@ -562,9 +555,9 @@ def weight_grad_from_codes(grad_out, codes, stats, cols, bits, group_size, lo, s
         # Codes in 4-byte words where rows are whole words, stats as one int32 a pair: loads of 4
         # bytes or more, which triton pipelines (cp.async) ahead of the dequantize and the dot.
         word_codes = packed_nbytes(cols, bits) % 4 == 0
-        codes = _int32_words(codes) if word_codes else codes.contiguous()
+        codes = _packed_input(codes).view(torch.int32) if word_codes else codes.contiguous()
         _weight_grad_kernel[(tiles_out * tiles_cols,)](
-            grad_out, codes, codes if stats is None else _int32_words(stats),
+            grad_out, codes, codes if stats is None else _packed_input(stats).view(torch.int32),
             grad_weight, rows, out_features, cols, tiles_out, tiles_cols,
             cdiv(cols, group_size),
             packed_nbytes(cols, bits), grad_out.stride(0), grad_out.stride(1), float(lo),
