@@ -100,7 +100,7 @@ float round_bfloat16(float v, bool up) {
 }
 
 // bfloat16's largest finite value, 0x7F7F: float32's largest values lie above it.
-constexpr float kBFloat16Max = 0x1.FEp127f;
+const float kBFloat16Max = static_cast<float>(std::numeric_limits<at::BFloat16>::max());
 
 // (a - b) / d, rounded as if float's exponent had no bound where a - b overflows (a and b finite,
 // further apart than float's largest value): from the halves then, a * 0.5 - b * 0.5 (exact
@@ -121,7 +121,7 @@ float dequantized(float low, float scale, float code, float half, float twice, f
 // The largest finite value of `dtype` that a float holds: dequantized values saturate there.
 float saturation_bound(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kHalf: return 65504.0f;
+    case at::kHalf: return static_cast<float>(std::numeric_limits<at::Half>::max());
     case at::kBFloat16: return kBFloat16Max;
     default: return std::numeric_limits<float>::max();
   }

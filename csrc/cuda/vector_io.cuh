@@ -1,6 +1,6 @@
-// Vector loads and stores of N consecutive elements, for the CUDA C++ kernels: one naturally
-// aligned access of N * sizeof(T) bytes (at most 16) where the pointers allow it and the N
-// elements lie before the end, element by element otherwise.
+// Vector loads and stores of N consecutive elements, for the CUDA C++ kernels: naturally aligned
+// accesses of up to 16 bytes each (one for 8 or 16 bytes, several for a larger group) where the
+// pointers allow it and the N elements lie before the end, element by element otherwise.
 #pragma once
 #include <algorithm>
 #include <cstddef>
